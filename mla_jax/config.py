@@ -1,0 +1,298 @@
+"""Frozen, validated configuration dataclasses and their YAML loader.
+
+Field names follow DeepSeek's / Hugging Face's config.json, so a user reading a DeepSeek checkpoint's
+config knows what to type. Every check raises ValueError naming the field, the value and what is
+allowed, before any array is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+
+ATTENTION_KINDS = ("mla", "mha", "gqa", "mqa")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+  raise ValueError(f"{field}={value!r} is invalid: {allowed}")
+
+
+def _check_type(field: str, value: Any, annotation: Any) -> Any:
+  """Checks one YAML/Python value against a field's annotation; returns it (ints widen to float)."""
+  optional = typing.get_origin(annotation) is typing.Union
+  if optional:
+    if value is None:
+      return None
+    annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+  if annotation is bool:
+    if not isinstance(value, bool):
+      _fail(field, value, "expected true or false")
+    return value
+  if annotation is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      _fail(field, value, "expected an integer" + (" or null" if optional else ""))
+    return value
+  if annotation is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      _fail(field, value, "expected a number" + (" or null" if optional else ""))
+    return float(value)
+  if annotation is str:
+    if not isinstance(value, str):
+      _fail(field, value, "expected a string")
+    return value
+  return value  # nested sections are checked by their own dataclass
+
+
+def _check_fields(obj: Any, prefix: str) -> None:
+  """Type-checks every field of a frozen dataclass in place (used from __post_init__)."""
+  hints = typing.get_type_hints(type(obj))
+  for f in dataclasses.fields(obj):
+    value = _check_type(f"{prefix}{f.name}", getattr(obj, f.name), hints[f.name])
+    object.__setattr__(obj, f.name, value)
+
+
+def _positive(field: str, value: Optional[float], optional: bool = False) -> None:
+  if value is None and optional:
+    return
+  if value is None or value <= 0:
+    _fail(field, value, "must be > 0" + (" or null" if optional else ""))
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnScaling:
+  """YaRN context extension, as in DeepSeek-V2/V3's `rope_scaling` mapping (type "yarn")."""
+
+  factor: float
+  original_max_position_embeddings: int
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0
+  mscale_all_dim: float = 0.0
+
+  def __post_init__(self):
+    _check_fields(self, "model.rope_scaling.")
+    p = "model.rope_scaling."
+    if self.factor < 1.0:
+      _fail(p + "factor", self.factor, "must be >= 1 (1 = no extension)")
+    _positive(p + "original_max_position_embeddings", self.original_max_position_embeddings)
+    _positive(p + "beta_slow", self.beta_slow)
+    if self.beta_fast <= self.beta_slow:
+      _fail(p + "beta_fast", self.beta_fast, f"must be > beta_slow ({self.beta_slow})")
+    if self.mscale < 0:
+      _fail(p + "mscale", self.mscale, "must be >= 0")
+    if self.mscale_all_dim < 0:
+      _fail(p + "mscale_all_dim", self.mscale_all_dim, "must be >= 0 (0 = no softmax rescaling)")
+
+  @classmethod
+  def from_mapping(cls, mapping: Mapping[str, Any]) -> "YarnScaling":
+    """Accepts a DeepSeek/HF rope_scaling dict; its `type`/`rope_type` must say yarn."""
+    values = dict(mapping)
+    kind = values.pop("type", values.pop("rope_type", "yarn"))
+    if kind != "yarn":
+      _fail("model.rope_scaling.type", kind, "only 'yarn' is supported")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+      if key not in names:
+        _fail(f"model.rope_scaling.{key}", values[key], f"unknown key; allowed: {sorted(names)}")
+    for required in ("factor", "original_max_position_embeddings"):
+      if required not in values:
+        _fail(f"model.rope_scaling.{required}", None, "is required for yarn")
+    return cls(**values)
+
+  def softmax_mscale(self) -> float:
+    """mscale applied to the softmax scale, squared (DeepSeek's `mscale_all_dim`)."""
+    return yarn_get_mscale(self.factor, self.mscale_all_dim) ** 2
+
+  def attention_factor(self) -> float:
+    """Factor on cos/sin, so on q_rope . k_rope it acts squared."""
+    return yarn_get_mscale(self.factor, self.mscale) / yarn_get_mscale(self.factor, self.mscale_all_dim)
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+  """DeepSeek's YaRN magnitude correction: 0.1 * mscale * ln(scale) + 1 (1 when not extending)."""
+  if scale <= 1.0:
+    return 1.0
+  return 0.1 * mscale * math.log(scale) + 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a decoder-only MLA (or MHA/GQA/MQA baseline) Transformer LM.
+
+  Letters used in shape comments: D hidden_size, H num_heads, G num_kv_heads, Q q_lora_rank,
+  C kv_lora_rank, N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, I intermediate_size.
+  The baselines use per-head keys of N + R (RoPE on the last R) and values of V, so comparisons
+  with MLA change only the attention and its cache.
+  """
+
+  vocab_size: int = 260
+  hidden_size: int = 128
+  num_layers: int = 4
+  num_heads: int = 4
+  q_lora_rank: Optional[int] = None
+  kv_lora_rank: int = 32
+  qk_nope_head_dim: int = 32
+  qk_rope_head_dim: int = 16
+  v_head_dim: int = 32
+  intermediate_size: int = 384
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[Any] = None  # None, a YarnScaling, or a mapping converted to one
+  rope_interleave: bool = True
+  rms_norm_eps: float = 1e-6
+  max_seq_len: int = 256
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  attention: str = "mla"
+  num_kv_heads: Optional[int] = None  # baselines only; None = H for mha, 1 for mqa
+  initializer_range: float = 0.02
+
+  def __post_init__(self):
+    _check_fields(self, "model.")
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
+                 "qk_nope_head_dim", "v_head_dim", "intermediate_size", "max_seq_len",
+                 "rope_theta", "rms_norm_eps", "initializer_range"):
+      _positive(f"model.{name}", getattr(self, name))
+    _positive("model.q_lora_rank", self.q_lora_rank, optional=True)
+    if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+      _fail("model.qk_rope_head_dim", self.qk_rope_head_dim, "must be a positive even number")
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        _fail(f"model.{name}", getattr(self, name), f"allowed: {', '.join(DTYPES)}")
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, YarnScaling):
+      if not isinstance(self.rope_scaling, Mapping):
+        _fail("model.rope_scaling", self.rope_scaling, "expected null or a yarn mapping")
+      object.__setattr__(self, "rope_scaling", YarnScaling.from_mapping(self.rope_scaling))
+    self._check_attention()
+
+  def _check_attention(self) -> None:
+    if self.attention not in ATTENTION_KINDS:
+      _fail("model.attention", self.attention, f"allowed: {', '.join(ATTENTION_KINDS)}")
+    g, h = self.num_kv_heads, self.num_heads
+    if self.attention == "mla":
+      if g is not None:
+        _fail("model.num_kv_heads", g, "must be null for attention=mla (MLA caches one latent)")
+    elif self.attention == "mha":
+      if g is not None and g != h:
+        _fail("model.num_kv_heads", g, f"must equal num_heads ({h}) for mha, or be null")
+    elif self.attention == "mqa":
+      if g is not None and g != 1:
+        _fail("model.num_kv_heads", g, "must be 1 for mqa, or null")
+    else:  # gqa
+      if g is None or not 1 < g < h or h % g:
+        _fail("model.num_kv_heads", g, f"gqa needs 1 < num_kv_heads < num_heads ({h}) dividing it")
+
+  # Derived sizes, named once here so no module recomputes them differently.
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def kv_heads(self) -> int:
+    """G: key/value heads of the baselines."""
+    if self.num_kv_heads is not None:
+      return self.num_kv_heads
+    return 1 if self.attention == "mqa" else self.num_heads
+
+  @property
+  def softmax_scale(self) -> float:
+    """(N + R) ** -0.5, times YaRN's mscale**2 when mscale_all_dim is set; both paths use it."""
+    scale = self.qk_head_dim ** -0.5
+    if self.rope_scaling is not None:
+      scale *= self.rope_scaling.softmax_mscale()
+    return scale
+
+  def cache_elements_per_token_per_layer(self) -> int:
+    """C + R for MLA; G * (N + R + V) for the baselines (keys carry RoPE on their last R)."""
+    if self.attention == "mla":
+      return self.kv_lora_rank + self.qk_rope_head_dim
+    return self.kv_heads * (self.qk_head_dim + self.v_head_dim)
+
+  def to_dict(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    if self.rope_scaling is not None:
+      out["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """The whole YAML file. Later sections (train, data, mesh) join here."""
+
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"model": self.model.to_dict()}
+
+
+_SECTIONS = {"model": ModelConfig}
+_MAPPING_FIELDS = {("model", "rope_scaling")}  # free-form mappings, checked by their own class
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+  if "=" not in text:
+    raise ValueError(f"override {text!r} is invalid: expected key=value, e.g. model.kv_lora_rank=64")
+  key, raw = text.split("=", 1)
+  path = key.strip().split(".")
+  if not all(path):
+    raise ValueError(f"override {text!r} is invalid: empty key part in {key!r}")
+  return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+  """Sets raw[a][b]... = value, refusing keys the config does not have."""
+  section = path[0]
+  if section not in _SECTIONS:
+    raise ValueError(f"unknown config key {'.'.join(path)!r}: sections are {sorted(_SECTIONS)}")
+  if len(path) == 1:
+    raise ValueError(f"override {section!r} needs a field, e.g. {section}.<field>=value")
+  names = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+  if path[1] not in names:
+    raise ValueError(f"unknown config key {'.'.join(path)!r}")
+  if len(path) > 2 and (section, path[1]) not in _MAPPING_FIELDS:
+    raise ValueError(f"unknown config key {'.'.join(path)!r}: {path[1]} has no sub-keys")
+  node = raw.setdefault(section, {})
+  for part in path[1:-1]:
+    child = node.get(part)
+    if not isinstance(child, dict):
+      child = {}
+      node[part] = child
+    node = child
+  node[path[-1]] = value
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+  """Builds a Config from nested dicts, naming any unknown key."""
+  if not isinstance(raw, Mapping):
+    raise ValueError(f"config must be a mapping of sections, got {type(raw).__name__}")
+  sections = {}
+  for name, values in raw.items():
+    if name not in _SECTIONS:
+      raise ValueError(f"unknown config key {name!r}: sections are {sorted(_SECTIONS)}")
+    if not isinstance(values, Mapping):
+      raise ValueError(f"config section {name!r} must be a mapping, got {values!r}")
+    cls = _SECTIONS[name]
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+      if key not in names:
+        raise ValueError(f"unknown config key '{name}.{key}'")
+    sections[name] = cls(**values)
+  return Config(**sections)
+
+
+def load_config(path: str | Path, *overrides: str) -> Config:
+  """Reads a YAML config and applies dotted overrides such as 'model.kv_lora_rank=64'."""
+  path = Path(path)
+  if not path.is_file():
+    raise ValueError(f"config file {str(path)!r} does not exist")
+  raw = yaml.safe_load(path.read_text()) or {}
+  if not isinstance(raw, dict):
+    raise ValueError(f"config file {str(path)!r} must hold a mapping of sections")
+  for text in overrides:
+    _apply_override(raw, *_parse_override(text))
+  return config_from_dict(raw)

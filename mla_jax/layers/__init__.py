@@ -1,0 +1,1 @@
+"""Building blocks: norms, rotary embeddings, MLPs, MLA and baseline attention."""

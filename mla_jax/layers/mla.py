@@ -1,0 +1,105 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), with a naive and an absorbed attention path.
+
+Keys and values of all heads are produced from one latent c_kv [B,S,C] per token plus one shared
+RoPE key k_rope [B,S,R]; only those two are cached. With W_UK [C,H,N] and W_UV [C,H,V] the two
+halves of kv_b_proj:
+
+  naive     k_nope = c_kv W_UK, v = c_kv W_UV per head, then ordinary attention (cheap when T ~ S:
+            training and prefill);
+  absorbed  q_lat = q_nope W_UK^T attends over c_kv itself, W_UV is applied after the weighted sum
+            (decode: the cache is read once as [B,S,C], never expanded to per-head keys).
+
+Both give the same numbers up to float rounding. The rope term q_rope . k_rope is shared: it adds
+to the scores exactly as concatenating [k_nope, k_rope] per head would, without broadcasting
+k_rope over heads.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mla_jax.cache import LatentCache
+from mla_jax.config import ModelConfig
+from mla_jax.layers.masking import (attention_context, masked_softmax, query_positions,
+                                    resolve_attn_impl)
+from mla_jax.layers.norms import RMSNorm
+from mla_jax.layers.params import weight
+from mla_jax.layers.precision import einsum_f32
+from mla_jax.layers.rope import apply_rope, rope_cos_sin
+
+
+class MultiHeadLatentAttention(nn.Module):
+  """x [B,T,D] -> (y [B,T,D], updated LatentCache or None).
+
+  cache: this layer's LatentCache [B,S,...]; lengths [B]: tokens already in it (required with a
+  cache); num_tokens [B]: real tokens among the T new ones (default all T; the rest is right
+  padding of a ragged batch and is never attended to later).
+  """
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, cache: Optional[LatentCache] = None,
+               lengths: Optional[jax.Array] = None, num_tokens: Optional[jax.Array] = None,
+               attn_impl: str = "auto") -> tuple[jax.Array, Optional[LatentCache]]:
+    cfg = self.config
+    b, t, d = x.shape
+    h, n, r, v, c = (cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+                     cfg.kv_lora_rank)
+    impl = resolve_attn_impl(attn_impl, t, cache is not None)
+    dtype = jnp.dtype(cfg.dtype)
+    x = x.astype(dtype)
+    positions, num_tokens = query_positions(b, t, cache is not None, lengths, num_tokens)  # [B,T]
+    cos, sin = rope_cos_sin(positions, cfg)  # [B,T,R/2] each
+
+    # Queries: optionally through their own low-rank bottleneck Q (DeepSeek-V2/V3; not V2-Lite).
+    if cfg.q_lora_rank is None:
+      q = jnp.einsum("BTD,DHK->BTHK", x, weight(self, "q_proj", (d, h, n + r)))
+    else:
+      q_a = jnp.einsum("BTD,DQ->BTQ", x, weight(self, "q_a_proj", (d, cfg.q_lora_rank)))
+      q_a = RMSNorm(cfg.rms_norm_eps, dtype, cfg.param_dtype, name="q_a_layernorm")(q_a)
+      q = jnp.einsum("BTQ,QHK->BTHK", q_a, weight(self, "q_b_proj", (cfg.q_lora_rank, h, n + r)))
+    q_nope = q[..., :n]  # [B,T,H,N]
+    q_rope = apply_rope(q[..., n:], cos, sin, cfg.rope_interleave)  # [B,T,H,R]
+
+    # The latent and the shared RoPE key: all that is cached.
+    kv_a = jnp.einsum("BTD,DM->BTM", x, weight(self, "kv_a_proj_with_mqa", (d, c + r)))  # M=C+R
+    c_kv = RMSNorm(cfg.rms_norm_eps, dtype, cfg.param_dtype, name="kv_a_layernorm")(kv_a[..., :c])
+    k_rope = apply_rope(kv_a[:, :, None, c:], cos, sin, cfg.rope_interleave)[:, :, 0]  # [B,T,R]
+    self._record(q_nope=q_nope, q_rope=q_rope, c_kv=c_kv, k_rope=k_rope)
+
+    new_cache, keys, mask = attention_context(
+        LatentCache(c_kv=c_kv, k_rope=k_rope), cache, lengths, num_tokens, positions)
+    c_all = keys.c_kv.astype(dtype)  # [B,S,C]
+    k_rope_all = keys.k_rope.astype(dtype)  # [B,S,R]
+    w_kv_b = weight(self, "kv_b_proj", (c, h, n + v))  # [C,H,N+V]
+    w_uk, w_uv = w_kv_b[..., :n], w_kv_b[..., n:]  # [C,H,N], [C,H,V]
+
+    rope_scores = einsum_f32("BTHR,BSR->BHTS", q_rope, k_rope_all)
+    if impl == "naive":
+      k_nope = jnp.einsum("BSC,CHN->BSHN", c_all, w_uk)
+      values = jnp.einsum("BSC,CHV->BSHV", c_all, w_uv)
+      nope_scores = einsum_f32("BTHN,BSHN->BHTS", q_nope, k_nope)
+      probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
+      out = einsum_f32("BHTS,BSHV->BTHV", probs.astype(dtype), values).astype(dtype)
+      self._record(k_nope=k_nope, values=values)
+    else:
+      q_lat = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
+      nope_scores = einsum_f32("BTHC,BSC->BHTS", q_lat, c_all)
+      probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
+      out_lat = einsum_f32("BHTS,BSC->BTHC", probs.astype(dtype), c_all).astype(dtype)
+      out = jnp.einsum("BTHC,CHV->BTHV", out_lat, w_uv)
+      self._record(q_lat=q_lat, out_lat=out_lat)
+
+    y = jnp.einsum("BTHV,HVD->BTD", out, weight(self, "o_proj", (h, v, d)))
+    self._record(probs=probs, attn_out=out)
+    return y, new_cache
+
+  def _record(self, **tensors: jax.Array) -> None:
+    """Sows intermediates for inspection (apply with mutable=['intermediates']); free otherwise."""
+    for name, value in tensors.items():
+      self.sow("intermediates", name, value)

@@ -1,0 +1,22 @@
+"""The SwiGLU feed-forward block of DeepSeek's dense layers: down(silu(gate(x)) * up(x))."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mla_jax.config import ModelConfig
+from mla_jax.layers.params import weight
+
+
+class SwiGLU(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:  # [B,T,D] -> [B,T,D]
+    cfg = self.config
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    gate = jnp.einsum("BTD,DI->BTI", x, weight(self, "gate_proj", (d, i)))
+    up = jnp.einsum("BTD,DI->BTI", x, weight(self, "up_proj", (d, i)))
+    return jnp.einsum("BTI,ID->BTD", nn.silu(gate) * up, weight(self, "down_proj", (i, d)))
