@@ -1,4 +1,8 @@
-"""The `mla-jax` command line: `mla-jax --version`, `mla-jax info CONFIG [key=value ...]`."""
+"""The `mla-jax` command line: `info` (sizes and cache bytes) and `train`.
+
+Every subcommand takes an optional YAML config and dotted key=value overrides; without a config
+the built-in defaults apply, which configs/tiny.yaml spells out (a test keeps them equal).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 import mla_jax
-from mla_jax.config import ModelConfig, load_config
+from mla_jax.config import Config, ModelConfig, load_config
 
 
 def count_params(config: ModelConfig) -> int:
@@ -52,11 +56,42 @@ def describe(config: ModelConfig) -> list[str]:
   ]
 
 
+def _resolve_config(args: argparse.Namespace) -> Config:
+  """CONFIG is optional: a first positional with '=' in it is already an override."""
+  items = ([] if args.config is None else [args.config]) + list(args.overrides)
+  if items and "=" not in items[0]:
+    return load_config(items[0], *items[1:])
+  return load_config(None, *items)
+
+
 def _info(args: argparse.Namespace) -> int:
-  config = load_config(args.config, *args.overrides)
-  print(f"config: {args.config}")
+  config = _resolve_config(args)
+  print(f"config: {args.config or '(built-in defaults = configs/tiny.yaml)'}")
   for line in describe(config.model):
     print(line)
+  return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+  from mla_jax.train import TrainingError, sample_text, train
+
+  config = _resolve_config(args)
+  try:
+    summary = train(config)
+  except TrainingError as err:
+    print(f"mla-jax: error: {err}", file=sys.stderr)
+    return 1
+  if summary["interrupted"]:
+    return 0
+  if "val_loss" in summary:
+    print(f"final: step {summary['final_step']}, train loss {summary['loss']:.4f}, "
+          f"validation loss {summary['val_loss']:.4f} nats/token")
+  tc = config.train
+  if tc.sample_tokens:
+    text = sample_text(config, summary["params"], tc.sample_prompt, tc.sample_tokens,
+                       tc.sample_temperature, config.seed)
+    print(f"sample (temperature {tc.sample_temperature}, seed {config.seed}):")
+    print(text)
   return 0
 
 
@@ -66,10 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--version", action="version", version=f"mla-jax {mla_jax.__version__}")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND")
   info = commands.add_parser("info", help="parameter count and KV-cache bytes per token")
-  info.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
-  info.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="dotted overrides, e.g. model.kv_lora_rank=64")
   info.set_defaults(run=_info)
+  train = commands.add_parser(
+      "train", help="train (or resume) a model; with no arguments, the tiny model on the "
+      "Python standard library's sources")
+  train.set_defaults(run=_train)
+  for command in (info, train):
+    command.add_argument("config", nargs="?", help="YAML config, e.g. configs/tiny.yaml")
+    command.add_argument("overrides", nargs="*", metavar="key=value",
+                         help="dotted overrides, e.g. model.kv_lora_rank=64 train.steps=200")
   return parser
 
 

@@ -135,7 +135,7 @@ class ModelConfig:
   hidden_size: int = 128
   num_layers: int = 4
   num_heads: int = 4
-  q_lora_rank: Optional[int] = None
+  q_lora_rank: Optional[int] = 64
   kv_lora_rank: int = 32
   qk_nope_head_dim: int = 32
   qk_rope_head_dim: int = 16
@@ -221,17 +221,97 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, evaluation, checkpointing and logging of `mla-jax train`."""
+
+  steps: int = 1000
+  batch_size: int = 16  # sequences per step, over all devices
+  seq_len: int = 128
+  learning_rate: float = 3e-3  # peak, after linear warmup; cosine decay to min_learning_rate
+  min_learning_rate: float = 3e-4
+  warmup_steps: int = 100
+  weight_decay: float = 0.1  # AdamW, on matrices only (not norms)
+  beta1: float = 0.9
+  beta2: float = 0.95
+  grad_clip: float = 1.0  # global norm
+  max_nonfinite_steps: int = 5  # stop with an error after this many skipped updates in a row
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 3
+  sample_prompt: str = "def "
+  sample_tokens: int = 200  # printed after training; 0 for none
+  sample_temperature: float = 0.8
+
+  def __post_init__(self):
+    _check_fields(self, "train.")
+    for name in ("steps", "batch_size", "seq_len", "learning_rate", "grad_clip",
+                 "max_nonfinite_steps", "log_every", "eval_every", "eval_batches",
+                 "checkpoint_every", "keep_checkpoints"):
+      _positive(f"train.{name}", getattr(self, name))
+    if not 0 <= self.min_learning_rate <= self.learning_rate:
+      _fail("train.min_learning_rate", self.min_learning_rate,
+            f"must be in [0, learning_rate={self.learning_rate}]")
+    if not 0 <= self.warmup_steps < self.steps:
+      _fail("train.warmup_steps", self.warmup_steps, f"must be in [0, steps={self.steps})")
+    if self.weight_decay < 0:
+      _fail("train.weight_decay", self.weight_decay, "must be >= 0")
+    for name in ("beta1", "beta2"):
+      if not 0 <= getattr(self, name) < 1:
+        _fail(f"train.{name}", getattr(self, name), "must be in [0, 1)")
+    if self.sample_tokens < 0:
+      _fail("train.sample_tokens", self.sample_tokens, "must be >= 0")
+    if self.sample_temperature < 0:
+      _fail("train.sample_temperature", self.sample_temperature, "must be >= 0 (0 = greedy)")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Training text. path=None trains on this Python's standard library sources (no download)."""
+
+  path: Optional[str] = None  # a file, a directory (all files below it) or a glob
+  val_fraction: float = 0.05  # share of files (or of the bytes of a single file) held out
+
+  def __post_init__(self):
+    _check_fields(self, "data.")
+    if self.path is not None and not self.path.strip():
+      _fail("data.path", self.path, "must be a file, directory or glob, or null for the default")
+    if not 0 < self.val_fraction < 1:
+      _fail("data.val_fraction", self.val_fraction, "must be in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-  """The whole YAML file. Later sections (train, data, mesh) join here."""
+  """The whole YAML file: top-level workdir and seed, and one section per concern."""
 
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  workdir: str = "runs/tiny"
+  seed: int = 0
+
+  def __post_init__(self):
+    for name, cls in _SECTIONS.items():
+      if not isinstance(getattr(self, name), cls):
+        _fail(name, getattr(self, name), f"expected a {cls.__name__}")
+    _check_type("workdir", self.workdir, str)
+    _check_type("seed", self.seed, int)
+    if not self.workdir.strip():
+      _fail("workdir", self.workdir, "must be a directory path")
+    if self.train.seq_len > self.model.max_seq_len:
+      _fail("train.seq_len", self.train.seq_len, f"must be <= model.max_seq_len "
+            f"({self.model.max_seq_len})")
 
   def to_dict(self) -> dict[str, Any]:
-    return {"model": self.model.to_dict()}
+    return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),
+            "data": dataclasses.asdict(self.data), "workdir": self.workdir, "seed": self.seed}
 
 
-_SECTIONS = {"model": ModelConfig}
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+_SCALARS = ("workdir", "seed")  # top-level keys that are values, not sections
 _MAPPING_FIELDS = {("model", "rope_scaling")}  # free-form mappings, checked by their own class
+_KNOWN = sorted(list(_SECTIONS) + list(_SCALARS))
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -246,17 +326,24 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 def _apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
   """Sets raw[a][b]... = value, refusing keys the config does not have."""
-  section = path[0]
-  if section not in _SECTIONS:
-    raise ValueError(f"unknown config key {'.'.join(path)!r}: sections are {sorted(_SECTIONS)}")
+  top = path[0]
+  if top in _SCALARS:
+    if len(path) > 1:
+      raise ValueError(f"unknown config key {'.'.join(path)!r}: {top} has no sub-keys")
+    raw[top] = value
+    return
+  if top not in _SECTIONS:
+    raise ValueError(f"unknown config key {'.'.join(path)!r}: top-level keys are {_KNOWN}")
   if len(path) == 1:
-    raise ValueError(f"override {section!r} needs a field, e.g. {section}.<field>=value")
-  names = {f.name for f in dataclasses.fields(_SECTIONS[section])}
+    raise ValueError(f"override {top!r} needs a field, e.g. {top}.<field>=value")
+  names = {f.name for f in dataclasses.fields(_SECTIONS[top])}
   if path[1] not in names:
     raise ValueError(f"unknown config key {'.'.join(path)!r}")
-  if len(path) > 2 and (section, path[1]) not in _MAPPING_FIELDS:
+  if len(path) > 2 and (top, path[1]) not in _MAPPING_FIELDS:
     raise ValueError(f"unknown config key {'.'.join(path)!r}: {path[1]} has no sub-keys")
-  node = raw.setdefault(section, {})
+  node = raw.setdefault(top, {})
+  if not isinstance(node, dict):
+    raise ValueError(f"config section {top!r} must be a mapping, got {node!r}")
   for part in path[1:-1]:
     child = node.get(part)
     if not isinstance(child, dict):
@@ -270,29 +357,47 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
   """Builds a Config from nested dicts, naming any unknown key."""
   if not isinstance(raw, Mapping):
     raise ValueError(f"config must be a mapping of sections, got {type(raw).__name__}")
-  sections = {}
-  for name, values in raw.items():
+  values: dict[str, Any] = {}
+  for name, section in raw.items():
+    if name in _SCALARS:
+      values[name] = section
+      continue
     if name not in _SECTIONS:
-      raise ValueError(f"unknown config key {name!r}: sections are {sorted(_SECTIONS)}")
-    if not isinstance(values, Mapping):
-      raise ValueError(f"config section {name!r} must be a mapping, got {values!r}")
+      raise ValueError(f"unknown config key {name!r}: top-level keys are {_KNOWN}")
+    if not isinstance(section, Mapping):
+      raise ValueError(f"config section {name!r} must be a mapping, got {section!r}")
     cls = _SECTIONS[name]
     names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
+    for key in section:
       if key not in names:
         raise ValueError(f"unknown config key '{name}.{key}'")
-    sections[name] = cls(**values)
-  return Config(**sections)
+    values[name] = cls(**section)
+  return Config(**values)
 
 
-def load_config(path: str | Path, *overrides: str) -> Config:
-  """Reads a YAML config and applies dotted overrides such as 'model.kv_lora_rank=64'."""
-  path = Path(path)
-  if not path.is_file():
-    raise ValueError(f"config file {str(path)!r} does not exist")
-  raw = yaml.safe_load(path.read_text()) or {}
-  if not isinstance(raw, dict):
-    raise ValueError(f"config file {str(path)!r} must hold a mapping of sections")
+def load_config(path: Optional[str | Path], *overrides: str) -> Config:
+  """Reads a YAML config (None: the built-in defaults) and applies dotted overrides such as
+  'model.kv_lora_rank=64'."""
+  raw: Any = {}
+  if path is not None:
+    path = Path(path)
+    if not path.is_file():
+      raise ValueError(f"config file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+      raise ValueError(f"config file {str(path)!r} must hold a mapping of sections")
   for text in overrides:
     _apply_override(raw, *_parse_override(text))
   return config_from_dict(raw)
+
+
+def differing_fields(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+  """Dotted names of the keys whose values differ between two nested mappings."""
+  out = []
+  for key in sorted(set(old) | set(new)):
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      out += differing_fields(a, b, f"{prefix}{key}.")
+    elif a != b:
+      out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+  return out

@@ -133,3 +133,33 @@ def test_invalid_config_raises_naming_the_field(field, changes):
 def test_configs_are_frozen():
   with pytest.raises(dataclasses.FrozenInstanceError):
     ModelConfig().hidden_size = 3
+
+
+def test_tiny_yaml_spells_out_the_built_in_defaults():
+  """`mla-jax train` with no arguments uses Config(); configs/tiny.yaml must say the same."""
+  assert load_config(CONFIGS[0].parent / "tiny.yaml") == mla_jax.Config()
+  assert load_config(None) == mla_jax.Config()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=0", "train.steps=0"),
+    ("train.warmup_steps=1000", r"train.warmup_steps=1000 .*\[0, steps=1000\)"),
+    ("train.seq_len=512", r"train.seq_len=512 .*model.max_seq_len \(256\)"),
+    ("train.batch_size=two", "train.batch_size='two'"),
+    ("train.beta2=1.0", "train.beta2=1.0"),
+    ("train.min_learning_rate=1.0", "train.min_learning_rate=1.0"),
+    ("data.val_fraction=0", "data.val_fraction=0"),
+    ("data.path=''", "data.path=''"),
+    ("seed=1.5", "seed=1.5"),
+    ("workdir.x=1", "workdir.x"),
+    ("training.steps=3", "training.steps"),
+])
+def test_train_and_data_sections_validate(override, message):
+  with pytest.raises(ValueError, match=message.replace(".", r"\.").replace(r"\.*", ".*")):
+    load_config(None, override)
+
+
+def test_top_level_overrides():
+  cfg = load_config(None, "workdir=runs/x", "seed=7", "train.steps=20", "train.warmup_steps=2",
+                    "data.path=/tmp/t.txt")
+  assert (cfg.workdir, cfg.seed, cfg.train.steps, cfg.data.path) == ("runs/x", 7, 20, "/tmp/t.txt")

@@ -1,0 +1,50 @@
+"""Checkpoints in WORKDIR/checkpoints through orbax's CheckpointManager.
+
+Each checkpoint holds the train state (params, optimizer state, step) and JSON metadata (the
+model config, the data position). Orbax writes into a temporary directory and renames it when
+complete, so a run killed mid-save leaves the previous checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+  def __init__(self, workdir: str | Path, keep: int):
+    self.directory = Path(workdir).resolve() / "checkpoints"
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict[str, Any], wait: bool = False) -> None:
+    """Saves asynchronously (wait=True blocks until it is on disk); refuses non-finite params."""
+    finite = jax.tree_util.tree_reduce(
+        lambda ok, x: ok & jnp.all(jnp.isfinite(x)), state.params, jnp.bool_(True))
+    if not bool(finite):
+      raise RuntimeError(f"refusing to save step {step}: parameters are not finite")
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    if wait:
+      self._manager.wait_until_finished()
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore(self, step: int, target: Any) -> Any:
+    """Restores the state into target's structure, shapes, dtypes and shardings."""
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    return self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

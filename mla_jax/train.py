@@ -1,0 +1,325 @@
+"""`mla-jax train`: next-token training with optax AdamW, orbax checkpoints and automatic resume.
+
+Order of work: validate everything that can be wrong (config, devices, data, workdir) before the
+first array is built; then init or restore; then the loop. Batches are a function of (seed, step),
+so the checkpointed step is the whole data position, and a resumed run repeats an unbroken one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mla_jax.checkpoint import Checkpoints
+from mla_jax.config import Config, TrainConfig, config_from_dict, differing_fields
+from mla_jax.data import ByteTokenizer, Corpus, batch_at, load_corpus, unigram_entropy
+from mla_jax.metrics import MetricsLog, plot_losses
+from mla_jax.model import Transformer
+from mla_jax.sampling import generate
+
+TRAIN_STREAM, VAL_STREAM = 0, 1
+NEVER_APPLY_NONFINITE = 2**31 - 1  # apply_if_finite's cap; we stop at max_nonfinite_steps first
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. non-finite updates in a row); the last checkpoint is intact."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates applied (or skipped) so far
+  params: Any
+  opt_state: Any
+
+
+def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (no decay on norm scales) with warmup + cosine, global-norm clipping, and updates
+  skipped while the gradient is non-finite (counted in the optimizer state)."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
+      decay_steps=tc.steps, end_value=tc.min_learning_rate)
+  decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # noqa: E731
+  inner = optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip),
+      optax.adamw(schedule, b1=tc.beta1, b2=tc.beta2, weight_decay=tc.weight_decay,
+                  mask=decay_mask))
+  return optax.apply_if_finite(inner, max_consecutive_errors=NEVER_APPLY_NONFINITE), schedule
+
+
+def loss_fn(model: Transformer, params, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy in nats: inputs, targets [B,T]."""
+  logits, _ = model.apply({"params": params}, inputs)  # [B,T,V] float32
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def compute_grads(model: Transformer, params, inputs, targets) -> tuple[jax.Array, Any]:
+  return jax.value_and_grad(lambda p: loss_fn(model, p, inputs, targets))(params)
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    state: TrainState, loss: jax.Array, grads) -> tuple[TrainState, dict]:
+  """One optimizer update; a non-finite gradient leaves params and moments unchanged."""
+  applied_before = state.step - state.opt_state.total_notfinite  # the schedule's own count
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+             "learning_rate": schedule(applied_before),
+             "nonfinite_in_a_row": opt_state.notfinite_count,
+             "skipped_updates": opt_state.total_notfinite}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def data_mesh() -> jax.sharding.Mesh:
+  """All devices on one `data` axis (Auto: XLA places the gradient all-reduce itself)."""
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+@dataclasses.dataclass
+class Trainer:
+  """The jitted pieces of one run, built once from a validated config."""
+
+  config: Config
+  model: Transformer
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+
+  @classmethod
+  def build(cls, config: Config) -> "Trainer":
+    optimizer, schedule = make_optimizer(config.train)
+    return cls(config, Transformer(config.model), optimizer, schedule, data_mesh())
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec("data"))
+
+  def init_state(self) -> TrainState:
+    tc = self.config.train
+    dummy = jnp.zeros((1, tc.seq_len), jnp.int32)
+
+    def init(key):
+      params = self.model.init(key, dummy)["params"]
+      return TrainState(step=jnp.int32(0), params=params, opt_state=self.optimizer.init(params))
+
+    return jax.jit(init, out_shardings=self.replicated)(jax.random.key(self.config.seed))
+
+  @functools.cached_property
+  def train_step(self) -> Callable:
+    def step(state, inputs, targets):
+      loss, grads = compute_grads(self.model, state.params, inputs, targets)
+      return apply_gradients(self.optimizer, self.schedule, state, loss, grads)
+
+    batch = self.batch_sharding
+    return jax.jit(step, in_shardings=(self.replicated, batch, batch),
+                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+
+  @functools.cached_property
+  def eval_step(self) -> Callable:
+    batch = self.batch_sharding
+    return jax.jit(lambda params, x, y: loss_fn(self.model, params, x, y),
+                   in_shardings=(self.replicated, batch, batch), out_shardings=self.replicated)
+
+  def put_batch(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    return (jax.device_put(inputs, self.batch_sharding),
+            jax.device_put(targets, self.batch_sharding))
+
+  def evaluate(self, params, corpus: Corpus) -> float:
+    tc = self.config.train
+    losses = [self.eval_step(params, *self.put_batch(*batch_at(
+        corpus.val, self.config.seed, VAL_STREAM, i, tc.batch_size, tc.seq_len)))
+              for i in range(tc.eval_batches)]
+    return float(np.mean(jax.device_get(losses)))
+
+
+def check_workdir(config: Config, checkpoints: Checkpoints) -> Optional[int]:
+  """The step to resume from, or None; refuses a checkpoint of a different model."""
+  step = checkpoints.latest_step()
+  if step is None:
+    return None
+  saved = checkpoints.read_meta(step)["model"]
+  differences = differing_fields(saved, config.model.to_dict())
+  if differences:
+    raise ValueError(f"workdir {config.workdir!r} holds a checkpoint (step {step}) of a different "
+                     f"model; differing fields: {'; '.join('model.' + d for d in differences)}. "
+                     "Use another workdir, or the checkpoint's model config.")
+  return step
+
+
+class _StopRequests:
+  """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then saves and exits)."""
+
+  def __init__(self):
+    self.signal: Optional[str] = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+class _Progress:
+  """Progress bar on a terminal (a plain line every 10 log intervals in logs), tokens/s, and
+  the metrics records: the loop only reports what happened."""
+
+  def __init__(self, config: Config, start: int, metrics_log: MetricsLog, log: Callable,
+               enabled: bool):
+    from tqdm import tqdm
+
+    self.tc, self.metrics_log, self.log, self.enabled = config.train, metrics_log, log, enabled
+    self.interactive = enabled and sys.stderr.isatty()
+    self.bar = tqdm(total=self.tc.steps, initial=start, disable=not self.interactive,
+                    unit="step", dynamic_ncols=True)
+    self.last_time, self.last_step = time.perf_counter(), start
+    self.latest: dict[str, Any] = {}
+
+  def train_step(self, step: int, metrics: dict) -> dict[str, Any]:
+    """The record of a logged step ({} between log steps); fetching it syncs with the device."""
+    self.bar.update(1)
+    if step % self.tc.log_every and step != self.tc.steps:
+      return {}
+    now = time.perf_counter()
+    values = jax.device_get(metrics)
+    tokens = self.tc.batch_size * self.tc.seq_len * (step - self.last_step)
+    record = {"step": step, "loss": float(values["loss"]),
+              "learning_rate": float(values["learning_rate"]),
+              "grad_norm": float(values["grad_norm"]),
+              "tokens_per_sec": tokens / (now - self.last_time),
+              "skipped_updates": int(values["skipped_updates"])}
+    self.last_time, self.last_step = now, step
+    self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
+    if self.enabled and not self.interactive and step % (10 * self.tc.log_every) == 0:
+      self.log(f"step {step}: loss {record['loss']:.4f}, lr {record['learning_rate']:.2e}, "
+               f"{record['tokens_per_sec']:,.0f} tokens/s")
+    return record
+
+  def validation(self, step: int, val_loss: float) -> dict[str, Any]:
+    if self.enabled:
+      self.bar.write(f"step {step}: validation loss {val_loss:.4f} (perplexity "
+                     f"{math.exp(val_loss):.2f})")
+    return {"step": step, "val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
+
+  def write(self, record: dict[str, Any]) -> None:
+    if record:
+      self.metrics_log.write(record)
+      self.latest.update(record)
+
+  def close(self) -> None:
+    self.bar.close()
+    self.metrics_log.close()
+
+
+def check_inputs(config: Config) -> None:
+  """What the config alone cannot know: the tokenizer's and the machine's constraints."""
+  if config.model.vocab_size < ByteTokenizer.vocab_size:
+    raise ValueError(f"model.vocab_size={config.model.vocab_size} is invalid: the byte tokenizer "
+                     f"needs at least {ByteTokenizer.vocab_size}")
+  devices = jax.device_count()
+  if config.train.batch_size % devices:
+    raise ValueError(f"train.batch_size={config.train.batch_size} is invalid: must be divisible "
+                     f"by the number of devices ({devices})")
+
+
+def train(config: Config, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+  """Trains (or resumes) per config; returns a summary: final params, losses, steps."""
+  tc = config.train
+  check_inputs(config)
+  corpus = load_corpus(config.data, min_tokens=tc.seq_len + 1)
+  workdir = Path(config.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoints = Checkpoints(workdir, tc.keep_checkpoints)
+  resume_step = check_workdir(config, checkpoints)
+  (workdir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+  trainer = Trainer.build(config)
+  state = trainer.init_state()
+  if resume_step is not None:
+    state = checkpoints.restore(resume_step, state)
+    log(f"resumed from {checkpoints.directory / str(resume_step)} (step {resume_step})")
+  start = int(state.step)
+  log(f"data: {corpus.source}: {corpus.num_files} files, {len(corpus.train):,} train / "
+      f"{len(corpus.val):,} validation tokens; {jax.device_count()} device(s)")
+  log(f"unigram entropy of the validation tokens: {unigram_entropy(corpus.val):.4f} nats/token "
+      "(the loss of a model that ignores context)")
+  meta = lambda step: {"model": config.model.to_dict(), "step": step,  # noqa: E731
+                       "data_position": {"seed": config.seed, "next_batch": step}}
+  report = _Progress(config, start, MetricsLog(workdir, resume_step=start), log, progress)
+  interrupted = None
+  try:
+    with _StopRequests() as stop:
+      for step in range(start + 1, tc.steps + 1):
+        batch = batch_at(corpus.train, config.seed, TRAIN_STREAM, step - 1, tc.batch_size,
+                         tc.seq_len)
+        state, metrics = trainer.train_step(state, *trainer.put_batch(*batch))
+        if int(metrics["nonfinite_in_a_row"]) >= tc.max_nonfinite_steps:
+          raise TrainingError(
+              f"{tc.max_nonfinite_steps} non-finite updates in a row (step {step}); stopped. The "
+              f"last checkpoint (step {checkpoints.latest_step()}) holds finite parameters; lower "
+              "train.learning_rate or check the data.")
+        record = report.train_step(step, metrics)
+        if step % tc.eval_every == 0 or step == tc.steps:
+          record.update(report.validation(step, trainer.evaluate(state.params, corpus)))
+        report.write(record)
+        if stop.signal is not None:
+          checkpoints.save(step, state, meta(step), wait=True)
+          interrupted = stop.signal
+          log(f"{stop.signal}: saved step {step} to {checkpoints.directory}; run the same command "
+              "to resume")
+          break
+        if step % tc.checkpoint_every == 0 or step == tc.steps:
+          checkpoints.save(step, state, meta(step))
+  finally:  # also on errors: finish pending async saves so no checkpoint is left half-written
+    report.close()
+    checkpoints.close()
+
+  if interrupted is None and (workdir / "metrics.jsonl").exists():
+    log(f"wrote {plot_losses(workdir)}")
+  return {**report.latest, "start_step": start, "final_step": int(state.step),
+          "interrupted": interrupted, "params": state.params}
+
+
+def sample_text(config: Config, params, prompt: str, max_new_tokens: int, temperature: float,
+                seed: int) -> str:
+  tokenizer = ByteTokenizer()
+  ids = tokenizer.encode(prompt) or [tokenizer.BOS]
+  budget = min(max_new_tokens, config.model.max_seq_len - len(ids))
+  if budget <= 0:
+    raise ValueError(f"train.sample_prompt is {len(ids)} tokens: no room left within "
+                     f"model.max_seq_len ({config.model.max_seq_len})")
+  out, lengths = generate(Transformer(config.model), params, [ids], max_new_tokens=budget,
+                          temperature=temperature, eos_id=tokenizer.EOS, seed=seed,
+                          pad_id=tokenizer.PAD, return_lengths=True)
+  return tokenizer.decode(out[0, :lengths[0]])
+
+
+def load_workdir_config(workdir: str | Path) -> Config:
+  path = Path(workdir) / "config.yaml"
+  if not path.is_file():
+    raise ValueError(f"{str(workdir)!r} is not a training workdir: no config.yaml in it")
+  return config_from_dict(yaml.safe_load(path.read_text()))

@@ -1,0 +1,221 @@
+"""`mla-jax train`: resume after SIGKILL is bit-exact, SIGTERM saves, NaN updates are skipped,
+and bad inputs fail before training. Runs on the 8 fake CPU devices (data parallel)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import mla_jax
+from mla_jax import train as train_module
+from mla_jax.checkpoint import Checkpoints
+from mla_jax.config import load_config
+from mla_jax.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "mla_jax"  # the library's own sources: real text, small, always present
+SMALL_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+               "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
+               "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.intermediate_size=64",
+               "model.max_seq_len=64"]
+
+
+def overrides(workdir, steps=300, **train):
+  settings = dict(steps=steps, batch_size=8, seq_len=32, warmup_steps=5, log_every=1,
+                  eval_every=100, eval_batches=2, checkpoint_every=50, keep_checkpoints=10,
+                  sample_tokens=40)
+  settings.update(train)
+  return ([f"workdir={workdir}", f"data.path={DATA}"] + SMALL_MODEL
+          + [f"train.{k}={v}" for k, v in settings.items()])
+
+
+def cli(args):
+  return [sys.executable, "-m", "mla_jax.cli", "train", *args]
+
+
+def final_params(workdir):
+  manager = ocp.CheckpointManager(Path(workdir).resolve() / "checkpoints")
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  manager.close()
+  return step, restored["state"]["params"]
+
+
+def losses(workdir):
+  return {r["step"]: (r["loss"], r["grad_norm"]) for r in read_metrics(workdir) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def unbroken_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("unbroken")
+  result = subprocess.run(cli(overrides(workdir)), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  return workdir, result
+
+
+def _wait_for(predicate, process, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return
+    if process.poll() is not None:
+      raise AssertionError(f"process ended early: {process.returncode}")
+    time.sleep(0.01)
+  raise AssertionError("timed out")
+
+
+def test_unbroken_run_writes_metrics_plots_and_a_sample(unbroken_run):
+  workdir, result = unbroken_run
+  records = read_metrics(workdir)
+  logged = [r for r in records if "loss" in r]
+  assert [r["step"] for r in logged] == list(range(1, 301))
+  assert {"step", "loss", "learning_rate", "tokens_per_sec", "grad_norm"} <= set(logged[0])
+  val = [r for r in records if "val_loss" in r]
+  assert [r["step"] for r in val] == [100, 200, 300]
+  assert val[-1]["val_perplexity"] == pytest.approx(np.exp(val[-1]["val_loss"]), rel=1e-6)
+  assert np.mean([r["loss"] for r in logged[-20:]]) < np.mean([r["loss"] for r in logged[:20]]) - 1
+  assert logged[0]["learning_rate"] == 0.0 and logged[5]["learning_rate"] == pytest.approx(3e-3)
+  assert (workdir / "loss.png").stat().st_size > 10_000
+  assert any((workdir / "tensorboard").iterdir())
+  assert load_config(workdir / "config.yaml").train.steps == 300
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [50, 100, 150, 200,
+                                                                              250, 300]
+  assert "final: step 300" in result.stdout and "sample (temperature 0.8, seed 0):" in result.stdout
+
+
+def test_resume_after_sigkill_is_bit_exact(unbroken_run, tmp_path):
+  reference, _ = unbroken_run
+  workdir = tmp_path / "killed"
+  process = subprocess.Popen(cli(overrides(workdir)), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+  try:
+    _wait_for(lambda: (workdir / "checkpoints" / "100").is_dir(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+  finally:
+    process.kill()
+  assert process.returncode == -signal.SIGKILL
+  killed_at = max(r["step"] for r in read_metrics(workdir))
+  resumed_from = Checkpoints(workdir, 10).latest_step()
+  assert resumed_from < 300 and killed_at < 300, "the run finished before it could be killed"
+
+  result = subprocess.run(cli(overrides(workdir)), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  assert "resumed from" in result.stdout and f"(step {resumed_from})" in result.stdout
+  assert losses(workdir) == losses(reference)  # every step, bit for bit, incl. after the restart
+  ref_step, ref_params = final_params(reference)
+  step, params = final_params(workdir)
+  assert step == ref_step == 300
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, ref_params)
+
+
+def test_sigterm_saves_then_exits_cleanly_and_resumes(tmp_path):
+  workdir = tmp_path / "term"
+  args = overrides(workdir, steps=2000, checkpoint_every=1000, sample_tokens=0)
+  process = subprocess.Popen(cli(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 20, process)
+  process.send_signal(signal.SIGTERM)
+  out, _ = process.communicate(timeout=120)
+  assert process.returncode == 0
+  saved = Checkpoints(workdir, 10).latest_step()
+  assert 20 <= saved < 1000  # saved on the signal, not at a checkpoint_every boundary
+  assert f"SIGTERM: saved step {saved}" in out
+  resumed = subprocess.run(cli(overrides(workdir, steps=saved + 5, sample_tokens=0)),
+                           capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"(step {saved})" in resumed.stdout
+  assert Checkpoints(workdir, 10).latest_step() == saved + 5
+
+
+def _trainer_and_state():
+  config = load_config(None, *overrides("unused", steps=10))
+  trainer = train_module.Trainer.build(config)
+  return config, trainer, trainer.init_state()
+
+
+def test_nan_gradient_is_skipped_and_counted():
+  config, trainer, state = _trainer_and_state()
+  inputs = jnp.zeros((8, 32), jnp.int32)
+  loss, grads = train_module.compute_grads(trainer.model, state.params, inputs, inputs)
+  poisoned = jax.tree_util.tree_map(lambda g: g, grads)
+  poisoned["layers_0"]["self_attn"]["kv_b_proj"] = grads["layers_0"]["self_attn"][
+      "kv_b_proj"].at[0, 0, 0].set(jnp.nan)
+  apply = jax.jit(lambda s, l, g: train_module.apply_gradients(trainer.optimizer,
+                                                               trainer.schedule, s, l, g))
+  skipped, metrics = apply(state, loss, poisoned)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, skipped.params, state.params)
+  assert int(metrics["skipped_updates"]) == 1 and int(metrics["nonfinite_in_a_row"]) == 1
+  assert int(skipped.step) == 1
+  updated, metrics = apply(skipped, loss, grads)
+  assert int(metrics["skipped_updates"]) == 1 and int(metrics["nonfinite_in_a_row"]) == 0
+  assert float(metrics["learning_rate"]) == 0.0  # warmup starts at 0: the skip did not count
+  updated, metrics = apply(updated, loss, grads)
+  assert float(metrics["learning_rate"]) == pytest.approx(3e-3 / 5)
+  assert not np.array_equal(updated.params["lm_head"], state.params["lm_head"])
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(updated.params))
+
+
+def test_non_finite_updates_in_a_row_stop_training(tmp_path, monkeypatch):
+  real = train_module.compute_grads
+
+  def always_nan(model, params, inputs, targets):
+    loss, grads = real(model, params, inputs, targets)
+    return loss, jax.tree_util.tree_map(lambda g: g * jnp.nan, grads)
+
+  config = load_config(None, *overrides(tmp_path / "nan", steps=50, checkpoint_every=2,
+                                        max_nonfinite_steps=3, sample_tokens=0))
+  monkeypatch.setattr(train_module, "compute_grads", always_nan)
+  with pytest.raises(train_module.TrainingError, match="3 non-finite updates in a row"):
+    train_module.train(config, log=lambda _: None, progress=False)
+  # The checkpoint at step 2 holds the (never updated) finite parameters; none came after.
+  step, params = final_params(tmp_path / "nan")
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_checkpoint_refuses_non_finite_params(tmp_path):
+  _, _, state = _trainer_and_state()
+  bad = state.replace(params=jax.tree_util.tree_map(lambda p: p * jnp.nan, state.params))
+  checkpoints = Checkpoints(tmp_path, 2)
+  with pytest.raises(RuntimeError, match="parameters are not finite"):
+    checkpoints.save(1, bad, {"model": {}})
+  checkpoints.close()
+  assert checkpoints.latest_step() is None
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.batch_size=6"], r"train\.batch_size=6 .*divisible by the number of devices \(8\)"),
+    (["data.path=/nonexistent/*.txt"], r"data\.path='/nonexistent/\*\.txt' matches no files"),
+    (["train.stepz=3"], r"unknown config key 'train\.stepz'"),
+    (["train.steps=ten"], r"train\.steps='ten' is invalid: expected an integer"),
+])
+def test_bad_inputs_fail_before_training(tmp_path, extra, message):
+  workdir = tmp_path / "bad"
+  result = subprocess.run(cli(overrides(workdir) + extra), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2
+  assert len(result.stderr.strip().splitlines()) == 1
+  assert __import__("re").search(message, result.stderr), result.stderr
+  assert not (workdir / "checkpoints").exists()  # nothing was started
+
+
+def test_workdir_of_a_different_model_is_refused(unbroken_run, tmp_path):
+  reference, _ = unbroken_run
+  before = sorted(p.name for p in (reference / "checkpoints").iterdir())
+  result = subprocess.run(cli(overrides(reference) + ["model.kv_lora_rank=8",
+                                                      "model.num_heads=4"]),
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert "model.kv_lora_rank: 16 -> 8" in result.stderr
+  assert "model.num_heads: 2 -> 4" in result.stderr
+  assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == before
