@@ -10,6 +10,7 @@ from mla_jax.layers.mla import MultiHeadLatentAttention
 from mla_jax.layers.mlp import SwiGLU
 from mla_jax.layers.norms import RMSNorm
 from mla_jax.model import Transformer
+from mla_jax.sampling import generate, stream
 
 try:
   __version__ = version("mla-jax")
@@ -19,5 +20,5 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "Cache", "Config", "KVCache", "LatentCache", "ModelConfig", "MultiHeadAttention",
     "MultiHeadLatentAttention", "RMSNorm", "SwiGLU", "Transformer", "YarnScaling", "__version__",
-    "cache_bytes", "init_cache", "init_layer_cache", "load_config",
+    "cache_bytes", "generate", "init_cache", "init_layer_cache", "load_config", "stream",
 ]

@@ -41,7 +41,8 @@ class Checkpoints:
   def restore(self, step: int, target: Any) -> Any:
     """Restores the state into target's structure, shapes, dtypes and shardings."""
     abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        target)
     return self._manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import mla_jax
@@ -95,6 +96,92 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+  from mla_jax.data import ByteTokenizer
+  from mla_jax.model import Transformer
+  from mla_jax.sampling import cache_length, check_sampling
+  from mla_jax.train import load_trained, read_workdir_config
+
+  if (args.prompt is None) == (args.prompt_file is None):
+    raise ValueError("give exactly one of --prompt TEXT or --prompt-file FILE")
+  if args.prompt is not None:
+    texts = [args.prompt]
+  else:
+    path = Path(args.prompt_file)
+    if not path.is_file():
+      raise ValueError(f"--prompt-file {args.prompt_file!r} does not exist")
+    texts = [line for line in path.read_text().splitlines() if line.strip()]
+    if not texts:
+      raise ValueError(f"--prompt-file {args.prompt_file!r} holds no non-empty line")
+  tokenizer = ByteTokenizer()
+  prompts = [tokenizer.encode(t) for t in texts]
+  if any(not p for p in prompts):
+    raise ValueError("--prompt is empty: give at least one character")
+  options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.EOS)
+  model_config = read_workdir_config(args.checkpoint).model  # cheap: validate before loading
+  check_sampling(model_config.vocab_size, **options)
+  cache_length(max(len(p) for p in prompts), args.max_new_tokens, model_config.max_seq_len)
+  config, params = load_trained(args.checkpoint)
+  model = Transformer(config.model)
+  if len(prompts) == 1:
+    _stream_one(model, params, texts[0], prompts[0], options, args.seed)
+  else:
+    _generate_batch(model, params, prompts, options, args.seed)
+  return 0
+
+
+def _stream_one(model, params, text: str, prompt: list[int], options: dict, seed: int) -> None:
+  """Prints the prompt, then each character as soon as its bytes are sampled."""
+  import time
+
+  from mla_jax.sampling import stream
+
+  start = time.perf_counter()
+  tokens = stream(model, params, prompt, seed=seed, **options)  # validates and compiles
+  compiled = time.perf_counter()
+  sys.stdout.write(text)
+  pending, count, first_at = b"", 0, None
+  for token in tokens:
+    first_at = first_at or time.perf_counter()
+    count += 1
+    if token < 256:
+      pending += bytes([token])
+      piece = pending.decode("utf-8", errors="ignore")
+      if piece:  # whole characters only
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        pending = b""
+  done = time.perf_counter()
+  sys.stdout.write("\n")
+  decoded = count - 1  # the first new token comes out of the prefill
+  print(f"compile: {compiled - start:.2f} s; prefill: {len(prompt)} tokens in "
+        f"{first_at - compiled:.4f} s = {len(prompt) / (first_at - compiled):,.0f} tokens/s; "
+        f"decode: {decoded} tokens in {done - first_at:.3f} s = "
+        f"{decoded / max(done - first_at, 1e-9):,.1f} tokens/s", file=sys.stderr)
+
+
+def _generate_batch(model, params, prompts: list[list[int]], options: dict, seed: int) -> None:
+  """One compiled loop for the whole batch; prints each row when all are done."""
+  import time
+
+  from mla_jax.data import ByteTokenizer
+  from mla_jax.sampling import generate
+
+  tokenizer = ByteTokenizer()
+  start = time.perf_counter()
+  out, lengths = generate(model, params, prompts, seed=seed, pad_id=tokenizer.PAD,
+                          return_lengths=True, **options)
+  elapsed = time.perf_counter() - start
+  for row, length in zip(out, lengths):
+    print(tokenizer.decode(row[:length]))
+    print("---")
+  prompt_tokens = sum(len(p) for p in prompts)
+  new = int(lengths.sum()) - prompt_tokens
+  print(f"{len(prompts)} prompts ({prompt_tokens} tokens) + {new} new tokens in {elapsed:.2f} s, "
+        f"compilation included = {new / elapsed:,.1f} new tokens/s", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="mla-jax", description="Multi-head Latent Attention for JAX: inspect, train, decode.")
@@ -106,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
       "train", help="train (or resume) a model; with no arguments, the tiny model on the "
       "Python standard library's sources")
   train.set_defaults(run=_train)
+  gen = commands.add_parser("generate", help="continue prompts with a model from `mla-jax train`")
+  gen.add_argument("--checkpoint", required=True, metavar="WORKDIR",
+                   help="a training workdir (its latest checkpoint is used)")
+  gen.add_argument("--prompt", help="prompt text (streamed continuation)")
+  gen.add_argument("--prompt-file", help="one prompt per line, generated as one batch")
+  gen.add_argument("--max-new-tokens", type=int, default=200)
+  gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+  gen.add_argument("--top-k", type=int, default=None)
+  gen.add_argument("--top-p", type=float, default=None)
+  gen.add_argument("--seed", type=int, default=0)
+  gen.set_defaults(run=_generate)
   for command in (info, train):
     command.add_argument("config", nargs="?", help="YAML config, e.g. configs/tiny.yaml")
     command.add_argument("overrides", nargs="*", metavar="key=value",

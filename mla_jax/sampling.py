@@ -1,13 +1,13 @@
 """Autoregressive generation: one jitted prefill (naive path) and one compiled decode loop
 (lax.scan over absorbed-path steps, cache donated), with greedy, temperature, top-k and top-p
-sampling. No host round trip per token.
+sampling. `generate` makes no host round trip per token; `stream` does, to print as it goes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ class Sampler:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _check_sampling(vocab_size: int, max_new_tokens: int, temperature: float, top_k: Optional[int],
+def check_sampling(vocab_size: int, max_new_tokens: int, temperature: float, top_k: Optional[int],
                     top_p: Optional[float], eos_id: Optional[int]) -> None:
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
     raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be a positive integer")
@@ -114,6 +114,57 @@ def _decode_loop(params, first: jax.Array, cache: Cache, keys: jax.Array, *, mod
   return jnp.concatenate([first[:, None], rest.T], axis=1), cache
 
 
+@functools.partial(jax.jit, static_argnames=("model", "sampler"), donate_argnames=("cache",))
+def _decode_step(params, token: jax.Array, cache: Cache, key: jax.Array, *, model: Transformer,
+                 sampler: Sampler) -> tuple[jax.Array, Cache]:
+  """One absorbed-path step for host-loop streaming: token [B] -> next token [B], cache."""
+  logits, cache = model.apply({"params": params}, token[:, None], cache=cache,
+                              attn_impl="absorbed")
+  return sampler(logits[:, 0], key), cache
+
+
+def stream(model: Transformer, params, prompt: Sequence[int], *, max_new_tokens: int,
+           temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+           eos_id: Optional[int] = None, seed: int = 0) -> Iterator[int]:
+  """Yields one prompt's new tokens as they are sampled (one host round trip per token: for
+  interactive output; `generate` runs the whole loop on the device). Same keys, same tokens.
+  Validation and compilation happen in this call; the returned iterator only runs."""
+  cfg = model.config
+  check_sampling(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, eos_id)
+  (row,) = _prompt_rows([prompt], cfg.vocab_size)
+  max_len = cache_length(len(row), max_new_tokens, cfg.max_seq_len)
+  sampler = Sampler(float(temperature), top_k, None if top_p is None else float(top_p))
+  keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+
+  # Compile both programs now (ahead of time), so the caller can time them apart from decoding.
+  prompt_ids, lengths = jnp.asarray(row[None]), jnp.asarray([len(row)], jnp.int32)
+  prefill = _prefill.lower(params, prompt_ids, lengths, keys[0], model=model, max_len=max_len,
+                           sampler=sampler).compile()
+  first_token, cache_shape = prefill.out_info
+  step = _decode_step.lower(params, first_token, cache_shape, keys[0], model=model,
+                            sampler=sampler).compile()
+
+  def tokens() -> Iterator[int]:
+    token, cache = prefill(params, prompt_ids, lengths, keys[0])
+    for i in range(max_new_tokens):
+      value = int(token[0])
+      yield value
+      if value == eos_id or i + 1 == max_new_tokens:
+        return
+      token, cache = step(params, token, cache, keys[i + 1])
+
+  return tokens()
+
+
+def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int) -> int:
+  """Longest prompt + max_new_tokens, refused past the model's max_seq_len before any compute."""
+  total = longest_prompt + max_new_tokens
+  if total > max_seq_len:
+    raise ValueError(f"longest prompt ({longest_prompt} tokens) + max_new_tokens ({max_new_tokens})"
+                     f" = {total} exceeds model.max_seq_len ({max_seq_len})")
+  return total
+
+
 def generate(model: Transformer, params, prompts, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_id: Optional[int] = None, seed: int = 0, pad_id: int = 0,
@@ -125,14 +176,11 @@ def generate(model: Transformer, params, prompts, *, max_new_tokens: int,
   an EOS, and for shorter prompts). With return_lengths, also each row's real length [B].
   """
   cfg = model.config
-  _check_sampling(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, eos_id)
+  check_sampling(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, eos_id)
   rows = _prompt_rows(prompts, cfg.vocab_size)
   prompt_lengths = np.array([len(r) for r in rows], np.int32)
   longest = int(prompt_lengths.max())
-  max_len = longest + max_new_tokens
-  if max_len > cfg.max_seq_len:
-    raise ValueError(f"longest prompt ({longest} tokens) + max_new_tokens ({max_new_tokens}) = "
-                     f"{max_len} exceeds model.max_seq_len ({cfg.max_seq_len})")
+  max_len = cache_length(longest, max_new_tokens, cfg.max_seq_len)
   padded = np.full((len(rows), longest), pad_id, np.int32)
   for b, row in enumerate(rows):
     padded[b, :len(row)] = row

@@ -318,8 +318,28 @@ def sample_text(config: Config, params, prompt: str, max_new_tokens: int, temper
   return tokenizer.decode(out[0, :lengths[0]])
 
 
-def load_workdir_config(workdir: str | Path) -> Config:
+def read_workdir_config(workdir: str | Path) -> Config:
   path = Path(workdir) / "config.yaml"
   if not path.is_file():
-    raise ValueError(f"{str(workdir)!r} is not a training workdir: no config.yaml in it")
+    raise ValueError(f"--checkpoint {str(workdir)!r} is not a training workdir: no config.yaml")
   return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def load_trained(workdir: str | Path) -> tuple[Config, Any]:
+  """(config, params) of the latest checkpoint in a `mla-jax train` workdir; clear errors for a
+  directory that is not one, or whose checkpoint does not match its config.yaml."""
+  config = read_workdir_config(workdir)
+  if not (Path(workdir) / "checkpoints").is_dir():
+    raise ValueError(f"--checkpoint {str(workdir)!r} has no checkpoints/ directory")
+  checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
+  try:
+    step = checkpoints.latest_step()
+    if step is None:
+      raise ValueError(f"--checkpoint {str(workdir)!r} holds no complete checkpoint")
+    check_workdir(config, checkpoints)
+    trainer = Trainer.build(config)
+    target = jax.eval_shape(trainer.init_state)  # shapes only: nothing is initialised
+    state = checkpoints.restore(step, target)
+  finally:
+    checkpoints.close()
+  return config, state.params

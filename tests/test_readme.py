@@ -31,11 +31,12 @@ def test_python_examples_run():
     exec(compile(block, "README.md", "exec"), namespace)
   assert namespace["logits"].shape == (2, 1, namespace["cfg"].vocab_size)
   assert namespace["cache"].lengths.tolist() == [6, 6]
+  assert namespace["tokens"].shape == (2, 3 + 8) and namespace["lengths"].tolist() == [11, 9]
 
 
 def test_quick_start_output_is_what_info_prints():
   commands = [b.strip() for b in _blocks("bash")]
-  assert commands[0] == "pip install -e . && mla-jax info configs/tiny.yaml"
+  assert commands[0] == "pip install -e . && mla-jax train"
   shown = next(b for b in _blocks("") if b.startswith("config: configs/tiny.yaml"))
   script = Path(sys.executable).parent / "mla-jax"
   result = subprocess.run([str(script), "info", "configs/tiny.yaml"], cwd=ROOT,
