@@ -73,10 +73,28 @@ def _info(args: argparse.Namespace) -> int:
   return 0
 
 
+def _start_distributed(args: argparse.Namespace) -> None:
+  """jax.distributed for multi-process runs; before any other JAX call. With --distributed alone,
+  JAX finds the coordinator itself (TPU pods, SLURM); on CPUs the processes talk over gloo."""
+  if not (args.distributed or args.coordinator):
+    return
+  import jax
+
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if args.coordinator:
+    if args.num_processes is None or args.process_id is None:
+      raise ValueError("--coordinator needs --num-processes and --process-id")
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  else:
+    jax.distributed.initialize()
+
+
 def _train(args: argparse.Namespace) -> int:
   from mla_jax.train import TrainingError, sample_text, train
 
   config = _resolve_config(args)
+  _start_distributed(args)
   try:
     summary = train(config)
   except TrainingError as err:
@@ -84,11 +102,15 @@ def _train(args: argparse.Namespace) -> int:
     return 1
   if summary["interrupted"]:
     return 0
+  if not summary["main_process"]:
+    return 0
   if "val_loss" in summary:
     print(f"final: step {summary['final_step']}, train loss {summary['loss']:.4f}, "
           f"validation loss {summary['val_loss']:.4f} nats/token")
   tc = config.train
-  if tc.sample_tokens:
+  if tc.sample_tokens and summary["multi_process"]:
+    print("sample skipped: parameters are spread over several processes; run mla-jax generate")
+  elif tc.sample_tokens:
     text = sample_text(config, summary["params"], tc.sample_prompt, tc.sample_tokens,
                        tc.sample_temperature, config.seed)
     print(f"sample (temperature {tc.sample_temperature}, seed {config.seed}):")
@@ -193,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
       "train", help="train (or resume) a model; with no arguments, the tiny model on the "
       "Python standard library's sources")
   train.set_defaults(run=_train)
+  multi = train.add_argument_group("multi-process (one command per process or host)")
+  multi.add_argument("--distributed", action="store_true",
+                     help="call jax.distributed.initialize() and let JAX find the coordinator")
+  multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+  multi.add_argument("--num-processes", type=int)
+  multi.add_argument("--process-id", type=int)
   gen = commands.add_parser("generate", help="continue prompts with a model from `mla-jax train`")
   gen.add_argument("--checkpoint", required=True, metavar="WORKDIR",
                    help="a training workdir (its latest checkpoint is used)")

@@ -282,12 +282,35 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh sizes (see mla_jax/sharding.py); -1 takes the remaining devices."""
+
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  sequence: int = 1
+
+  def __post_init__(self):
+    _check_fields(self, "mesh.")
+    for f in dataclasses.fields(self):
+      size = getattr(self, f.name)
+      if size == 0 or size < -1:
+        _fail(f"mesh.{f.name}", size, "must be a positive device count, or -1 for the rest")
+    if sum(getattr(self, f.name) == -1 for f in dataclasses.fields(self)) > 1:
+      _fail("mesh", dataclasses.asdict(self), "at most one axis may be -1")
+
+  def sizes(self) -> dict[str, int]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   """The whole YAML file: top-level workdir and seed, and one section per concern."""
 
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
   workdir: str = "runs/tiny"
   seed: int = 0
 
@@ -305,10 +328,11 @@ class Config:
 
   def to_dict(self) -> dict[str, Any]:
     return {"model": self.model.to_dict(), "train": dataclasses.asdict(self.train),
-            "data": dataclasses.asdict(self.data), "workdir": self.workdir, "seed": self.seed}
+            "data": dataclasses.asdict(self.data), "mesh": dataclasses.asdict(self.mesh),
+            "workdir": self.workdir, "seed": self.seed}
 
 
-_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig}
+_SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "mesh": MeshConfig}
 _SCALARS = ("workdir", "seed")  # top-level keys that are values, not sections
 _MAPPING_FIELDS = {("model", "rope_scaling")}  # free-form mappings, checked by their own class
 _KNOWN = sorted(list(_SECTIONS) + list(_SCALARS))

@@ -21,6 +21,7 @@ from mla_jax.layers.mla import MultiHeadLatentAttention
 from mla_jax.layers.mlp import SwiGLU
 from mla_jax.layers.norms import RMSNorm
 from mla_jax.layers.precision import einsum_f32
+from mla_jax.sharding import constrain
 
 
 class DecoderBlock(nn.Module):
@@ -68,6 +69,7 @@ class Transformer(nn.Module):
 
     embed = self.param("embed_tokens", nn.initializers.normal(cfg.initializer_range),
                        (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))  # [V,D]
+    batch_axis = "batch" if cache is None else "cache_batch"  # decode batches follow the cache
     x = jnp.take(embed, tokens, axis=0).astype(jnp.dtype(cfg.dtype))  # [B,T,D]
     new_layers = []
     for i in range(cfg.num_layers):
@@ -78,7 +80,8 @@ class Transformer(nn.Module):
     x = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), cfg.param_dtype, name="norm")(x)
     lm_head = self.param("lm_head", nn.initializers.normal(cfg.initializer_range),
                          (cfg.hidden_size, cfg.vocab_size), jnp.dtype(cfg.param_dtype))  # [D,V]
-    logits = einsum_f32("BTD,DV->BTV", x, lm_head.astype(x.dtype))
+    logits = constrain(einsum_f32("BTD,DV->BTV", x, lm_head.astype(x.dtype)),
+                       (batch_axis, None, "vocab"))
     if cache is None:
       return logits, None
     return logits, Cache(layers=tuple(new_layers), lengths=cache.lengths + num_tokens)

@@ -25,11 +25,13 @@ import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mla_jax.checkpoint import Checkpoints
-from mla_jax.config import Config, TrainConfig, config_from_dict, differing_fields
+from mla_jax.config import (Config, MeshConfig, TrainConfig, config_from_dict,
+                             differing_fields)
 from mla_jax.data import ByteTokenizer, Corpus, batch_at, load_corpus, unigram_entropy
 from mla_jax.metrics import MetricsLog, plot_losses
 from mla_jax.model import Transformer
 from mla_jax.sampling import generate
+from mla_jax.sharding import batch_sharding, make_mesh, tree_shardings
 
 TRAIN_STREAM, VAL_STREAM = 0, 1
 NEVER_APPLY_NONFINITE = 2**31 - 1  # apply_if_finite's cap; we stop at max_nonfinite_steps first
@@ -83,15 +85,14 @@ def apply_gradients(optimizer: optax.GradientTransformation, schedule: optax.Sch
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def data_mesh() -> jax.sharding.Mesh:
-  """All devices on one `data` axis (Auto: XLA places the gradient all-reduce itself)."""
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
 @dataclasses.dataclass
 class Trainer:
-  """The jitted pieces of one run, built once from a validated config."""
+  """The jitted pieces of one run, built once from a validated config.
+
+  Parameters and optimizer state are created already sharded (jit of init with out_shardings
+  from the abstract state), train steps run under the mesh with state donated, and batches are
+  assembled from each process's own shards.
+  """
 
   config: Config
   model: Transformer
@@ -100,53 +101,75 @@ class Trainer:
   mesh: jax.sharding.Mesh
 
   @classmethod
-  def build(cls, config: Config) -> "Trainer":
+  def build(cls, config: Config, devices: Optional[list] = None) -> "Trainer":
+    """Also validates the mesh against the devices and every sharded dimension (cheap: shapes)."""
     optimizer, schedule = make_optimizer(config.train)
-    return cls(config, Transformer(config.model), optimizer, schedule, data_mesh())
+    trainer = cls(config, Transformer(config.model), optimizer, schedule,
+                  make_mesh(config.mesh.sizes(), devices))
+    ways = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    if config.train.batch_size % ways:
+      raise ValueError(f"train.batch_size={config.train.batch_size} is invalid: must be divisible "
+                       f"by mesh.data x mesh.fsdp = {ways} (the batch is split over them)")
+    trainer.state_shardings  # noqa: B018  (raises on an indivisible parameter dimension)
+    return trainer
+
+  def _init(self, key: jax.Array) -> TrainState:
+    dummy = jnp.zeros((1, self.config.train.seq_len), jnp.int32)
+    params = self.model.init(key, dummy)["params"]
+    return TrainState(step=jnp.int32(0), params=params, opt_state=self.optimizer.init(params))
+
+  @functools.cached_property
+  def state_shardings(self) -> TrainState:
+    abstract = jax.eval_shape(self._init, jax.random.key(0))
+    return tree_shardings(abstract, self.mesh)
 
   @property
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, PartitionSpec())
 
-  @property
-  def batch_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, PartitionSpec("data"))
-
   def init_state(self) -> TrainState:
-    tc = self.config.train
-    dummy = jnp.zeros((1, tc.seq_len), jnp.int32)
+    init = jax.jit(self._init, out_shardings=self.state_shardings)
+    return init(jax.random.key(self.config.seed))
 
-    def init(key):
-      params = self.model.init(key, dummy)["params"]
-      return TrainState(step=jnp.int32(0), params=params, opt_state=self.optimizer.init(params))
-
-    return jax.jit(init, out_shardings=self.replicated)(jax.random.key(self.config.seed))
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state: a restore target that allocates nothing."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(self._init, jax.random.key(0)), self.state_shardings)
 
   @functools.cached_property
-  def train_step(self) -> Callable:
+  def _train_step(self) -> Callable:
     def step(state, inputs, targets):
       loss, grads = compute_grads(self.model, state.params, inputs, targets)
       return apply_gradients(self.optimizer, self.schedule, state, loss, grads)
 
-    batch = self.batch_sharding
-    return jax.jit(step, in_shardings=(self.replicated, batch, batch),
-                   out_shardings=(self.replicated, self.replicated), donate_argnums=(0,))
+    batch = batch_sharding(self.mesh)
+    return jax.jit(step, in_shardings=(self.state_shardings, batch, batch),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+  def train_step(self, state: TrainState, inputs: jax.Array, targets: jax.Array):
+    with jax.set_mesh(self.mesh):
+      return self._train_step(state, inputs, targets)
 
   @functools.cached_property
-  def eval_step(self) -> Callable:
-    batch = self.batch_sharding
+  def _eval_step(self) -> Callable:
+    batch = batch_sharding(self.mesh)
     return jax.jit(lambda params, x, y: loss_fn(self.model, params, x, y),
-                   in_shardings=(self.replicated, batch, batch), out_shardings=self.replicated)
+                   in_shardings=(self.state_shardings.params, batch, batch),
+                   out_shardings=self.replicated)
 
   def put_batch(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    return (jax.device_put(inputs, self.batch_sharding),
-            jax.device_put(targets, self.batch_sharding))
+    """Global [B,T] arrays from host numpy: each process places only its own devices' rows."""
+    sharding = batch_sharding(self.mesh)
+    return tuple(jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+                 for x in (inputs, targets))
 
   def evaluate(self, params, corpus: Corpus) -> float:
     tc = self.config.train
-    losses = [self.eval_step(params, *self.put_batch(*batch_at(
-        corpus.val, self.config.seed, VAL_STREAM, i, tc.batch_size, tc.seq_len)))
-              for i in range(tc.eval_batches)]
+    with jax.set_mesh(self.mesh):
+      losses = [self._eval_step(params, *self.put_batch(*batch_at(
+          corpus.val, self.config.seed, VAL_STREAM, i, tc.batch_size, tc.seq_len)))
+                for i in range(tc.eval_batches)]
     return float(np.mean(jax.device_get(losses)))
 
 
@@ -188,7 +211,7 @@ class _Progress:
   """Progress bar on a terminal (a plain line every 10 log intervals in logs), tokens/s, and
   the metrics records: the loop only reports what happened."""
 
-  def __init__(self, config: Config, start: int, metrics_log: MetricsLog, log: Callable,
+  def __init__(self, config: Config, start: int, metrics_log: Optional[MetricsLog], log: Callable,
                enabled: bool):
     from tqdm import tqdm
 
@@ -227,49 +250,55 @@ class _Progress:
 
   def write(self, record: dict[str, Any]) -> None:
     if record:
-      self.metrics_log.write(record)
+      if self.metrics_log is not None:
+        self.metrics_log.write(record)
       self.latest.update(record)
 
   def close(self) -> None:
     self.bar.close()
-    self.metrics_log.close()
+    if self.metrics_log is not None:
+      self.metrics_log.close()
 
 
 def check_inputs(config: Config) -> None:
-  """What the config alone cannot know: the tokenizer's and the machine's constraints."""
+  """What the config alone cannot know: the tokenizer's constraint."""
   if config.model.vocab_size < ByteTokenizer.vocab_size:
     raise ValueError(f"model.vocab_size={config.model.vocab_size} is invalid: the byte tokenizer "
                      f"needs at least {ByteTokenizer.vocab_size}")
-  devices = jax.device_count()
-  if config.train.batch_size % devices:
-    raise ValueError(f"train.batch_size={config.train.batch_size} is invalid: must be divisible "
-                     f"by the number of devices ({devices})")
 
 
 def train(config: Config, log: Callable[[str], None] = print, progress: bool = True) -> dict:
   """Trains (or resumes) per config; returns a summary: final params, losses, steps."""
   tc = config.train
   check_inputs(config)
+  trainer = Trainer.build(config)  # validates mesh, batch split and sharded dimensions
   corpus = load_corpus(config.data, min_tokens=tc.seq_len + 1)
+  main_process = jax.process_index() == 0  # only process 0 logs and writes files besides orbax's
+  if not main_process:
+    log, progress = (lambda _: None), False
   workdir = Path(config.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoints = Checkpoints(workdir, tc.keep_checkpoints)
   resume_step = check_workdir(config, checkpoints)
-  (workdir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+  if main_process:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
-  trainer = Trainer.build(config)
-  state = trainer.init_state()
-  if resume_step is not None:
-    state = checkpoints.restore(resume_step, state)
+  if resume_step is None:
+    state = trainer.init_state()
+  else:
+    state = checkpoints.restore(resume_step, trainer.abstract_state())
     log(f"resumed from {checkpoints.directory / str(resume_step)} (step {resume_step})")
   start = int(state.step)
+  mesh = " x ".join(f"{axis}={size}" for axis, size in trainer.mesh.shape.items())
   log(f"data: {corpus.source}: {corpus.num_files} files, {len(corpus.train):,} train / "
-      f"{len(corpus.val):,} validation tokens; {jax.device_count()} device(s)")
+      f"{len(corpus.val):,} validation tokens; {jax.device_count()} device(s) in "
+      f"{jax.process_count()} process(es), mesh {mesh}")
   log(f"unigram entropy of the validation tokens: {unigram_entropy(corpus.val):.4f} nats/token "
       "(the loss of a model that ignores context)")
   meta = lambda step: {"model": config.model.to_dict(), "step": step,  # noqa: E731
                        "data_position": {"seed": config.seed, "next_batch": step}}
-  report = _Progress(config, start, MetricsLog(workdir, resume_step=start), log, progress)
+  metrics_log = MetricsLog(workdir, resume_step=start) if main_process else None
+  report = _Progress(config, start, metrics_log, log, progress)
   interrupted = None
   try:
     with _StopRequests() as stop:
@@ -298,10 +327,11 @@ def train(config: Config, log: Callable[[str], None] = print, progress: bool = T
     report.close()
     checkpoints.close()
 
-  if interrupted is None and (workdir / "metrics.jsonl").exists():
+  if main_process and interrupted is None and (workdir / "metrics.jsonl").exists():
     log(f"wrote {plot_losses(workdir)}")
   return {**report.latest, "start_step": start, "final_step": int(state.step),
-          "interrupted": interrupted, "params": state.params}
+          "interrupted": interrupted, "params": state.params, "main_process": main_process,
+          "multi_process": jax.process_count() > 1}
 
 
 def sample_text(config: Config, params, prompt: str, max_new_tokens: int, temperature: float,
@@ -337,9 +367,9 @@ def load_trained(workdir: str | Path) -> tuple[Config, Any]:
     if step is None:
       raise ValueError(f"--checkpoint {str(workdir)!r} holds no complete checkpoint")
     check_workdir(config, checkpoints)
-    trainer = Trainer.build(config)
-    target = jax.eval_shape(trainer.init_state)  # shapes only: nothing is initialised
-    state = checkpoints.restore(step, target)
+    one_device = dataclasses.replace(config, mesh=MeshConfig(data=1))  # generation: one device
+    trainer = Trainer.build(one_device, devices=jax.local_devices()[:1])
+    state = checkpoints.restore(step, trainer.abstract_state())
   finally:
     checkpoints.close()
   return config, state.params

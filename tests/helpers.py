@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 
@@ -37,3 +38,10 @@ def rel_err(actual, expected) -> float:
   """max |actual - expected| / max |expected|: relative to the tensor's scale, not per element."""
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+DATA = Path(__file__).resolve().parents[1] / "mla_jax"  # the library's own sources: real text
+SMALL_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
+               "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
+               "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.intermediate_size=64",
+               "model.max_seq_len=64"]  # overrides for a model that trains in seconds

@@ -1,8 +1,6 @@
 """`mla-jax train`: resume after SIGKILL is bit-exact, SIGTERM saves, NaN updates are skipped,
 and bad inputs fail before training. Runs on the 8 fake CPU devices (data parallel)."""
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,18 +13,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import mla_jax
 from mla_jax import train as train_module
 from mla_jax.checkpoint import Checkpoints
 from mla_jax.config import load_config
 from mla_jax.metrics import read_metrics
+from tests.helpers import DATA, SMALL_MODEL
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "mla_jax"  # the library's own sources: real text, small, always present
-SMALL_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2",
-               "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
-               "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.intermediate_size=64",
-               "model.max_seq_len=64"]
 
 
 def overrides(workdir, steps=300, **train):
@@ -194,7 +186,7 @@ def test_checkpoint_refuses_non_finite_params(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["train.batch_size=6"], r"train\.batch_size=6 .*divisible by the number of devices \(8\)"),
+    (["train.batch_size=6"], r"train\.batch_size=6 .*divisible by mesh\.data x mesh\.fsdp = 8"),
     (["data.path=/nonexistent/*.txt"], r"data\.path='/nonexistent/\*\.txt' matches no files"),
     (["train.stepz=3"], r"unknown config key 'train\.stepz'"),
     (["train.steps=ten"], r"train\.steps='ten' is invalid: expected an integer"),

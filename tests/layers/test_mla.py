@@ -79,7 +79,7 @@ def reference_mla(cfg, params, x):
   """Causal MLA in float64 NumPy, no cache: the DeepSeek-V2 paper's equations."""
   p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
   x = np.asarray(x, np.float64)
-  h, n, r, c = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+  n, r, c = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
   eps = cfg.rms_norm_eps
   if cfg.q_lora_rank is None:
     q = np.einsum("btd,dhk->bthk", x, p["q_proj"])

@@ -1,0 +1,181 @@
+"""Device meshes and logical axes: the one place that decides where every array dimension lives.
+
+Every parameter dimension has a logical name (PARAM_AXES, by parameter name) and every cache
+dimension too (CACHE_AXES); RULES maps logical names to mesh axes. Parallelism is changed here and
+in the `mesh:` config, never in the layers. Mesh axes:
+
+  data      batch (data parallel; also the decode cache's batch)
+  fsdp      batch too, and the model-width dimension of every weight and its optimizer moments
+  tensor    attention heads, MLP width and vocabulary (tensor parallel)
+  sequence  the decode cache's token axis: MLA's latent has no head axis for `tensor` to split,
+            so long caches are split along their sequence instead (XLA then computes the softmax
+            over S across those devices with collectives)
+
+Meshes use AxisType.Auto: shardings are given at jit boundaries and on a few activations through
+constrain(), and XLA propagates the rest; no jnp call in the model needs a sharding argument.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+RULES: dict[str, Optional[tuple[str, ...]]] = {
+    "batch": ("data", "fsdp"),
+    "embed": ("fsdp",),
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "kv_heads": None,  # baselines: MQA/GQA have too few to split; replicated
+    "q_lora": None,
+    "kv_lora": None,  # the latent width: small, read whole by every head
+    "head_dim": None,
+    "norm": None,
+    "cache_batch": ("data",),
+    "cache_seq": ("sequence",),
+}
+
+PARAM_AXES: dict[str, tuple[Optional[str], ...]] = {
+    "embed_tokens": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "scale": ("norm",),  # every RMSNorm
+    "q_proj": ("embed", "heads", "head_dim"),
+    "q_a_proj": ("embed", "q_lora"),
+    "q_b_proj": ("q_lora", "heads", "head_dim"),
+    "kv_a_proj_with_mqa": ("embed", "kv_lora"),
+    "kv_b_proj": ("kv_lora", "heads", "head_dim"),
+    "o_proj": ("heads", "head_dim", "embed"),
+    "k_proj": ("embed", "kv_heads", "head_dim"),
+    "v_proj": ("embed", "kv_heads", "head_dim"),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+}
+
+CACHE_AXES: dict[str, tuple[Optional[str], ...]] = {
+    "c_kv": ("cache_batch", "cache_seq", "kv_lora"),
+    "k_rope": ("cache_batch", "cache_seq", "head_dim"),
+    "k": ("cache_batch", "cache_seq", "kv_heads", "head_dim"),
+    "v": ("cache_batch", "cache_seq", "kv_heads", "head_dim"),
+    "lengths": ("cache_batch",),
+}
+
+
+def mesh_shape(sizes: dict[str, int], device_count: int) -> dict[str, int]:
+  """Resolves one -1 ("the remaining devices") and checks the product is the device count."""
+  unknown = [axis for axis, size in sizes.items() if size == -1]
+  if len(unknown) > 1:
+    raise ValueError(f"mesh axes {unknown} are all -1: at most one axis may take the remainder")
+  known = math.prod(size for size in sizes.values() if size != -1)
+  resolved = dict(sizes)
+  if unknown:
+    if device_count % known:
+      raise ValueError(f"mesh.{unknown[0]}=-1 cannot be resolved: the other axes multiply to "
+                       f"{known}, which does not divide the {device_count} devices")
+    resolved[unknown[0]] = device_count // known
+  product = math.prod(resolved.values())
+  if product != device_count:
+    axes = " x ".join(f"{axis}={size}" for axis, size in resolved.items())
+    raise ValueError(f"mesh {axes} has {product} devices, but {device_count} are available: the "
+                     "product of mesh.data, mesh.fsdp, mesh.tensor and mesh.sequence must equal it")
+  return resolved
+
+
+def make_mesh(sizes: dict[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(sizes, len(devices))
+  return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def logical_to_spec(axes: Sequence[Optional[str]]) -> PartitionSpec:
+  return PartitionSpec(*(RULES[a] if a is not None else None for a in axes))
+
+
+def _leaf_name(path) -> Optional[str]:
+  """The last dict key or attribute name on a pytree path: the parameter or cache field name."""
+  for key in reversed(path):
+    name = getattr(key, "key", None) or getattr(key, "name", None)
+    if isinstance(name, str):
+      return name
+  return None
+
+
+def leaf_axes(path, leaf) -> tuple[Optional[str], ...]:
+  """Logical axes of a parameter, an optimizer moment mirroring one, or a cache array.
+
+  Scalars (step counters) are replicated. A named array missing from the tables is an error, so
+  no parameter can silently go unsharded.
+  """
+  if np.ndim(leaf) == 0:
+    return ()
+  name = _leaf_name(path)
+  axes = PARAM_AXES.get(name, CACHE_AXES.get(name))
+  if axes is None or len(axes) != np.ndim(leaf):
+    raise ValueError(f"no logical axes for array {jax.tree_util.keystr(path)} of shape "
+                     f"{np.shape(leaf)}: add its name to PARAM_AXES or CACHE_AXES in "
+                     "mla_jax/sharding.py")
+  return axes
+
+
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+  """NamedShardings for every leaf (arrays or ShapeDtypeStructs), checking divisibility."""
+
+  def sharding(path, leaf):
+    axes = leaf_axes(path, leaf)
+    spec = logical_to_spec(axes)
+    for dim, (logical, mesh_axes) in enumerate(zip(axes, spec)):
+      if mesh_axes is None:
+        continue
+      mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+      ways = math.prod(mesh.shape[a] for a in mesh_axes)
+      if np.shape(leaf)[dim] % ways:
+        named = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in mesh_axes)
+        raise ValueError(f"{named} does not divide dimension {dim} ('{logical}', size "
+                         f"{np.shape(leaf)[dim]}) of {jax.tree_util.keystr(path)}")
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Training batches [B,T]: B over data and fsdp."""
+  return NamedSharding(mesh, logical_to_spec(("batch", None)))
+
+
+def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
+  """Pins an activation's sharding by logical axes under a mesh (jax.set_mesh); a no-op without
+  one, so the layers run unchanged on a single device."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+
+
+def shard(tree: Any, mesh: Mesh) -> Any:
+  """Places a parameter or cache tree on the mesh as the tables say."""
+  return jax.device_put(tree, tree_shardings(tree, mesh))
+
+
+def sharded_cached_apply(model, mesh: Mesh, params: Any, cache: Any, attn_impl: str = "auto"):
+  """`model.apply` with a cache, jitted for params and cache laid out on `mesh` by the tables:
+  tokens [B,T] and logits follow the cache's batch sharding, the cache is donated and comes back
+  with the sharding it went in with, so a decode loop keeps it in place step after step."""
+  param_shardings, cache_shardings = tree_shardings(params, mesh), tree_shardings(cache, mesh)
+  tokens = NamedSharding(mesh, logical_to_spec(("cache_batch", None)))
+  logits = NamedSharding(mesh, logical_to_spec(("cache_batch", None, "vocab")))
+  apply = jax.jit(
+      lambda p, t, c: model.apply({"params": p}, t, cache=c, attn_impl=attn_impl),
+      in_shardings=(param_shardings, tokens, cache_shardings),
+      out_shardings=(logits, cache_shardings), donate_argnums=(2,))
+
+  def run(params, token_ids, cache):  # [B,T] int32 -> (logits [B,T,V], cache)
+    with jax.set_mesh(mesh):
+      return apply(params, token_ids, cache)
+
+  return run
