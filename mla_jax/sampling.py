@@ -93,6 +93,15 @@ def _prefill(params, prompt: jax.Array, lengths: jax.Array, key: jax.Array, *, m
   return sampler(last, key), cache
 
 
+def decode_token(model: Transformer, params, token: jax.Array, cache: Cache, key: jax.Array,
+                 sampler: Sampler) -> tuple[jax.Array, Cache]:
+  """One decode step on the absorbed path: token [B] -> next token [B], cache one longer.
+  Traced once per compiled generation loop (tests count it)."""
+  logits, cache = model.apply({"params": params}, token[:, None], cache=cache,
+                              attn_impl="absorbed")  # [B,1,V]
+  return sampler(logits[:, 0], key), cache
+
+
 @functools.partial(jax.jit, static_argnames=("model", "sampler", "eos_id", "pad_id"),
                    donate_argnames=("cache",))
 def _decode_loop(params, first: jax.Array, cache: Cache, keys: jax.Array, *, model: Transformer,
@@ -105,9 +114,8 @@ def _decode_loop(params, first: jax.Array, cache: Cache, keys: jax.Array, *, mod
 
   def step(carry, key):
     cache, token, done = carry  # token [B]: the last one sampled; done [B]: EOS already out
-    logits, cache = model.apply({"params": params}, token[:, None], cache=cache,
-                                attn_impl="absorbed")
-    nxt = jnp.where(done, pad_id, sampler(logits[:, 0], key))
+    nxt, cache = decode_token(model, params, token, cache, key, sampler)
+    nxt = jnp.where(done, pad_id, nxt)
     return (cache, nxt, done | finished(nxt)), nxt
 
   (cache, _, _), rest = jax.lax.scan(step, (cache, first, finished(first)), keys)  # rest [N-1,B]
@@ -117,10 +125,8 @@ def _decode_loop(params, first: jax.Array, cache: Cache, keys: jax.Array, *, mod
 @functools.partial(jax.jit, static_argnames=("model", "sampler"), donate_argnames=("cache",))
 def _decode_step(params, token: jax.Array, cache: Cache, key: jax.Array, *, model: Transformer,
                  sampler: Sampler) -> tuple[jax.Array, Cache]:
-  """One absorbed-path step for host-loop streaming: token [B] -> next token [B], cache."""
-  logits, cache = model.apply({"params": params}, token[:, None], cache=cache,
-                              attn_impl="absorbed")
-  return sampler(logits[:, 0], key), cache
+  """decode_token, compiled alone for host-loop streaming."""
+  return decode_token(model, params, token, cache, key, sampler)
 
 
 def stream(model: Transformer, params, prompt: Sequence[int], *, max_new_tokens: int,

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,14 +49,18 @@ def test_greedy_equals_teacher_forced_argmax_and_rows_are_independent(model_and_
   np.testing.assert_array_equal(same[1], out[0])
 
 
-def test_decode_compiles_once_per_shape(model_and_params):
+def test_decode_step_traces_once_per_generation(model_and_params, monkeypatch):
   model, params = model_and_params
   sampling._prefill.clear_cache()
   sampling._decode_loop.clear_cache()
+  traced = chex.assert_max_traces(sampling.decode_token, n=1)  # a second trace raises
+  monkeypatch.setattr(sampling, "decode_token", traced)
   generate(model, params, PROMPTS, max_new_tokens=20)
   generate(model, params, [[1, 2, 3, 4, 5, 6, 7], [9], [4, 4]], max_new_tokens=20)  # same shapes
   assert sampling._prefill._cache_size() == 1
   assert sampling._decode_loop._cache_size() == 1  # 20 tokens, one compiled loop, reused
+  with pytest.raises(AssertionError):  # the counter is live: a new shape traces the step again
+    generate(model, params, [[1, 2]], max_new_tokens=20)
 
 
 def test_samplers(model_and_params):
