@@ -35,17 +35,31 @@ class Checkpoints:
     if wait:
       self._manager.wait_until_finished()
 
+  def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
+    """Parameters alone (a converted model: no optimizer state), marked so in the metadata."""
+    self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave({**meta, "params_only": True})))
+    self._manager.wait_until_finished()
+
+  def restore_params(self, step: int, target: Any) -> Any:
+    """The parameters of a save_params checkpoint, into target's shapes and shardings."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(target))))["params"]
+
   def read_meta(self, step: int) -> dict[str, Any]:
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, target: Any) -> Any:
     """Restores the state into target's structure, shapes, dtypes and shardings."""
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        target)
     return self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))))["state"]
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _abstract(target: Any) -> Any:
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      target)

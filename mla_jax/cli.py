@@ -16,16 +16,31 @@ import mla_jax
 from mla_jax.config import Config, ModelConfig, load_config
 
 
-def count_params(config: ModelConfig) -> int:
-  """Parameter count from shapes alone (jax.eval_shape): nothing is allocated, so DeepSeek-V3's
-  preset is counted on a laptop."""
+def abstract_params(config: ModelConfig):
+  """Parameter shapes from jax.eval_shape: nothing is allocated, so DeepSeek-V3's preset is
+  sized on a laptop."""
   import jax
   import jax.numpy as jnp
 
   model = mla_jax.Transformer(config)
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)
-  return sum(int(x.size) for x in jax.tree_util.tree_leaves(shapes))
+  return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+
+
+def count_params(config: ModelConfig) -> int:
+  import jax
+
+  return sum(int(x.size) for x in jax.tree_util.tree_leaves(abstract_params(config)))
+
+
+def _size(num_bytes: int) -> str:
+  return f"{num_bytes / 2**30:,.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:,.1f} MiB"
+
+
+def jax_leaves(tree):
+  import jax
+
+  return jax.tree_util.tree_leaves(tree)
 
 
 def describe(config: ModelConfig) -> list[str]:
@@ -42,10 +57,18 @@ def describe(config: ModelConfig) -> list[str]:
   mha = dataclasses.replace(config, attention="mha", num_kv_heads=None)
   mha_per_layer = mha.cache_elements_per_token_per_layer()
   context_bytes = per_layer * layers * itemsize * config.max_seq_len
+  from mla_jax.sharding import bytes_per_device
+
+  params = abstract_params(config)
+  count = sum(int(x.size) for x in jax_leaves(params))
+  one = bytes_per_device(params, {})
+  fsdp8 = bytes_per_device(params, {"fsdp": 8})
   return [
       f"attention: {config.attention}  ({config.num_layers} layers, {config.num_heads} heads, "
       f"hidden {config.hidden_size}, dtype {config.dtype})",
-      f"parameters: {count_params(config):,}",
+      f"parameters: {count:,}",
+      f"parameter memory ({config.param_dtype}): {_size(one)} on one device; "
+      f"{_size(fsdp8)} per device with mesh.fsdp=8",
       f"kv cache per token per layer: {per_layer:,} elements ({shape}) = "
       f"{per_layer * itemsize:,} bytes",
       f"kv cache per token, all {layers} layers: {per_layer * layers:,} elements = "
@@ -119,7 +142,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-  from mla_jax.data import ByteTokenizer
+  from mla_jax.data import load_tokenizer
   from mla_jax.model import Transformer
   from mla_jax.sampling import cache_length, check_sampling
   from mla_jax.train import load_trained, read_workdir_config
@@ -135,7 +158,7 @@ def _generate(args: argparse.Namespace) -> int:
     texts = [line for line in path.read_text().splitlines() if line.strip()]
     if not texts:
       raise ValueError(f"--prompt-file {args.prompt_file!r} holds no non-empty line")
-  tokenizer = ByteTokenizer()
+  tokenizer = load_tokenizer(args.checkpoint)
   prompts = [tokenizer.encode(t) for t in texts]
   if any(not p for p in prompts):
     raise ValueError("--prompt is empty: give at least one character")
@@ -147,14 +170,15 @@ def _generate(args: argparse.Namespace) -> int:
   config, params = load_trained(args.checkpoint)
   model = Transformer(config.model)
   if len(prompts) == 1:
-    _stream_one(model, params, texts[0], prompts[0], options, args.seed)
+    _stream_one(model, params, tokenizer, texts[0], prompts[0], options, args.seed)
   else:
-    _generate_batch(model, params, prompts, options, args.seed)
+    _generate_batch(model, params, tokenizer, prompts, options, args.seed)
   return 0
 
 
-def _stream_one(model, params, text: str, prompt: list[int], options: dict, seed: int) -> None:
-  """Prints the prompt, then each character as soon as its bytes are sampled."""
+def _stream_one(model, params, tokenizer, text: str, prompt: list[int], options: dict,
+                seed: int) -> None:
+  """Prints the prompt, then the continuation as soon as each piece decodes to whole characters."""
   import time
 
   from mla_jax.sampling import stream
@@ -163,34 +187,31 @@ def _stream_one(model, params, text: str, prompt: list[int], options: dict, seed
   tokens = stream(model, params, prompt, seed=seed, **options)  # validates and compiles
   compiled = time.perf_counter()
   sys.stdout.write(text)
-  pending, count, first_at = b"", 0, None
+  new, printed, first_at = [], "", None
   for token in tokens:
     first_at = first_at or time.perf_counter()
-    count += 1
-    if token < 256:
-      pending += bytes([token])
-      piece = pending.decode("utf-8", errors="ignore")
-      if piece:  # whole characters only
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-        pending = b""
+    new.append(token)
+    decoded = tokenizer.decode(new)
+    if not decoded.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+      sys.stdout.write(decoded[len(printed):])
+      sys.stdout.flush()
+      printed = decoded
   done = time.perf_counter()
   sys.stdout.write("\n")
-  decoded = count - 1  # the first new token comes out of the prefill
+  decoded = len(new) - 1  # the first new token comes out of the prefill
   print(f"compile: {compiled - start:.2f} s; prefill: {len(prompt)} tokens in "
         f"{first_at - compiled:.4f} s = {len(prompt) / (first_at - compiled):,.0f} tokens/s; "
         f"decode: {decoded} tokens in {done - first_at:.3f} s = "
         f"{decoded / max(done - first_at, 1e-9):,.1f} tokens/s", file=sys.stderr)
 
 
-def _generate_batch(model, params, prompts: list[list[int]], options: dict, seed: int) -> None:
+def _generate_batch(model, params, tokenizer, prompts: list[list[int]], options: dict,
+                    seed: int) -> None:
   """One compiled loop for the whole batch; prints each row when all are done."""
   import time
 
-  from mla_jax.data import ByteTokenizer
   from mla_jax.sampling import generate
 
-  tokenizer = ByteTokenizer()
   start = time.perf_counter()
   out, lengths = generate(model, params, prompts, seed=seed, pad_id=tokenizer.PAD,
                           return_lengths=True, **options)
@@ -202,6 +223,14 @@ def _generate_batch(model, params, prompts: list[list[int]], options: dict, seed
   new = int(lengths.sum()) - prompt_tokens
   print(f"{len(prompts)} prompts ({prompt_tokens} tokens) + {new} new tokens in {elapsed:.2f} s, "
         f"compilation included = {new / elapsed:,.1f} new tokens/s", file=sys.stderr)
+
+
+def _convert(args: argparse.Namespace) -> int:
+  from mla_jax.hf import convert_hf
+
+  out = convert_hf(args.from_hf, args.out, dtype=args.dtype)
+  print(f"wrote {out}: run `mla-jax generate --checkpoint {out} --prompt ...`")
+  return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--top-p", type=float, default=None)
   gen.add_argument("--seed", type=int, default=0)
   gen.set_defaults(run=_generate)
+  convert = commands.add_parser("convert", help="a Hugging Face DeepseekV2/V3 directory -> workdir")
+  convert.add_argument("--from-hf", required=True, metavar="DIR",
+                       help="local directory with config.json and *.safetensors")
+  convert.add_argument("--out", required=True, metavar="WORKDIR")
+  convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  convert.set_defaults(run=_convert)
   for command in (info, train):
     command.add_argument("config", nargs="?", help="YAML config, e.g. configs/tiny.yaml")
     command.add_argument("overrides", nargs="*", metavar="key=value",

@@ -151,6 +151,19 @@ class ModelConfig:
   attention: str = "mla"
   num_kv_heads: Optional[int] = None  # baselines only; None = H for mha, 1 for mqa
   initializer_range: float = 0.02
+  # DeepSeekMoE (n_routed_experts=None: every layer is a dense SwiGLU MLP).
+  n_routed_experts: Optional[int] = None
+  num_experts_per_tok: int = 2
+  n_shared_experts: int = 0
+  moe_intermediate_size: int = 64
+  first_k_dense_replace: int = 0  # the first k layers stay dense
+  scoring_func: str = "softmax"  # DeepSeek-V2: softmax; V3: sigmoid
+  topk_method: str = "greedy"  # greedy | group_limited_greedy (V2) | noaux_tc (V3)
+  n_group: int = 1
+  topk_group: int = 1
+  norm_topk_prob: bool = False
+  routed_scaling_factor: float = 1.0
+  aux_loss_alpha: float = 0.0  # expert-level balance loss weight in training
 
   def __post_init__(self):
     _check_fields(self, "model.")
@@ -169,6 +182,42 @@ class ModelConfig:
         _fail("model.rope_scaling", self.rope_scaling, "expected null or a yarn mapping")
       object.__setattr__(self, "rope_scaling", YarnScaling.from_mapping(self.rope_scaling))
     self._check_attention()
+    self._check_moe()
+
+  def _check_moe(self) -> None:
+    e = self.n_routed_experts
+    if e is None:
+      return
+    _positive("model.n_routed_experts", e)
+    if not 1 <= self.num_experts_per_tok <= e:
+      _fail("model.num_experts_per_tok", self.num_experts_per_tok,
+            f"must be in [1, n_routed_experts={e}]")
+    if self.n_shared_experts < 0:
+      _fail("model.n_shared_experts", self.n_shared_experts, "must be >= 0")
+    _positive("model.moe_intermediate_size", self.moe_intermediate_size)
+    if not 0 <= self.first_k_dense_replace <= self.num_layers:
+      _fail("model.first_k_dense_replace", self.first_k_dense_replace,
+            f"must be in [0, num_layers={self.num_layers}]")
+    if self.scoring_func not in ("softmax", "sigmoid"):
+      _fail("model.scoring_func", self.scoring_func, "allowed: softmax, sigmoid")
+    methods = {"softmax": ("greedy", "group_limited_greedy"), "sigmoid": ("noaux_tc",)}
+    if self.topk_method not in methods[self.scoring_func]:
+      _fail("model.topk_method", self.topk_method,
+            f"with scoring_func={self.scoring_func} allowed: {', '.join(methods[self.scoring_func])}")
+    if self.n_group <= 0 or e % self.n_group:
+      _fail("model.n_group", self.n_group, f"must be a positive divisor of n_routed_experts={e}")
+    if not 1 <= self.topk_group <= self.n_group:
+      _fail("model.topk_group", self.topk_group, f"must be in [1, n_group={self.n_group}]")
+    if self.topk_group * (e // self.n_group) < self.num_experts_per_tok:
+      _fail("model.topk_group", self.topk_group, "the chosen groups hold fewer experts than "
+            f"num_experts_per_tok={self.num_experts_per_tok}")
+    if self.routed_scaling_factor <= 0:
+      _fail("model.routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+    if self.aux_loss_alpha < 0:
+      _fail("model.aux_loss_alpha", self.aux_loss_alpha, "must be >= 0")
+
+  def is_moe_layer(self, layer: int) -> bool:
+    return self.n_routed_experts is not None and layer >= self.first_k_dense_replace
 
   def _check_attention(self) -> None:
     if self.attention not in ATTENTION_KINDS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import json
 import sysconfig
 from pathlib import Path
 from typing import Optional, Sequence
@@ -129,3 +130,31 @@ def unigram_entropy(tokens: np.ndarray) -> float:
   counts = np.bincount(tokens.astype(np.int64))
   p = counts[counts > 0] / len(tokens)
   return float(-(p * np.log(p)).sum())
+
+
+class HFTokenizer:
+  """A Hugging Face tokenizer.json (tokenizers library) behind ByteTokenizer's small interface."""
+
+  def __init__(self, path: Path, eos_id: Optional[int]):
+    from tokenizers import Tokenizer
+
+    self._tokenizer = Tokenizer.from_file(str(path))
+    self.vocab_size = self._tokenizer.get_vocab_size()
+    self.EOS = eos_id
+    self.PAD = 0 if eos_id is None else eos_id
+
+  def encode(self, text: str) -> list[int]:
+    return self._tokenizer.encode(text).ids  # with the model's own BOS, as it was trained
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(workdir: str | Path):
+  """The workdir's tokenizer.json (from `mla-jax convert`) if it has one, else bytes."""
+  path = Path(workdir) / "tokenizer.json"
+  if not path.is_file():
+    return ByteTokenizer()
+  special = Path(workdir) / "special_tokens.json"
+  eos = json.loads(special.read_text()).get("eos_token_id") if special.is_file() else None
+  return HFTokenizer(path, eos)

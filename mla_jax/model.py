@@ -1,7 +1,7 @@
 """Decoder-only Transformer LM: tokens [B,T] (+ cache) -> logits [B,T,V] (+ cache).
 
-Pre-norm blocks of attention (MLA or a baseline) and a SwiGLU MLP, a final RMSNorm and an untied
-LM head, as in DeepSeek's dense layers. Used functionally: the cache is an argument and a return
+Pre-norm blocks of attention (MLA or a baseline) and a SwiGLU MLP or DeepSeekMoE, a final
+RMSNorm and an untied LM head, as in DeepSeek-V2/V3. Used functionally: the cache is an argument and a return
 value, never hidden module state, so one jitted function serves prefill and decode.
 """
 
@@ -19,6 +19,7 @@ from mla_jax.config import ModelConfig
 from mla_jax.layers.attention import MultiHeadAttention
 from mla_jax.layers.mla import MultiHeadLatentAttention
 from mla_jax.layers.mlp import SwiGLU
+from mla_jax.layers.moe import DeepSeekMoE
 from mla_jax.layers.norms import RMSNorm
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.sharding import constrain
@@ -26,6 +27,7 @@ from mla_jax.sharding import constrain
 
 class DecoderBlock(nn.Module):
   config: ModelConfig
+  layer: int = 0  # decides dense MLP or DeepSeekMoE (first_k_dense_replace)
 
   @nn.compact
   def __call__(self, x: jax.Array, cache: Optional[LayerCache], lengths: Optional[jax.Array],
@@ -39,7 +41,8 @@ class DecoderBlock(nn.Module):
         normed, cache=cache, lengths=lengths, num_tokens=num_tokens, attn_impl=attn_impl)
     x = x + attn_out
     normed = RMSNorm(cfg.rms_norm_eps, dtype, cfg.param_dtype, name="post_attention_layernorm")(x)
-    return x + SwiGLU(cfg, name="mlp")(normed), cache
+    mlp = DeepSeekMoE(cfg, name="mlp") if cfg.is_moe_layer(self.layer) else SwiGLU(cfg, name="mlp")
+    return x + mlp(normed), cache
 
 
 def _is_concrete(x: jax.Array) -> bool:
@@ -74,8 +77,8 @@ class Transformer(nn.Module):
     new_layers = []
     for i in range(cfg.num_layers):
       layer_cache = None if cache is None else cache.layers[i]
-      x, layer_cache = DecoderBlock(cfg, name=f"layers_{i}")(x, layer_cache, lengths, num_tokens,
-                                                              attn_impl)
+      x, layer_cache = DecoderBlock(cfg, i, name=f"layers_{i}")(x, layer_cache, lengths,
+                                                                 num_tokens, attn_impl)
       new_layers.append(layer_cache)
     x = RMSNorm(cfg.rms_norm_eps, jnp.dtype(cfg.dtype), cfg.param_dtype, name="norm")(x)
     lm_head = self.param("lm_head", nn.initializers.normal(cfg.initializer_range),

@@ -37,6 +37,8 @@ RULES: dict[str, Optional[tuple[str, ...]]] = {
     "kv_lora": None,  # the latent width: small, read whole by every head
     "head_dim": None,
     "norm": None,
+    "expert": ("tensor",),  # routed experts split over the tensor axis (expert parallel)
+    "moe_mlp": None,  # an expert's own width: the tensor axis already holds its experts
     "cache_batch": ("data",),
     "cache_seq": ("sequence",),
 }
@@ -56,6 +58,11 @@ PARAM_AXES: dict[str, tuple[Optional[str], ...]] = {
     "gate_proj": ("embed", "mlp"),
     "up_proj": ("embed", "mlp"),
     "down_proj": ("mlp", "embed"),
+    "gate": ("embed", "expert"),  # the MoE router
+    "e_score_correction_bias": ("expert",),
+    "experts_gate_proj": ("expert", "embed", "moe_mlp"),
+    "experts_up_proj": ("expert", "embed", "moe_mlp"),
+    "experts_down_proj": ("expert", "moe_mlp", "embed"),
 }
 
 CACHE_AXES: dict[str, tuple[Optional[str], ...]] = {
@@ -179,3 +186,17 @@ def sharded_cached_apply(model, mesh: Mesh, params: Any, cache: Any, attn_impl: 
       return apply(params, token_ids, cache)
 
   return run
+
+
+def bytes_per_device(tree: Any, sizes: dict[str, int]) -> int:
+  """Bytes of a tree's arrays that one device holds when laid out by the tables on a mesh of
+  these sizes; shapes only, so it sizes a 671B model on a laptop (uneven splits round up)."""
+  total = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    shape = list(np.shape(leaf))
+    for dim, mesh_axes in enumerate(logical_to_spec(leaf_axes(path, leaf))):
+      if mesh_axes is not None:
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+        shape[dim] = -(-shape[dim] // math.prod(sizes.get(a, 1) for a in mesh_axes))
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total

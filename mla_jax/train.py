@@ -62,10 +62,15 @@ def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax
   return optax.apply_if_finite(inner, max_consecutive_errors=NEVER_APPLY_NONFINITE), schedule
 
 
-def loss_fn(model: Transformer, params, inputs: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy in nats: inputs, targets [B,T]."""
-  logits, _ = model.apply({"params": params}, inputs)  # [B,T,V] float32
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+def loss_fn(model: Transformer, params, inputs: jax.Array, targets: jax.Array,
+            with_aux: bool = True) -> jax.Array:
+  """Mean next-token cross-entropy in nats (inputs, targets [B,T]), plus DeepSeekMoE's expert
+  balance loss when with_aux and model.aux_loss_alpha > 0 (evaluation reports the plain one)."""
+  (logits, _), extra = model.apply({"params": params}, inputs, mutable=["losses"])  # [B,T,V]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  if with_aux:
+    loss = loss + sum(jax.tree_util.tree_leaves(extra.get("losses", {})), jnp.float32(0))
+  return loss
 
 
 def compute_grads(model: Transformer, params, inputs, targets) -> tuple[jax.Array, Any]:
@@ -154,7 +159,7 @@ class Trainer:
   @functools.cached_property
   def _eval_step(self) -> Callable:
     batch = batch_sharding(self.mesh)
-    return jax.jit(lambda params, x, y: loss_fn(self.model, params, x, y),
+    return jax.jit(lambda params, x, y: loss_fn(self.model, params, x, y, with_aux=False),
                    in_shardings=(self.state_shardings.params, batch, batch),
                    out_shardings=self.replicated)
 
@@ -369,7 +374,11 @@ def load_trained(workdir: str | Path) -> tuple[Config, Any]:
     check_workdir(config, checkpoints)
     one_device = dataclasses.replace(config, mesh=MeshConfig(data=1))  # generation: one device
     trainer = Trainer.build(one_device, devices=jax.local_devices()[:1])
-    state = checkpoints.restore(step, trainer.abstract_state())
+    target = trainer.abstract_state()
+    if checkpoints.read_meta(step).get("params_only"):  # written by `mla-jax convert`
+      params = checkpoints.restore_params(step, target.params)
+    else:
+      params = checkpoints.restore(step, target).params
   finally:
     checkpoints.close()
-  return config, state.params
+  return config, params

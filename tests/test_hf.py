@@ -1,8 +1,7 @@
-"""Parity with Hugging Face transformers' DeepseekV2/V3 (PyTorch, CPU), built tiny and random here.
+"""Parity with Hugging Face transformers' DeepseekV2/V3 (PyTorch, CPU), built tiny and random here
+and loaded through safetensors files, as a downloaded checkpoint would be."""
 
-All layers dense (first_k_dense_replace = num_hidden_layers) until DeepSeekMoE lands; the
-attention, RoPE layouts, YaRN and norms are the real ones.
-"""
+import json
 
 import jax
 import jax.numpy as jnp
@@ -10,17 +9,17 @@ import numpy as np
 import pytest
 
 import mla_jax
-from mla_jax.hf import model_config_from_hf, params_from_hf
+from mla_jax.hf import fuse_expert_tensors, load_hf, model_config_from_hf, params_from_hf
 from tests.helpers import rel_err
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 COMMON = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
-              v_head_dim=12, first_k_dense_replace=2, n_routed_experts=4, n_shared_experts=1,
-              num_experts_per_tok=2, moe_intermediate_size=32, max_position_embeddings=128,
-              rms_norm_eps=1e-6, tie_word_embeddings=False)
+              num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=24, qk_nope_head_dim=16,
+              qk_rope_head_dim=8, v_head_dim=12, first_k_dense_replace=1, moe_intermediate_size=32,
+              max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=False)
 
 
 def _yarn(mscale, mscale_all_dim):
@@ -30,67 +29,232 @@ def _yarn(mscale, mscale_all_dim):
 
 
 CASES = {
-    # DeepSeek-V2-Lite style: no query compression, YaRN with mscale == mscale_all_dim.
-    "v2_no_q_lora_yarn": ("DeepseekV2", dict(q_lora_rank=None, rope_parameters=_yarn(0.707, 0.707))),
-    "v2_q_lora_yarn": ("DeepseekV2", dict(q_lora_rank=32, rope_parameters=_yarn(1.0, 0.5))),
-    # V3 with interleaved RoPE and a cos/sin attention factor != 1 (mscale != mscale_all_dim).
-    "v3_interleave_yarn": ("DeepseekV3", dict(q_lora_rank=32, rope_interleave=True,
-                                              rope_parameters=_yarn(1.0, 0.5))),
-    "v3_half_rotation": ("DeepseekV3", dict(q_lora_rank=32, rope_interleave=False,
-                                            rope_parameters={"rope_type": "default",
-                                                             "rope_theta": 10000.0})),
+    # DeepSeek-V2-Lite style: no query compression, YaRN, greedy softmax routing, a shared expert.
+    "v2_no_q_lora_yarn": ("DeepseekV2", dict(
+        q_lora_rank=None, rope_parameters=_yarn(0.707, 0.707), n_routed_experts=4,
+        num_experts_per_tok=2, n_shared_experts=1, topk_method="greedy",
+        routed_scaling_factor=1.5)),
+    # DeepSeek-V2 style: query compression, group-limited routing over 4 groups of 2. (Its YaRN
+    # mscale equals mscale_all_dim, as in the released V2 models: with them unequal,
+    # transformers 5.24's own cached DeepseekV2 generation departs from its full forward.)
+    "v2_q_lora_group_limited": ("DeepseekV2", dict(
+        q_lora_rank=32, rope_parameters=_yarn(0.707, 0.707), n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=2, topk_method="group_limited_greedy", n_group=4,
+        topk_group=2)),
+    # DeepSeek-V3 style: sigmoid routing, a non-zero correction bias, interleaved RoPE, YaRN.
+    "v3_sigmoid_bias_yarn": ("DeepseekV3", dict(
+        q_lora_rank=32, rope_interleave=True, rope_parameters=_yarn(1.0, 0.5), n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
+        routed_scaling_factor=2.5)),
+    # Half-rotation RoPE and all-dense layers.
+    "v3_half_rotation_dense": ("DeepseekV3", dict(
+        q_lora_rank=32, rope_interleave=False, first_k_dense_replace=2, n_routed_experts=4,
+        num_experts_per_tok=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 }
 
 
 def _hf_model(name):
   family, extra = CASES[name]
-  config = getattr(transformers, f"{family}Config")(**COMMON, **extra)
+  config = getattr(transformers, f"{family}Config")(**{**COMMON, **extra})
   config._attn_implementation = "eager"
   torch.manual_seed(0)
   model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
   with torch.no_grad():  # larger-than-init weights and non-unit norms, so mistakes show
     for pname, p in model.named_parameters():
       p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in pname else 0.15 * torch.randn_like(p))
+    for bname, b in model.named_buffers():
+      if "e_score_correction_bias" in bname:
+        b.copy_(0.3 * torch.randn_like(b))  # changes which experts are chosen, not their weights
   return model
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_logits_match_transformers(name):
-  hf_model = _hf_model(name)
-  cfg = model_config_from_hf(hf_model.config.to_dict())
-  tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-  params = jax.tree_util.tree_map(jnp.asarray, params_from_hf(cfg, tensors))
+@pytest.fixture(scope="module", params=sorted(CASES))
+def saved(request, tmp_path_factory):
+  """A checkpoint directory written by transformers' save_pretrained, and the live HF model."""
+  hf_model = _hf_model(request.param)
+  directory = tmp_path_factory.mktemp(request.param)
+  hf_model.save_pretrained(directory)
+  return request.param, hf_model, directory
+
+
+@pytest.fixture(scope="module")
+def v3_checkpoint(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("v3")
+  _hf_model("v3_sigmoid_bias_yarn").save_pretrained(directory)
+  return directory
+
+
+def test_logits_and_greedy_generation_match_transformers(saved):
+  name, hf_model, directory = saved
+  model, params = load_hf(directory)
+  cfg = model.config
+  assert cfg.is_moe_layer(1) == (name != "v3_half_rotation_dense")
   tokens = np.random.default_rng(0).integers(0, 97, (2, 40))
   with torch.no_grad():
     expected = hf_model(torch.as_tensor(tokens)).logits.numpy()
-  model = mla_jax.Transformer(cfg)
   for impl in ("naive", "absorbed"):
     logits, _ = model.apply({"params": params}, jnp.asarray(tokens), attn_impl=impl)
     assert np.abs(np.asarray(logits) - expected).max() <= 1e-4, impl
-    assert rel_err(logits, expected) <= 1e-5, impl
-  # Decode with the latent cache reproduces transformers' positions too.
-  cache = mla_jax.init_cache(cfg, 2, 48)
-  prefix, cache = model.apply({"params": params}, jnp.asarray(tokens[:, :30]), cache=cache)
-  steps = [prefix]
-  for t in range(30, 40):
-    logits, cache = model.apply({"params": params}, jnp.asarray(tokens[:, t:t + 1]), cache=cache)
-    steps.append(logits)
-  assert rel_err(jnp.concatenate(steps, axis=1), expected) <= 1e-5
+
+  prompt = tokens[:, :8]
+  with torch.no_grad():
+    hf_out = hf_model.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape),
+                               max_new_tokens=60, min_new_tokens=60, do_sample=False,
+                               pad_token_id=0).numpy()  # explicit mask: id 0 is no padding here
+  ours = mla_jax.generate(model, params, prompt, max_new_tokens=60)
+  np.testing.assert_array_equal(ours, hf_out)
 
 
-def test_broken_checkpoints_are_named():
-  hf_model = _hf_model("v3_interleave_yarn")
+def test_bf16_stays_close_to_float32(saved):
+  _, _, directory = saved
+  model32, params32 = load_hf(directory)
+  model16, params16 = load_hf(directory, dtype=jnp.bfloat16)
+  assert params16["embed_tokens"].dtype == jnp.bfloat16
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 24)))
+  ref, _ = model32.apply({"params": params32}, tokens)
+  for impl in ("naive", "absorbed"):
+    low, _ = model16.apply({"params": params16}, tokens, attn_impl=impl)
+    # bf16 keeps 8 bits of mantissa (errors of 1-2% of the logits' scale here), and a rounding
+    # can flip a near-tied expert choice, which moves that one position a lot (seen: 53% at 1
+    # of 48 positions). Stated bound: at 95% of positions the error is within 7% of the logits'
+    # scale, and the top-1 token agrees at 95% of positions.
+    per_position = jnp.abs(low - ref).max(-1) / jnp.abs(ref).max()  # [B,T]
+    assert float(jnp.mean(per_position <= 0.07)) >= 0.95, (impl, per_position)
+    assert float(jnp.mean(low.argmax(-1) == ref.argmax(-1))) >= 0.95, impl
+
+
+def test_released_per_expert_layout_loads_the_same(saved):
+  name, hf_model, _ = saved
   cfg = model_config_from_hf(hf_model.config.to_dict())
-  tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-  missing = dict(tensors)
-  del missing["model.layers.1.self_attn.kv_b_proj.weight"]
+  fused = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  per_expert = {}
+  for key, value in fused.items():
+    if key.endswith("mlp.experts.gate_up_proj"):
+      prefix, i = key[:-len(".gate_up_proj")], value.shape[1] // 2
+      for e in range(value.shape[0]):
+        per_expert[f"{prefix}.{e}.gate_proj.weight"] = value[e, :i]
+        per_expert[f"{prefix}.{e}.up_proj.weight"] = value[e, i:]
+    elif key.endswith("mlp.experts.down_proj"):
+      for e in range(value.shape[0]):
+        per_expert[f"{key[:-len('.down_proj')]}.{e}.down_proj.weight"] = value[e]
+    else:
+      per_expert[key] = value
+  assert set(fuse_expert_tensors(per_expert)) == set(fused)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params_from_hf(cfg, per_expert),
+                         params_from_hf(cfg, fused))
+
+
+def _rewrite(directory, tmp_path, edit):
+  """A copy of the checkpoint with its tensors edited, as one safetensors file."""
+  from safetensors.numpy import load_file, save_file
+
+  out = tmp_path / "broken"
+  out.mkdir(parents=True)
+  tensors = {}
+  for f in sorted(directory.glob("*.safetensors")):
+    tensors.update(load_file(str(f)))
+  edit(tensors)
+  save_file(tensors, str(out / "model.safetensors"))
+  (out / "config.json").write_text((directory / "config.json").read_text())
+  return out
+
+
+def test_broken_checkpoints_are_named(v3_checkpoint, tmp_path):
+  directory = v3_checkpoint
+  missing = _rewrite(directory, tmp_path / "a", lambda t: t.pop(
+      "model.layers.1.self_attn.kv_b_proj.weight"))
   with pytest.raises(ValueError, match=r"missing tensors.*model\.layers\.1\.self_attn\.kv_b_proj"):
-    params_from_hf(cfg, missing)
-  with pytest.raises(ValueError, match=r"tensor model\.norm\.weight has shape \(3,\)"):
-    params_from_hf(cfg, dict(tensors, **{"model.norm.weight": np.ones(3)}))
-  with pytest.raises(ValueError, match=r"unexpected tensors.*model\.layers\.0\.mlp\.experts"):
-    params_from_hf(cfg, dict(tensors, **{"model.layers.0.mlp.experts.0.w": np.ones(3)}))
+    load_hf(missing)
+  wrong = _rewrite(directory, tmp_path / "b", lambda t: t.update(
+      {"model.norm.weight": np.ones(3, np.float32)}))
+  with pytest.raises(ValueError, match=r"tensor model\.norm\.weight has shape \(3,\), expected"):
+    load_hf(wrong)
+  extra = _rewrite(directory, tmp_path / "c", lambda t: t.update(
+      {"model.layers.0.mlp.experts.0.w": np.ones(3, np.float32)}))
+  with pytest.raises(ValueError, match=r"unexpected tensors.*model\.layers\.0\.mlp\.experts\.0\.w"):
+    load_hf(extra)
+  config = json.loads((directory / "config.json").read_text())
+  (missing / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
   with pytest.raises(ValueError, match="model_type='llama' is not supported"):
-    model_config_from_hf(dict(hf_model.config.to_dict(), model_type="llama"))
-  with pytest.raises(ValueError, match="first_k_dense_replace=1 < num_hidden_layers=2"):
-    model_config_from_hf(dict(hf_model.config.to_dict(), first_k_dense_replace=1))
+    load_hf(missing)
+  with pytest.raises(ValueError, match="no config.json"):
+    load_hf(tmp_path)
+
+
+def test_convert_then_generate_with_the_checkpoints_tokenizer(v3_checkpoint, tmp_path):
+  """`mla-jax convert` output runs in `mla-jax generate`, tokenizing text with tokenizer.json."""
+  import subprocess
+  import sys
+
+  from tokenizers import Tokenizer, models, pre_tokenizers
+
+  vocab = {chr(ord("a") + i): i for i in range(26)} | {"[UNK]": 26, " ": 27}
+  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+  source = tmp_path / "hf"
+  source.mkdir()
+  for f in v3_checkpoint.iterdir():
+    (source / f.name).write_bytes(f.read_bytes())
+  tokenizer.save(str(source / "tokenizer.json"))
+  out = tmp_path / "converted"
+  run = lambda *a: subprocess.run([sys.executable, "-m", "mla_jax.cli", *a],  # noqa: E731
+                                  capture_output=True, text=True, timeout=300)
+  converted = run("convert", "--from-hf", str(source), "--out", str(out))
+  assert converted.returncode == 0, converted.stderr
+  again = run("convert", "--from-hf", str(source), "--out", str(out))
+  assert again.returncode == 2 and "already holds checkpoints" in again.stderr
+  result = run("generate", "--checkpoint", str(out), "--prompt", "abc", "--max-new-tokens", "12",
+               "--temperature", "0")
+  assert result.returncode == 0, result.stderr
+  assert "prefill: 3 tokens" in result.stderr and "decode: 11 tokens" in result.stderr
+
+  model, params = load_hf(source)  # the same greedy tokens, decoded by the same tokenizer
+  ids = mla_jax.generate(model, params, [[0, 1, 2]], max_new_tokens=12)[0, 3:]
+  expected = tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+  assert result.stdout == "abc" + expected + "\n"
+
+
+def test_loading_onto_a_mesh_places_each_tensor_sharded(v3_checkpoint):
+  from jax.sharding import PartitionSpec as P
+
+  from mla_jax.sharding import make_mesh
+
+  model, params = load_hf(v3_checkpoint)
+  mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1, "sequence": 1})
+  _, sharded = load_hf(v3_checkpoint, mesh=mesh)
+  assert sharded["embed_tokens"].sharding.spec == P("tensor", "fsdp")
+  assert {s.data.shape for s in sharded["embed_tokens"].addressable_shards} == {(97, 8)}
+  experts = sharded["layers_1"]["mlp"]["experts_down_proj"]  # [E, I, D]: D split 8 ways
+  assert {s.data.shape for s in experts.addressable_shards} == {(8, 32, 8)}
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 97, (2, 16)))
+  expected, _ = model.apply({"params": params}, tokens)
+  got, _ = jax.jit(lambda p, t: model.apply({"params": p}, t))(sharded, tokens)
+  assert rel_err(got, expected) <= 1e-5
+  with pytest.raises(ValueError, match=r"mesh\.tensor=2 does not divide dimension 0 \('vocab', "
+                                       r"size 97\) of \['embed_tokens'\]"):
+    load_hf(v3_checkpoint, mesh=make_mesh({"data": 1, "fsdp": 4, "tensor": 2, "sequence": 1}))
+
+
+def test_bfloat16_and_sharded_safetensors_files_load(v3_checkpoint, tmp_path):
+  """DeepSeek ships bfloat16 weights in several files with an index: both read as written."""
+  from safetensors.torch import load_file, save_file
+
+  tensors = {}
+  for f in v3_checkpoint.glob("*.safetensors"):
+    tensors.update(load_file(str(f)))
+  names = sorted(tensors)
+  halves = {"part-1.safetensors": names[::2], "part-2.safetensors": names[1::2]}
+  out = tmp_path / "bf16"
+  out.mkdir()
+  for file, part in halves.items():
+    save_file({n: tensors[n] if ".mlp.gate." in n else tensors[n].to(torch.bfloat16).contiguous()
+               for n in part}, str(out / file))  # the router stays float32, as in V3's files
+  index = {"weight_map": {n: file for file, part in halves.items() for n in part}}
+  (out / "model.safetensors.index.json").write_text(json.dumps(index))
+  (out / "config.json").write_text((v3_checkpoint / "config.json").read_text())
+  _, params = load_hf(out, dtype=jnp.bfloat16)
+  _, reference = load_hf(v3_checkpoint, dtype=jnp.bfloat16)  # float32 file, cast on load
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, reference)
+  (out / "part-2.safetensors").unlink()
+  with pytest.raises(ValueError, match=r"names shard files that are not there: \['part-2"):
+    load_hf(out)

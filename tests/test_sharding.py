@@ -239,3 +239,30 @@ def test_two_processes_match_one_process(tmp_path):
   assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
   np.testing.assert_allclose([l for _, l in b], [l for _, l in a], rtol=1e-5)
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
+
+
+def test_moe_training_step_splits_experts_over_tensor_and_equals_one_device():
+  moe = ["model.n_routed_experts=4", "model.num_experts_per_tok=2", "model.n_shared_experts=1",
+         "model.moe_intermediate_size=16", "model.first_k_dense_replace=1",
+         "model.aux_loss_alpha=0.01"]
+  one = _trainer(*moe, devices=jax.devices()[:1])
+  split = _trainer(*moe, "mesh.data=2", "mesh.tensor=4")
+  initial = one.init_state()
+  state_one = jax.device_put(jax.device_get(initial), one.state_shardings)
+  state_split = jax.device_put(jax.device_get(initial), split.state_shardings)
+  inputs, targets = _batches(1)[0]
+  state_one, m_one = one.train_step(state_one, *one.put_batch(inputs, targets))
+  state_split, m_split = split.train_step(state_split, *split.put_batch(inputs, targets))
+  assert float(m_split["loss"]) == pytest.approx(float(m_one["loss"]), rel=1e-5)
+  for got, want in zip(jax.tree_util.tree_leaves(state_split.params),
+                       jax.tree_util.tree_leaves(state_one.params)):
+    assert rel_err(got, want) <= 1e-5
+  mlp = state_split.params["layers_1"]["mlp"]
+  assert mlp["experts_gate_proj"].sharding.spec == P("tensor", "fsdp", None)
+  assert mlp["gate"].sharding.spec == P("fsdp", "tensor")
+  assert {s.data.shape for s in mlp["experts_down_proj"].addressable_shards} == {(1, 16, 32)}
+  # The balance loss is part of what is optimised: removing it changes the loss.
+  no_aux = _trainer(*moe[:-1], devices=jax.devices()[:1])
+  _, m_plain = no_aux.train_step(jax.device_put(jax.device_get(initial), no_aux.state_shardings),
+                                 *no_aux.put_batch(inputs, targets))
+  assert float(m_one["loss"]) > float(m_plain["loss"])
