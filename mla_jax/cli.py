@@ -1,6 +1,6 @@
-"""The `mla-jax` command line: `info` (sizes and cache bytes) and `train`.
+"""The `mla-jax` command line: `info` (sizes, memory, cache bytes), `train`, `generate`, `convert`.
 
-Every subcommand takes an optional YAML config and dotted key=value overrides; without a config
+`info` and `train` take an optional YAML config and dotted key=value overrides; without a config
 the built-in defaults apply, which configs/tiny.yaml spells out (a test keeps them equal).
 """
 
@@ -37,15 +37,12 @@ def _size(num_bytes: int) -> str:
   return f"{num_bytes / 2**30:,.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:,.1f} MiB"
 
 
-def jax_leaves(tree):
-  import jax
-
-  return jax.tree_util.tree_leaves(tree)
-
-
 def describe(config: ModelConfig) -> list[str]:
   """The lines `mla-jax info` prints: size, and what one token costs in the decode cache."""
+  import jax
   import jax.numpy as jnp
+
+  from mla_jax.sharding import bytes_per_device
 
   itemsize = jnp.dtype(config.dtype).itemsize
   per_layer = config.cache_elements_per_token_per_layer()
@@ -57,10 +54,8 @@ def describe(config: ModelConfig) -> list[str]:
   mha = dataclasses.replace(config, attention="mha", num_kv_heads=None)
   mha_per_layer = mha.cache_elements_per_token_per_layer()
   context_bytes = per_layer * layers * itemsize * config.max_seq_len
-  from mla_jax.sharding import bytes_per_device
-
   params = abstract_params(config)
-  count = sum(int(x.size) for x in jax_leaves(params))
+  count = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
   one = bytes_per_device(params, {})
   fsdp8 = bytes_per_device(params, {"fsdp": 8})
   return [
