@@ -304,18 +304,28 @@ def train(config: Config, log: Callable[[str], None] = print, progress: bool = T
                        "data_position": {"seed": config.seed, "next_batch": step}}
   metrics_log = MetricsLog(workdir, resume_step=start) if main_process else None
   report = _Progress(config, start, metrics_log, log, progress)
-  interrupted = None
+  interrupted, previous = None, None
+
+  def stop_if_diverged(step_and_metrics) -> None:
+    if step_and_metrics is None:
+      return
+    step, metrics = step_and_metrics
+    if int(metrics["nonfinite_in_a_row"]) >= tc.max_nonfinite_steps:
+      raise TrainingError(
+          f"{tc.max_nonfinite_steps} non-finite updates in a row (step {step}); stopped. The "
+          f"last checkpoint (step {checkpoints.latest_step()}) holds finite parameters; lower "
+          "train.learning_rate or check the data.")
+
   try:
     with _StopRequests() as stop:
       for step in range(start + 1, tc.steps + 1):
         batch = batch_at(corpus.train, config.seed, TRAIN_STREAM, step - 1, tc.batch_size,
                          tc.seq_len)
         state, metrics = trainer.train_step(state, *trainer.put_batch(*batch))
-        if int(metrics["nonfinite_in_a_row"]) >= tc.max_nonfinite_steps:
-          raise TrainingError(
-              f"{tc.max_nonfinite_steps} non-finite updates in a row (step {step}); stopped. The "
-              f"last checkpoint (step {checkpoints.latest_step()}) holds finite parameters; lower "
-              "train.learning_rate or check the data.")
+        # Read the previous step's counter, not this one's: the device stays a step ahead
+        # instead of idling while the host waits on every step.
+        stop_if_diverged(previous)
+        previous = (step, metrics)
         record = report.train_step(step, metrics)
         if step % tc.eval_every == 0 or step == tc.steps:
           record.update(report.validation(step, trainer.evaluate(state.params, corpus)))
@@ -328,6 +338,7 @@ def train(config: Config, log: Callable[[str], None] = print, progress: bool = T
           break
         if step % tc.checkpoint_every == 0 or step == tc.steps:
           checkpoints.save(step, state, meta(step))
+      stop_if_diverged(previous)
   finally:  # also on errors: finish pending async saves so no checkpoint is left half-written
     report.close()
     checkpoints.close()
