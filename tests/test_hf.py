@@ -86,7 +86,7 @@ def v3_checkpoint(tmp_path_factory):
 
 def test_logits_and_greedy_generation_match_transformers(saved):
   name, hf_model, directory = saved
-  model, params = load_hf(directory)
+  model, params = mla_jax.load_hf(directory)  # the public name
   cfg = model.config
   assert cfg.is_moe_layer(1) == (name != "v3_half_rotation_dense")
   tokens = np.random.default_rng(0).integers(0, 97, (2, 40))
