@@ -105,6 +105,16 @@ def logical_to_spec(axes: Sequence[Optional[str]]) -> PartitionSpec:
   return PartitionSpec(*(RULES[a] if a is not None else None for a in axes))
 
 
+def _dim_mesh_axes(path, leaf) -> list[tuple[Optional[str], tuple[str, ...]]]:
+  """(logical axis, mesh axes it is split over) for each dimension of a leaf."""
+  axes = leaf_axes(path, leaf)
+  out = []
+  for logical, entry in zip(axes, logical_to_spec(axes)):
+    mesh_axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    out.append((logical, mesh_axes))
+  return out
+
+
 def _leaf_name(path) -> Optional[str]:
   """The last dict key or attribute name on a pytree path: the parameter or cache field name."""
   for key in reversed(path):
@@ -135,18 +145,13 @@ def tree_shardings(tree: Any, mesh: Mesh) -> Any:
   """NamedShardings for every leaf (arrays or ShapeDtypeStructs), checking divisibility."""
 
   def sharding(path, leaf):
-    axes = leaf_axes(path, leaf)
-    spec = logical_to_spec(axes)
-    for dim, (logical, mesh_axes) in enumerate(zip(axes, spec)):
-      if mesh_axes is None:
-        continue
-      mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    for dim, (logical, mesh_axes) in enumerate(_dim_mesh_axes(path, leaf)):
       ways = math.prod(mesh.shape[a] for a in mesh_axes)
       if np.shape(leaf)[dim] % ways:
         named = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in mesh_axes)
         raise ValueError(f"{named} does not divide dimension {dim} ('{logical}', size "
                          f"{np.shape(leaf)[dim]}) of {jax.tree_util.keystr(path)}")
-    return NamedSharding(mesh, spec)
+    return NamedSharding(mesh, logical_to_spec(leaf_axes(path, leaf)))
 
   return jax.tree_util.tree_map_with_path(sharding, tree)
 
@@ -194,9 +199,7 @@ def bytes_per_device(tree: Any, sizes: dict[str, int]) -> int:
   total = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     shape = list(np.shape(leaf))
-    for dim, mesh_axes in enumerate(logical_to_spec(leaf_axes(path, leaf))):
-      if mesh_axes is not None:
-        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
-        shape[dim] = -(-shape[dim] // math.prod(sizes.get(a, 1) for a in mesh_axes))
+    for dim, (_, mesh_axes) in enumerate(_dim_mesh_axes(path, leaf)):
+      shape[dim] = -(-shape[dim] // math.prod(sizes.get(a, 1) for a in mesh_axes))
     total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
   return total

@@ -124,9 +124,12 @@ class Trainer:
     return TrainState(step=jnp.int32(0), params=params, opt_state=self.optimizer.init(params))
 
   @functools.cached_property
+  def _state_shapes(self) -> TrainState:
+    return jax.eval_shape(self._init, jax.random.key(0))  # traced once per Trainer
+
+  @functools.cached_property
   def state_shardings(self) -> TrainState:
-    abstract = jax.eval_shape(self._init, jax.random.key(0))
-    return tree_shardings(abstract, self.mesh)
+    return tree_shardings(self._state_shapes, self.mesh)
 
   @property
   def replicated(self) -> NamedSharding:
@@ -140,7 +143,7 @@ class Trainer:
     """Shapes, dtypes and shardings of the state: a restore target that allocates nothing."""
     return jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        jax.eval_shape(self._init, jax.random.key(0)), self.state_shardings)
+        self._state_shapes, self.state_shardings)
 
   @functools.cached_property
   def _train_step(self) -> Callable:
