@@ -144,7 +144,11 @@ class ModelConfig:
   rope_theta: float = 10000.0
   rope_scaling: Optional[Any] = None  # None, a YarnScaling, or a mapping converted to one
   rope_interleave: bool = True
-  rms_norm_eps: float = 1e-6
+  rms_norm_eps: float = 1e-6  # the block and final norms (input_, post_attention_layernorm, norm)
+  # The latent norms' epsilon (q_a_layernorm, kv_a_layernorm). DeepSeek's reference code builds
+  # them without an epsilon argument, so 1e-6 whatever rms_norm_eps says, and transformers does
+  # the same; presets and imported checkpoints keep 1e-6.
+  latent_norm_eps: float = 1e-6
   max_seq_len: int = 256
   dtype: str = "float32"
   param_dtype: str = "float32"
@@ -169,7 +173,7 @@ class ModelConfig:
     _check_fields(self, "model.")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
                  "qk_nope_head_dim", "v_head_dim", "intermediate_size", "max_seq_len",
-                 "rope_theta", "rms_norm_eps", "initializer_range"):
+                 "rope_theta", "rms_norm_eps", "latent_norm_eps", "initializer_range"):
       _positive(f"model.{name}", getattr(self, name))
     _positive("model.q_lora_rank", self.q_lora_rank, optional=True)
     if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
@@ -206,6 +210,10 @@ class ModelConfig:
             f"with scoring_func={self.scoring_func} allowed: {', '.join(methods[self.scoring_func])}")
     if self.n_group <= 0 or e % self.n_group:
       _fail("model.n_group", self.n_group, f"must be a positive divisor of n_routed_experts={e}")
+    if self.topk_method == "noaux_tc" and e // self.n_group < 2:
+      _fail("model.n_group", self.n_group, f"with topk_method=noaux_tc a group's score is the sum "
+            f"of its top-2 experts, so each group needs >= 2 of the n_routed_experts={e}: "
+            f"n_group must be <= {e // 2}")
     if not 1 <= self.topk_group <= self.n_group:
       _fail("model.topk_group", self.topk_group, f"must be in [1, n_group={self.n_group}]")
     if self.topk_group * (e // self.n_group) < self.num_experts_per_tok:
@@ -394,7 +402,12 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
   path = key.strip().split(".")
   if not all(path):
     raise ValueError(f"override {text!r} is invalid: empty key part in {key!r}")
-  return path, yaml.safe_load(raw) if raw.strip() else ""
+  try:
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+  except yaml.YAMLError as err:
+    raise ValueError(f"override {text!r} is invalid: its value is not YAML "
+                     f"({_yaml_problem(err)}); write a number, true, false, null, [a, b] or a "
+                     "quoted string") from None
 
 
 def _apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
@@ -448,6 +461,22 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
   return Config(**values)
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+  """'found ... at line L column C' from a PyYAML error, without its multi-line excerpt."""
+  mark = getattr(err, "problem_mark", None)
+  problem = getattr(err, "problem", None) or type(err).__name__
+  return problem if mark is None else f"{problem} at line {mark.line + 1} column {mark.column + 1}"
+
+
+def read_yaml(path: Path) -> Any:
+  """A YAML file's contents; a syntax error is a ValueError naming the file, line and column."""
+  try:
+    return yaml.safe_load(Path(path).read_text())
+  except yaml.YAMLError as err:
+    raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}; "
+                     "fix that line") from None
+
+
 def load_config(path: Optional[str | Path], *overrides: str) -> Config:
   """Reads a YAML config (None: the built-in defaults) and applies dotted overrides such as
   'model.kv_lora_rank=64'."""
@@ -456,7 +485,7 @@ def load_config(path: Optional[str | Path], *overrides: str) -> Config:
     path = Path(path)
     if not path.is_file():
       raise ValueError(f"config file {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
       raise ValueError(f"config file {str(path)!r} must hold a mapping of sections")
   for text in overrides:

@@ -25,7 +25,7 @@ import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mla_jax.checkpoint import Checkpoints
-from mla_jax.config import (Config, MeshConfig, TrainConfig, config_from_dict,
+from mla_jax.config import (Config, MeshConfig, TrainConfig, config_from_dict, read_yaml,
                              differing_fields)
 from mla_jax.data import ByteTokenizer, Corpus, batch_at, load_corpus, unigram_entropy
 from mla_jax.metrics import MetricsLog, plot_losses
@@ -371,7 +371,7 @@ def read_workdir_config(workdir: str | Path) -> Config:
   path = Path(workdir) / "config.yaml"
   if not path.is_file():
     raise ValueError(f"--checkpoint {str(workdir)!r} is not a training workdir: no config.yaml")
-  return config_from_dict(yaml.safe_load(path.read_text()))
+  return config_from_dict(read_yaml(path))
 
 
 def load_trained(workdir: str | Path) -> tuple[Config, Any]:

@@ -61,14 +61,15 @@ class MultiHeadLatentAttention(nn.Module):
       q = jnp.einsum("BTD,DHK->BTHK", x, weight(self, "q_proj", (d, h, n + r)))
     else:
       q_a = jnp.einsum("BTD,DQ->BTQ", x, weight(self, "q_a_proj", (d, cfg.q_lora_rank)))
-      q_a = RMSNorm(cfg.rms_norm_eps, dtype, cfg.param_dtype, name="q_a_layernorm")(q_a)
+      q_a = RMSNorm(cfg.latent_norm_eps, dtype, cfg.param_dtype, name="q_a_layernorm")(q_a)
       q = jnp.einsum("BTQ,QHK->BTHK", q_a, weight(self, "q_b_proj", (cfg.q_lora_rank, h, n + r)))
     q_nope = q[..., :n]  # [B,T,H,N]
     q_rope = apply_rope(q[..., n:], cos, sin, cfg.rope_interleave)  # [B,T,H,R]
 
     # The latent and the shared RoPE key: all that is cached.
     kv_a = jnp.einsum("BTD,DM->BTM", x, weight(self, "kv_a_proj_with_mqa", (d, c + r)))  # M=C+R
-    c_kv = RMSNorm(cfg.rms_norm_eps, dtype, cfg.param_dtype, name="kv_a_layernorm")(kv_a[..., :c])
+    c_kv = RMSNorm(cfg.latent_norm_eps, dtype, cfg.param_dtype,
+                   name="kv_a_layernorm")(kv_a[..., :c])  # [B,T,C]
     k_rope = apply_rope(kv_a[:, :, None, c:], cos, sin, cfg.rope_interleave)[:, :, 0]  # [B,T,R]
     self._record(q_nope=q_nope, q_rope=q_rope, c_kv=c_kv, k_rope=k_rope)
 
