@@ -7,12 +7,51 @@ complete, so a run killed mid-save leaves the previous checkpoint as the latest 
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+  """A checkpoint on disk that cannot be read (damaged or incomplete files)."""
+
+
+@contextlib.contextmanager
+def _reading(directory: Path, step: int) -> Iterator[None]:
+  """Turns whatever orbax/tensorstore raise on a damaged checkpoint (JSON, manifest or array
+  errors) into one CheckpointError that names the checkpoint and says what to do."""
+  try:
+    yield
+  except Exception as err:  # noqa: BLE001 -- any failure to read is the same news to the user
+    step_dir = directory / str(step)
+    damaged = _damaged_json_file(step_dir)
+    if damaged is not None:
+      detail = f"{damaged} is not valid JSON"
+    else:
+      first_line = (str(err).strip().splitlines() or [""])[0]
+      detail = f"{type(err).__name__}: " + (
+          first_line if len(first_line) <= 200 else first_line[:200] + " ...")
+    raise CheckpointError(
+        f"checkpoint {step_dir} cannot be read ({detail}): it is damaged or incomplete; delete "
+        "that directory to fall back to an earlier checkpoint, or write it again (train or "
+        "convert)") from None
+
+
+def _damaged_json_file(step_dir: Path) -> Optional[Path]:
+  """The first of a checkpoint's JSON metadata files (orbax's layout) that does not parse."""
+  candidates = [step_dir / "_CHECKPOINT_METADATA", *sorted(step_dir.glob("*/_METADATA")),
+                *sorted(step_dir.glob("*/metadata")), *sorted(step_dir.glob("*/array_metadatas/*"))]
+  for path in candidates:
+    try:
+      json.loads(path.read_bytes())
+    except (OSError, ValueError):
+      return path
+  return None
 
 
 class Checkpoints:
@@ -43,16 +82,21 @@ class Checkpoints:
 
   def restore_params(self, step: int, target: Any) -> Any:
     """The parameters of a save_params checkpoint, into target's shapes and shardings."""
-    return self._manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(target))))["params"]
+    with _reading(self.directory, step):
+      return self._manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(_abstract(target))))["params"]
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    with _reading(self.directory, step):
+      return self._manager.restore(step, args=ocp.args.Composite(
+          meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, step: int, target: Any) -> Any:
-    """Restores the state into target's structure, shapes, dtypes and shardings."""
-    return self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))))["state"]
+    """Restores the state into target's structure, shapes, dtypes and shardings. A checkpoint
+    that cannot be read raises CheckpointError (a ValueError) naming it."""
+    with _reading(self.directory, step):
+      return self._manager.restore(
+          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))))["state"]
 
   def close(self) -> None:
     self._manager.wait_until_finished()

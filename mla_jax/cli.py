@@ -153,13 +153,13 @@ def _generate(args: argparse.Namespace) -> int:
     texts = [line for line in path.read_text().splitlines() if line.strip()]
     if not texts:
       raise ValueError(f"--prompt-file {args.prompt_file!r} holds no non-empty line")
-  tokenizer = load_tokenizer(args.checkpoint)
+  model_config = read_workdir_config(args.checkpoint).model  # cheap: validate before loading
+  tokenizer = load_tokenizer(args.checkpoint, model_config.vocab_size)
   prompts = [tokenizer.encode(t) for t in texts]
   if any(not p for p in prompts):
     raise ValueError("--prompt is empty: give at least one character")
   options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.EOS)
-  model_config = read_workdir_config(args.checkpoint).model  # cheap: validate before loading
   check_sampling(model_config.vocab_size, **options)
   cache_length(max(len(p) for p in prompts), args.max_new_tokens, model_config.max_seq_len)
   config, params = load_trained(args.checkpoint)
@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument("--from-hf", required=True, metavar="DIR",
                        help="local directory with config.json and *.safetensors")
   convert.add_argument("--out", required=True, metavar="WORKDIR")
-  convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  convert.add_argument("--dtype", default="float32",
+                       help="float32 (default), bfloat16 or float16; bf16, fp32, fp16 also work")
   convert.set_defaults(run=_convert)
   for command in (info, train):
     command.add_argument("config", nargs="?", help="YAML config, e.g. configs/tiny.yaml")

@@ -150,11 +150,28 @@ class HFTokenizer:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def load_tokenizer(workdir: str | Path):
-  """The workdir's tokenizer.json (from `mla-jax convert`) if it has one, else bytes."""
-  path = Path(workdir) / "tokenizer.json"
-  if not path.is_file():
-    return ByteTokenizer()
-  special = Path(workdir) / "special_tokens.json"
-  eos = json.loads(special.read_text()).get("eos_token_id") if special.is_file() else None
-  return HFTokenizer(path, eos)
+def load_tokenizer(workdir: str | Path, vocab_size: Optional[int] = None):
+  """The tokenizer of a workdir: its tokenizer.json (from `mla-jax convert`) if it has one, else
+  mla-jax's byte tokenizer, the one `mla-jax train` uses.
+
+  Raises ValueError, saying what to supply, where text cannot be tokenized right: a workdir
+  converted from a Hugging Face directory that had no tokenizer.json (special_tokens.json marks a
+  converted workdir), or a model whose vocab_size is too small for the byte tokenizer's ids.
+  """
+  from mla_jax.hf import read_json
+
+  workdir = Path(workdir)
+  path, special = workdir / "tokenizer.json", workdir / "special_tokens.json"
+  eos = read_json(special).get("eos_token_id") if special.is_file() else None
+  if path.is_file():
+    return HFTokenizer(path, eos)
+  supply = (f"copy the model's tokenizer.json (from the Hugging Face directory or repository it "
+            f"came from) into {workdir}")
+  if special.is_file():
+    raise ValueError(f"{workdir} was converted from a checkpoint without tokenizer.json, so text "
+                     f"prompts cannot be tokenized: {supply}")
+  if vocab_size is not None and vocab_size < ByteTokenizer.vocab_size:
+    raise ValueError(f"{workdir} has no tokenizer.json and its model's vocab_size={vocab_size} "
+                     f"is smaller than the byte tokenizer's {ByteTokenizer.vocab_size} ids, so it "
+                     f"was not trained on bytes: {supply}")
+  return ByteTokenizer()

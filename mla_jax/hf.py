@@ -4,18 +4,26 @@ Every tensor name is mapped explicitly (no pattern guessing), and a missing, une
 mis-shaped tensor is an error naming it. Hugging Face's nn.Linear stores [out, in]; mla-jax
 stores input axes first with heads split out, so each mapping is a transpose and a reshape.
 Both expert layouts load: DeepSeek's released per-expert tensors and transformers' fused ones.
+
+DeepSeek-V3/R1 checkpoints also hold `num_nextn_predict_layers` multi-token-prediction (MTP)
+layers after the last decoder layer (`model.layers.{num_hidden_layers + i}.*`: a decoder layer
+plus embed_tokens, enorm, hnorm, eh_proj, shared_head.norm and shared_head.head). mla-jax decodes
+one token per step and has no use for them: load_hf checks their names and shapes and skips them
+with a one-line note. Any other tensor the model does not have is still an error.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from mla_jax.config import ModelConfig
+from mla_jax.config import DTYPES, ModelConfig
 
 if TYPE_CHECKING:
   from mla_jax.model import Transformer
@@ -23,18 +31,58 @@ if TYPE_CHECKING:
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
-def model_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-  """Translates a DeepseekV2/V3 config.json mapping into a ModelConfig."""
+def _field(hf: Mapping[str, Any], name: str, source: str, default: Any = ...,
+           kind: type = int) -> Any:
+  """hf[name], checked to be a `kind` (or null where the default is None); a missing required
+  field or a wrong type is a ValueError naming the file and the field."""
+  if name not in hf or (hf[name] is None and default is ...):
+    if default is ...:
+      raise ValueError(f"{source} has no {name!r}, which a DeepseekV2/V3 config needs: the file "
+                       "is incomplete or not a DeepSeek config; download it again")
+    return default
+  value = hf[name]
+  if value is None or (kind is float and isinstance(value, int) and not isinstance(value, bool)):
+    return value if value is None else float(value)
+  if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+    raise ValueError(f"{source}: {name}={value!r} is invalid: expected {kind.__name__}")
+  return value
+
+
+def mtp_layer_count(hf: Mapping[str, Any], source: str = "config.json") -> int:
+  """num_nextn_predict_layers: DeepSeek-V3's multi-token-prediction layers (0 when absent)."""
+  count = _field(hf, "num_nextn_predict_layers", source, default=0) or 0
+  if count < 0:
+    raise ValueError(f"{source}: num_nextn_predict_layers={count} is invalid: must be >= 0")
+  return count
+
+
+def model_config_from_hf(hf: Mapping[str, Any], source: str = "config.json",
+                         **overrides: Any) -> ModelConfig:
+  """Translates a DeepseekV2/V3 config.json mapping into a ModelConfig.
+
+  The latent norms keep DeepSeek's epsilon of 1e-6 (ModelConfig.latent_norm_eps), whatever
+  rms_norm_eps says. Raises ValueError naming `source` (the file) and the field for a missing
+  field, a wrong type, an unsupported option or a value ModelConfig refuses.
+  """
+  if not isinstance(hf, Mapping):
+    raise ValueError(f"{source} must hold a JSON object, got {type(hf).__name__}")
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
-    raise ValueError(f"model_type={model_type!r} is not supported: allowed "
+    raise ValueError(f"{source}: model_type={model_type!r} is not supported: allowed "
                      f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-  layers = hf["num_hidden_layers"]
+  req = lambda name, kind=int: _field(hf, name, source, kind=kind)  # noqa: E731
+  opt = lambda name, default, kind=int: _field(hf, name, source, default, kind)  # noqa: E731
+  layers = req("num_hidden_layers")
   if hf.get("attention_bias"):
-    raise ValueError("attention_bias=True is not supported: DeepSeek checkpoints have no biases")
+    raise ValueError(f"{source}: attention_bias=True is not supported: DeepSeek checkpoints have "
+                     "no biases")
   if hf.get("tie_word_embeddings"):
-    raise ValueError("tie_word_embeddings=True is not supported: DeepSeek's LM head is untied")
-  rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    raise ValueError(f"{source}: tie_word_embeddings=True is not supported: DeepSeek's LM head is "
+                     "untied")
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  if not isinstance(rope, Mapping):
+    raise ValueError(f"{source}: rope_scaling={rope!r} is invalid: expected an object or null")
+  rope = dict(rope)
   rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
   kind = rope.get("rope_type", rope.get("type", "default"))
   rope_scaling = None
@@ -43,35 +91,43 @@ def model_config_from_hf(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig
                                          "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
                     if rope.get(k) is not None}
   elif kind != "default":
-    raise ValueError(f"rope_scaling type {kind!r} is not supported: allowed default, yarn")
+    raise ValueError(f"{source}: rope_scaling type {kind!r} is not supported: allowed default, "
+                     "yarn")
   values = dict(
-      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=layers,
-      num_heads=hf["num_attention_heads"], q_lora_rank=hf.get("q_lora_rank"),
-      kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-      qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
-      intermediate_size=hf["intermediate_size"], rope_theta=float(rope_theta),
+      vocab_size=req("vocab_size"), hidden_size=req("hidden_size"), num_layers=layers,
+      num_heads=req("num_attention_heads"), q_lora_rank=opt("q_lora_rank", None),
+      kv_lora_rank=req("kv_lora_rank"), qk_nope_head_dim=req("qk_nope_head_dim"),
+      qk_rope_head_dim=req("qk_rope_head_dim"), v_head_dim=req("v_head_dim"),
+      intermediate_size=req("intermediate_size"), rope_theta=rope_theta,
       rope_scaling=rope_scaling,
       # V2's reference code de-interleaves before rotating: the same as rotating interleaved pairs.
-      rope_interleave=hf.get("rope_interleave", True),
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      max_seq_len=hf.get("max_position_embeddings", 4096),
-      initializer_range=float(hf.get("initializer_range", 0.02)))
-  if hf.get("n_routed_experts") and hf.get("first_k_dense_replace", 0) < layers:
+      rope_interleave=opt("rope_interleave", True, bool),
+      rms_norm_eps=opt("rms_norm_eps", 1e-6, float),
+      latent_norm_eps=1e-6,  # q_a_layernorm, kv_a_layernorm: built without eps in the reference
+      max_seq_len=opt("max_position_embeddings", 4096),
+      initializer_range=opt("initializer_range", 0.02, float))
+  routed = opt("n_routed_experts", None)
+  first_dense = opt("first_k_dense_replace", 0) or 0
+  if routed and first_dense < layers:
     v3 = model_type == "deepseek_v3"
     values.update(
-        n_routed_experts=hf["n_routed_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
-        n_shared_experts=hf.get("n_shared_experts") or 0,
-        moe_intermediate_size=hf["moe_intermediate_size"],
-        first_k_dense_replace=hf.get("first_k_dense_replace", 0),
+        n_routed_experts=routed, num_experts_per_tok=req("num_experts_per_tok"),
+        n_shared_experts=opt("n_shared_experts", 0) or 0,
+        moe_intermediate_size=req("moe_intermediate_size"),
+        first_k_dense_replace=first_dense,
         scoring_func="sigmoid" if v3 else "softmax",
-        topk_method="noaux_tc" if v3 else hf.get("topk_method", "greedy"),
-        n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
+        topk_method="noaux_tc" if v3 else opt("topk_method", "greedy", str),
+        n_group=opt("n_group", 1) or 1, topk_group=opt("topk_group", 1) or 1,
         # DeepSeek-V2 either normalises or scales (its reference code); V3 normalises, then scales.
-        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        aux_loss_alpha=float(hf.get("aux_loss_alpha", 0.0)))
+        norm_topk_prob=bool(opt("norm_topk_prob", False, bool)),
+        routed_scaling_factor=opt("routed_scaling_factor", 1.0, float),
+        aux_loss_alpha=opt("aux_loss_alpha", 0.0, float))
   values.update(overrides)
-  return ModelConfig(**values)
+  mtp_layer_count(hf, source)  # checked here too, so a bad value is refused before any tensor
+  try:
+    return ModelConfig(**values)
+  except ValueError as err:  # e.g. "model.n_group=8 is invalid: ...": say which file it came from
+    raise ValueError(f"{source}: {err}") from None
 
 
 Conversion = Callable[[np.ndarray], np.ndarray]
@@ -106,65 +162,96 @@ def _mlp_entries(c: ModelConfig, layer: int, ours: str, width: int, prefix: str
   }
 
 
+def _one(path: tuple[str, ...], shape: tuple[int, ...], convert: Conversion
+         ) -> tuple[tuple[int, ...], list[Target]]:
+  return shape, [(path, convert)]
+
+
+def _layer_entries(c: ModelConfig, layer: int
+                   ) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
+  """One decoder layer's tensors, named after `model.layers.{layer}.`, and their params."""
+  d, h = c.hidden_size, c.num_heads
+  k, n, r, v = c.qk_head_dim, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+  ours = f"layers_{layer}"
+  attn = (ours, "self_attn")
+  c_kv = c.kv_lora_rank
+  entries = {
+      "input_layernorm.weight": _one((ours, "input_layernorm", "scale"), (d,), _same),
+      "post_attention_layernorm.weight": _one((ours, "post_attention_layernorm", "scale"), (d,),
+                                              _same),
+      "self_attn.kv_a_proj_with_mqa.weight": _one(attn + ("kv_a_proj_with_mqa",), (c_kv + r, d),
+                                                  _linear((d, c_kv + r))),
+      "self_attn.kv_a_layernorm.weight": _one(attn + ("kv_a_layernorm", "scale"), (c_kv,), _same),
+      "self_attn.kv_b_proj.weight": _one(attn + ("kv_b_proj",), (h * (n + v), c_kv),
+                                         _linear((c_kv, h, n + v))),
+      "self_attn.o_proj.weight": _one(attn + ("o_proj",), (d, h * v), _linear((h, v, d))),
+  }
+  if c.q_lora_rank is None:
+    entries["self_attn.q_proj.weight"] = _one(attn + ("q_proj",), (h * k, d), _linear((d, h, k)))
+  else:
+    q = c.q_lora_rank
+    entries.update({
+        "self_attn.q_a_proj.weight": _one(attn + ("q_a_proj",), (q, d), _linear((d, q))),
+        "self_attn.q_a_layernorm.weight": _one(attn + ("q_a_layernorm", "scale"), (q,), _same),
+        "self_attn.q_b_proj.weight": _one(attn + ("q_b_proj",), (h * k, q), _linear((q, h, k))),
+    })
+  mlp = (ours, "mlp")
+  if not c.is_moe_layer(layer):
+    entries.update({name: (shape, [((ours,) + path, f) for path, f in targets])
+                    for name, (shape, targets)
+                    in _mlp_entries(c, layer, "mlp", c.intermediate_size, "mlp.").items()})
+  else:
+    e, i = c.n_routed_experts, c.moe_intermediate_size
+    entries.update({
+        "mlp.gate.weight": _one(mlp + ("gate",), (e, d), _linear((d, e))),
+        "mlp.experts.gate_up_proj": ((e, 2 * i, d), [
+            (mlp + ("experts_gate_proj",), _experts_half(0, i)),
+            (mlp + ("experts_up_proj",), _experts_half(1, i))]),
+        "mlp.experts.down_proj": _one(mlp + ("experts_down_proj",), (e, d, i), _experts_transpose),
+    })
+    if c.scoring_func == "sigmoid":
+      entries["mlp.gate.e_score_correction_bias"] = _one(mlp + ("e_score_correction_bias",), (e,),
+                                                         _same)
+    if c.n_shared_experts:
+      shared = _mlp_entries(c, layer, "shared_experts", i * c.n_shared_experts,
+                            "mlp.shared_experts.")
+      entries.update({name: (shape, [(mlp + path, f) for path, f in targets])
+                      for name, (shape, targets) in shared.items()})
+  return entries
+
+
 def tensor_map(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
   """HF tensor name -> (its expected shape, the params it becomes). Experts use transformers'
   fused layout (gate_up_proj [E,2I,D], down_proj [E,D,I]); see fuse_expert_tensors."""
   c = config
-  d, h = c.hidden_size, c.num_heads
-  k, n, r, v = c.qk_head_dim, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-  one = lambda path, shape, convert: (shape, [(path, convert)])  # noqa: E731
+  d = c.hidden_size
   out = {
-      "model.embed_tokens.weight": one(("embed_tokens",), (c.vocab_size, d), _same),
-      "model.norm.weight": one(("norm", "scale"), (d,), _same),
-      "lm_head.weight": one(("lm_head",), (c.vocab_size, d), _linear((d, c.vocab_size))),
+      "model.embed_tokens.weight": _one(("embed_tokens",), (c.vocab_size, d), _same),
+      "model.norm.weight": _one(("norm", "scale"), (d,), _same),
+      "lm_head.weight": _one(("lm_head",), (c.vocab_size, d), _linear((d, c.vocab_size))),
   }
   for layer in range(c.num_layers):
-    hf, ours = f"model.layers.{layer}.", f"layers_{layer}"
-    attn = (ours, "self_attn")
-    c_kv = c.kv_lora_rank
-    entries = {
-        "input_layernorm.weight": one((ours, "input_layernorm", "scale"), (d,), _same),
-        "post_attention_layernorm.weight": one((ours, "post_attention_layernorm", "scale"), (d,),
-                                               _same),
-        "self_attn.kv_a_proj_with_mqa.weight": one(attn + ("kv_a_proj_with_mqa",), (c_kv + r, d),
-                                                   _linear((d, c_kv + r))),
-        "self_attn.kv_a_layernorm.weight": one(attn + ("kv_a_layernorm", "scale"), (c_kv,), _same),
-        "self_attn.kv_b_proj.weight": one(attn + ("kv_b_proj",), (h * (n + v), c_kv),
-                                          _linear((c_kv, h, n + v))),
-        "self_attn.o_proj.weight": one(attn + ("o_proj",), (d, h * v), _linear((h, v, d))),
-    }
-    if c.q_lora_rank is None:
-      entries["self_attn.q_proj.weight"] = one(attn + ("q_proj",), (h * k, d), _linear((d, h, k)))
-    else:
-      q = c.q_lora_rank
-      entries.update({
-          "self_attn.q_a_proj.weight": one(attn + ("q_a_proj",), (q, d), _linear((d, q))),
-          "self_attn.q_a_layernorm.weight": one(attn + ("q_a_layernorm", "scale"), (q,), _same),
-          "self_attn.q_b_proj.weight": one(attn + ("q_b_proj",), (h * k, q), _linear((q, h, k))),
-      })
-    mlp = (ours, "mlp")
-    if not c.is_moe_layer(layer):
-      entries.update({name: (shape, [((ours,) + path, f) for path, f in targets])
-                      for name, (shape, targets)
-                      in _mlp_entries(c, layer, "mlp", c.intermediate_size, "mlp.").items()})
-    else:
-      e, i = c.n_routed_experts, c.moe_intermediate_size
-      entries.update({
-          "mlp.gate.weight": one(mlp + ("gate",), (e, d), _linear((d, e))),
-          "mlp.experts.gate_up_proj": ((e, 2 * i, d), [
-              (mlp + ("experts_gate_proj",), _experts_half(0, i)),
-              (mlp + ("experts_up_proj",), _experts_half(1, i))]),
-          "mlp.experts.down_proj": one(mlp + ("experts_down_proj",), (e, d, i), _experts_transpose),
-      })
-      if c.scoring_func == "sigmoid":
-        entries["mlp.gate.e_score_correction_bias"] = one(mlp + ("e_score_correction_bias",), (e,),
-                                                          _same)
-      if c.n_shared_experts:
-        shared = _mlp_entries(c, layer, "shared_experts", i * c.n_shared_experts,
-                              "mlp.shared_experts.")
-        entries.update({name: (shape, [(mlp + path, f) for path, f in targets])
-                        for name, (shape, targets) in shared.items()})
-    out.update({hf + name: entry for name, entry in entries.items()})
+    out.update({f"model.layers.{layer}.{name}": entry
+                for name, entry in _layer_entries(c, layer).items()})
+  return out
+
+
+# The tensors of a multi-token-prediction layer besides its decoder layer (DeepSeek-V3's
+# released layout; eh_proj maps [normed embedding, normed hidden state] 2D -> D).
+_MTP_HEAD = ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight",
+             "shared_head.norm.weight", "shared_head.head.weight")
+
+
+def mtp_tensor_shapes(config: ModelConfig, mtp_layers: int) -> dict[str, tuple[int, ...]]:
+  """HF name -> shape of every tensor of the `mtp_layers` multi-token-prediction layers, which
+  follow the last decoder layer (`model.layers.{num_layers + i}.*`); experts in the fused layout."""
+  d, vocab = config.hidden_size, config.vocab_size
+  head = dict(zip(_MTP_HEAD, [(vocab, d), (d,), (d,), (d, 2 * d), (d,), (vocab, d)]))
+  out = {}
+  for layer in range(config.num_layers, config.num_layers + mtp_layers):
+    entries = {**{name: shape for name, (shape, _) in _layer_entries(config, layer).items()},
+               **head}
+    out.update({f"model.layers.{layer}.{name}": shape for name, shape in entries.items()})
   return out
 
 
@@ -195,22 +282,53 @@ def fuse_expert_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
   return out
 
 
+def split_mtp_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray], mtp_layers: int
+                      ) -> tuple[dict[str, np.ndarray], list[str]]:
+  """(the main model's tensors, the sorted names of the multi-token-prediction tensors).
+
+  The MTP tensors are checked against DeepSeek's layout (mtp_tensor_shapes, either expert layout):
+  a name that is not part of it, or a wrong shape, is a ValueError naming the tensor. A checkpoint
+  may hold all, some or none of them (some redistributions drop the MTP layer).
+  """
+  prefixes = tuple(f"model.layers.{layer}." for layer in
+                   range(config.num_layers, config.num_layers + mtp_layers))
+  main = {name: t for name, t in tensors.items() if not name.startswith(prefixes)}
+  mtp = {name: t for name, t in tensors.items() if name not in main}
+  expected = mtp_tensor_shapes(config, mtp_layers)
+  fused = fuse_expert_tensors(mtp)
+  unknown = sorted(name for name in fused if name not in expected)
+  if unknown:
+    raise ValueError(f"unexpected tensors in the multi-token-prediction layer: {unknown[:5]}"
+                     f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} in all): not part of "
+                     "DeepSeek's layout (a decoder layer plus " + ", ".join(_MTP_HEAD) + ")")
+  for name, array in fused.items():
+    if tuple(np.shape(array)) != expected[name]:
+      raise ValueError(f"tensor {name} of the multi-token-prediction layer has shape "
+                       f"{tuple(np.shape(array))}, expected {expected[name]}")
+  return main, sorted(mtp)
+
+
 def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray],
                    place: Optional[Callable[[tuple[str, ...], np.ndarray], Any]] = None
                    ) -> dict[str, Any]:
   """Builds the Transformer's params pytree from HF-named tensors (either expert layout).
 
   Non-parameter buffers a checkpoint may carry (rotary inv_freq) are ignored; anything else
-  unexpected, missing or mis-shaped is an error naming the tensor, raised before any is
-  converted. `place(path, array)` puts each converted array where it goes (default: NumPy).
+  unexpected (MTP layers included: see split_mtp_tensors), missing or mis-shaped is a ValueError
+  naming the tensor, raised before any is converted. `place(path, array)` puts each converted
+  array where it goes (default: NumPy).
   """
   tensors = fuse_expert_tensors(tensors)
   expected = tensor_map(config)
   unexpected = sorted(name for name in tensors
                       if name not in expected and not name.endswith("rotary_emb.inv_freq"))
   if unexpected:
+    after_last = f"model.layers.{config.num_layers}."
+    hint = (f"; {after_last}* follows the last decoder layer: a multi-token-prediction layer, "
+            "which config.json must announce with num_nextn_predict_layers"
+            if any(name.startswith(after_last) for name in unexpected) else "")
     raise ValueError(f"unexpected tensors in checkpoint: {unexpected[:5]}"
-                     f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all)")
+                     f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all){hint}")
   missing = sorted(name for name in expected if name not in tensors)
   if missing:
     raise ValueError(f"missing tensors in checkpoint: {missing[:5]}"
@@ -233,6 +351,18 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray],
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
                       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
                       "BOOL": np.bool_}
+_FP8 = ("F8_E4M3", "F8_E5M2")
+_DAMAGED = "the file is truncated or damaged; download it again"
+
+
+def read_json(path: Path) -> Any:
+  """A JSON file's contents; unreadable JSON is a ValueError naming the file and the position."""
+  try:
+    return json.loads(Path(path).read_bytes())
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    where = (f" ({err.msg} at line {err.lineno} column {err.colno})"
+             if isinstance(err, json.JSONDecodeError) else "")
+    raise ValueError(f"{path} is not valid JSON{where}: {_DAMAGED}") from None
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -240,30 +370,67 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
   Hand-written over the documented format (8-byte header size, JSON header, raw data) because
   the safetensors package's numpy backend cannot return bfloat16, DeepSeek's dtype, and its flax
-  backend puts every tensor on the default device.
+  backend puts every tensor on the default device. The header is checked against the file's size
+  first, so a truncated or damaged file is a ValueError naming it (and the tensor), never a
+  reshape error. FP8 tensors (DeepSeek's released V3/R1 files) are refused with what to do.
   """
   import ml_dtypes
 
+  path = Path(path)
+  size = path.stat().st_size
   with open(path, "rb") as f:
-    header_size = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(header_size))
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size)
+    head = f.read(8)
+    header_size = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if header_size < 0 or 8 + header_size > size:
+      raise ValueError(f"{path} is not a complete safetensors file ({size:,} bytes, shorter than "
+                       f"the header it announces): {_DAMAGED}")
+    try:
+      header = json.loads(f.read(header_size))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      header = None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object; "
+                     f"{_DAMAGED}")
+  data_size = size - 8 - header_size
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_size) if data_size else None
   tensors = {}
   for name, info in header.items():
     if name == "__metadata__":
       continue
-    dtype = ml_dtypes.bfloat16 if info["dtype"] == "BF16" else _SAFETENSORS_DTYPES.get(info["dtype"])
+    kind = info.get("dtype") if isinstance(info, dict) else None
+    if kind in _FP8:
+      raise ValueError(f"tensor {name} in {path} is FP8 ({kind}), as in DeepSeek's released "
+                       "V3/R1 files: mla-jax reads bfloat16, float16 or float32 weights; convert "
+                       "the checkpoint to bfloat16 first (DeepSeek-V3's "
+                       "inference/fp8_cast_bf16.py)")
+    dtype = ml_dtypes.bfloat16 if kind == "BF16" else _SAFETENSORS_DTYPES.get(kind)
     if dtype is None:
-      raise ValueError(f"tensor {name} in {path} has unsupported dtype {info['dtype']}")
-    begin, end = info["data_offsets"]
-    tensors[name] = data[begin:end].view(dtype).reshape(info["shape"])
+      raise ValueError(f"tensor {name} in {path} has unsupported dtype {kind}")
+    try:
+      shape = tuple(int(n) for n in info["shape"])
+      begin, end = (int(n) for n in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise ValueError(f"{path}: the header entry of tensor {name} is malformed; "
+                       f"{_DAMAGED}") from None
+    if end - begin != math.prod(shape) * np.dtype(dtype).itemsize or begin < 0:
+      raise ValueError(f"{path}: tensor {name} of shape {shape} and dtype {kind} does not fit its "
+                       f"byte range [{begin}, {end}); {_DAMAGED}")
+    if end > data_size:
+      raise ValueError(f"{path} is truncated: tensor {name} needs data bytes [{begin:,}, {end:,}) "
+                       f"but the file holds {data_size:,}; download it again")
+    tensors[name] = (np.zeros(shape, dtype) if data is None else
+                     data[begin:end].view(dtype).reshape(shape))
   return tensors
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
   index = directory / "model.safetensors.index.json"
   if index.is_file():
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weight_map = read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict):
+      raise ValueError(f"{index} has no \"weight_map\" object: {_DAMAGED}")
+    names = sorted(set(weight_map.values()))
     missing = [n for n in names if not (directory / n).is_file()]
     if missing:
       raise ValueError(f"{index} names shard files that are not there: {missing}")
@@ -274,32 +441,66 @@ def _safetensors_files(directory: Path) -> list[Path]:
   return files
 
 
-def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None
-            ) -> tuple["Transformer", dict[str, Any]]:
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "float": "float32",
+                  "fp16": "float16", "f16": "float16", "half": "float16"}
+
+
+def dtype_name(dtype: Any) -> str:
+  """'float32', 'bfloat16' or 'float16' from a dtype, its name or a common alias (bf16, fp32,
+  fp16, ...); anything else is a ValueError listing what is allowed."""
+  if isinstance(dtype, str):
+    name = _DTYPE_ALIASES.get(dtype.strip().lower(), dtype.strip().lower())
+  else:
+    try:
+      name = np.dtype(dtype).name
+    except TypeError:
+      name = None
+  if name not in DTYPES:
+    raise ValueError(f"dtype={dtype!r} is not supported: allowed {', '.join(DTYPES)} "
+                     "(or bf16, fp32, fp16)")
+  return name
+
+
+def _note(message: str) -> None:
+  print(f"note: {message}", file=sys.stderr)
+
+
+def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None,
+            log: Callable[[str], None] = _note) -> tuple["Transformer", dict[str, Any]]:
   """(model, params) from a local Hugging Face DeepseekV2/V3 directory (config.json and
-  *.safetensors, with or without an index). dtype applies to activations and parameters.
+  *.safetensors, with or without an index). dtype (float32, bfloat16 or float16, as a dtype, a
+  name or an alias such as "bf16") applies to activations and parameters.
 
   With a mesh, each tensor is converted and placed on its devices (sharded as the tables in
   mla_jax.sharding say) as soon as it is read, so the whole model never sits on one device.
+  DeepSeek-V3's multi-token-prediction layers are checked and skipped, with a one-line note to
+  `log` (default: stderr) naming them. Errors: ValueError naming the file, field or tensor.
   """
   import jax
   import jax.numpy as jnp
   from mla_jax.model import Transformer
   from mla_jax.sharding import tree_shardings
 
+  name = dtype_name(dtype)
   directory = Path(path).expanduser()
   config_file = directory / "config.json"
   if not config_file.is_file():
     raise ValueError(f"{directory} is not a Hugging Face model directory: no config.json")
-  name = jnp.dtype(dtype).name
-  config = model_config_from_hf(json.loads(config_file.read_text()), dtype=name, param_dtype=name)
+  hf_config = read_json(config_file)
+  config = model_config_from_hf(hf_config, str(config_file), dtype=name, param_dtype=name)
   tensors: dict[str, np.ndarray] = {}
   for file in _safetensors_files(directory):
     tensors.update(read_safetensors(file))
+  tensors, mtp = split_mtp_tensors(config, tensors, mtp_layer_count(hf_config, str(config_file)))
+  if mtp:
+    layers = sorted({int(n.split(".")[2]) for n in mtp})
+    names = ", ".join(f"model.layers.{i}.*" for i in layers)
+    log(f"skipped the multi-token-prediction layer {names} ({len(mtp)} tensors: a decoder layer "
+        f"plus {', '.join(_MTP_HEAD)}): mla-jax predicts one token per step and does not use it")
 
   def place(param_path: tuple[str, ...], array: np.ndarray):
     router = param_path[-1] in ("gate", "e_score_correction_bias")  # float32, as DeepSeek keeps it
-    array = array.astype(jnp.float32 if router else jnp.dtype(dtype))
+    array = array.astype(jnp.float32 if router else jnp.dtype(name))
     if mesh is None:
       return jnp.asarray(array)
     nested = array
@@ -312,12 +513,14 @@ def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None
   return Transformer(config), params
 
 
-def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32") -> Path:
+def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32",
+               log: Callable[[str], None] = _note) -> Path:
   """Writes a Hugging Face DeepseekV2/V3 directory as an mla-jax workdir that `mla-jax generate`
-  runs: config.yaml, an orbax checkpoint of the parameters, and tokenizer.json when there is one."""
+  runs: config.yaml, an orbax checkpoint of the parameters, special_tokens.json (the EOS id) and
+  tokenizer.json when the source has one. Without one, `log` says so, and `generate` refuses
+  text prompts on the workdir until a tokenizer.json is copied there (token ids still work)."""
   import shutil
 
-  import jax.numpy as jnp
   import yaml
 
   from mla_jax.checkpoint import Checkpoints
@@ -326,21 +529,26 @@ def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32") 
   workdir = Path(workdir)
   if (workdir / "checkpoints").exists():
     raise ValueError(f"--out {str(workdir)!r} already holds checkpoints; choose a new directory")
-  model, params = load_hf(source, dtype=jnp.dtype(dtype))  # every check happens before writing
-  hf_config = json.loads((Path(source).expanduser() / "config.json").read_text())
+  model, params = load_hf(source, dtype=dtype, log=log)  # every check happens before writing
+  directory = Path(source).expanduser()
+  hf_config = read_json(directory / "config.json")
   eos = hf_config.get("eos_token_id")
+  eos = eos if isinstance(eos, int) and not isinstance(eos, bool) else None
   config = Config(model=model.config, workdir=str(workdir))
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoints = Checkpoints(workdir, keep=1)
   try:
     checkpoints.save_params(0, params, {"model": model.config.to_dict(), "source": str(source),
-                                        "eos_token_id": eos if isinstance(eos, int) else None})
+                                        "eos_token_id": eos})
   finally:
     checkpoints.close()
   (workdir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-  tokenizer = Path(source).expanduser() / "tokenizer.json"
+  tokenizer = directory / "tokenizer.json"
   if tokenizer.is_file():
     shutil.copy(tokenizer, workdir / "tokenizer.json")
-    (workdir / "special_tokens.json").write_text(json.dumps(
-        {"eos_token_id": eos if isinstance(eos, int) else None}))
+  else:
+    log(f"no tokenizer.json in {directory}: `mla-jax generate` will refuse text prompts on "
+        f"{workdir} until you copy the model's tokenizer.json there")
+  (workdir / "special_tokens.json").write_text(json.dumps(
+      {"eos_token_id": eos, "tokenizer": "tokenizer.json" if tokenizer.is_file() else None}))
   return workdir
