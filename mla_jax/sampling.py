@@ -61,14 +61,62 @@ def check_sampling(vocab_size: int, max_new_tokens: int, temperature: float, top
     raise ValueError(f"eos_id={eos_id!r} is invalid: must be in [0, vocab_size={vocab_size})")
 
 
-def _prompt_rows(prompts: Union[Sequence[Sequence[int]], np.ndarray, jax.Array],
-                 vocab_size: int) -> list[np.ndarray]:
+_ARRAY_NEEDS_MASK = (
+    "an array cannot say which of its tokens are padding: pass attention_mask= [B,T] (1 on real "
+    "tokens, 0 on padding, left or right, as Hugging Face tokenizers return it) or lengths= [B] "
+    "(the first lengths[b] tokens of row b are real); for rows without padding, lengths=[T] * B; "
+    "or pass a list of token lists")
+
+
+def _real_spans(shape: tuple[int, int], attention_mask, lengths) -> list[tuple[int, int]]:
+  """[start, end) of each row's real tokens in a [B,T] prompt array, from exactly one of
+  attention_mask [B,T] (contiguous ones: left or right padding) or lengths [B] (right padding)."""
+  b, t = shape
+  if (attention_mask is None) == (lengths is None):
+    which = "neither" if attention_mask is None else "both"
+    raise ValueError(f"prompts is an array of shape {shape} and {which} of attention_mask and "
+                     f"lengths was given: {_ARRAY_NEEDS_MASK}")
+  if lengths is not None:
+    lengths = np.asarray(lengths)
+    if lengths.shape != (b,) or not np.issubdtype(lengths.dtype, np.integer):
+      raise ValueError(f"lengths must be an integer array [B={b}], got {lengths.dtype}"
+                       f"{list(lengths.shape)}")
+    if lengths.min() < 1 or lengths.max() > t:
+      raise ValueError(f"lengths must be in [1, T={t}] (tokens per row, padding on the right), "
+                       f"got {lengths.tolist()}")
+    return [(0, int(n)) for n in lengths]
+  mask = np.asarray(attention_mask)
+  if mask.shape != (b, t):
+    raise ValueError(f"attention_mask must have the prompts' shape {(b, t)}, got {mask.shape}")
+  if not (mask.dtype == bool or np.issubdtype(mask.dtype, np.integer)) or not np.isin(
+      mask, (0, 1)).all():
+    raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+  spans = []
+  for row, ones in enumerate(mask.astype(bool)):
+    where = np.flatnonzero(ones)
+    if where.size == 0:
+      raise ValueError(f"attention_mask row {row} is all 0: every prompt needs at least one token")
+    if where[-1] - where[0] + 1 != where.size:
+      raise ValueError(f"attention_mask row {row} has padding between real tokens (ones at "
+                       f"{where.tolist()}): only left or right padding can be told apart from "
+                       "the prompt")
+    spans.append((int(where[0]), int(where[-1]) + 1))
+  return spans
+
+
+def _prompt_rows(prompts: Union[Sequence[Sequence[int]], np.ndarray, jax.Array], vocab_size: int,
+                 attention_mask=None, lengths=None) -> list[np.ndarray]:
+  """Each prompt's real tokens as int32 [T_b]; arrays need attention_mask or lengths."""
   if isinstance(prompts, (np.ndarray, jax.Array)):
     array = np.asarray(prompts)
     if array.ndim != 2:
       raise ValueError(f"prompts array must be [B,T], got shape {array.shape}")
-    rows = list(array)
+    rows = [array[b, start:end] for b, (start, end) in
+            enumerate(_real_spans(array.shape, attention_mask, lengths))]
   else:
+    if attention_mask is not None or lengths is not None:
+      raise ValueError("attention_mask and lengths go with a prompts array [B,T]; a list of token "
+                       "lists already gives each prompt's length")
     rows = [np.asarray(list(p)) for p in prompts]
   if not rows:
     raise ValueError("prompts is empty: give at least one prompt")
@@ -174,16 +222,24 @@ def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int) -> 
 def generate(model: Transformer, params, prompts, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_id: Optional[int] = None, seed: int = 0, pad_id: int = 0,
-             return_lengths: bool = False):
+             return_lengths: bool = False, attention_mask=None, lengths=None):
   """Continues each prompt by max_new_tokens tokens.
 
-  prompts: token lists of any lengths, or an int array [B,T]. Returns int32 [B, L] with
-  L = longest prompt + max_new_tokens: row b is prompt b, then its new tokens, then pad_id (after
-  an EOS, and for shorter prompts). With return_lengths, also each row's real length [B].
+  prompts: token lists of any lengths, or an int array [B,T] with exactly one of
+    attention_mask [B,T]: 1 on real tokens, 0 on padding, which may be on the left (Hugging
+      Face's padding_side="left") or on the right; each row's ones must be contiguous;
+    lengths [B]: the first lengths[b] tokens of row b are real, the rest is padding (the form
+      generate itself returns).
+  An array with neither, both, or padding between real tokens raises ValueError: padding
+  cannot be told from tokens, so it is refused rather than guessed.
+
+  Returns int32 [B, L] with L = longest prompt + max_new_tokens: row b is prompt b's real
+  tokens, then its new tokens, then pad_id (after an EOS, and for shorter prompts), whatever
+  side the input was padded on. With return_lengths, also each row's real length [B].
   """
   cfg = model.config
   check_sampling(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, eos_id)
-  rows = _prompt_rows(prompts, cfg.vocab_size)
+  rows = _prompt_rows(prompts, cfg.vocab_size, attention_mask, lengths)
   prompt_lengths = np.array([len(r) for r in rows], np.int32)
   longest = int(prompt_lengths.max())
   max_len = cache_length(longest, max_new_tokens, cfg.max_seq_len)

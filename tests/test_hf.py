@@ -1,6 +1,7 @@
 """Parity with Hugging Face transformers' DeepseekV2/V3 (PyTorch, CPU), built tiny and random here
 and loaded through safetensors files, as a downloaded checkpoint would be."""
 
+import dataclasses
 import json
 
 import jax
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 
 import mla_jax
-from mla_jax.hf import fuse_expert_tensors, load_hf, model_config_from_hf, params_from_hf
+from mla_jax.hf import (dtype_name, fuse_expert_tensors, load_hf, model_config_from_hf,
+                        params_from_hf, split_mtp_tensors)
 from tests.helpers import rel_err
 
 torch = pytest.importorskip("torch")
@@ -37,13 +39,15 @@ CASES = {
     # DeepSeek-V2 style: query compression, group-limited routing over 4 groups of 2. (Its YaRN
     # mscale equals mscale_all_dim, as in the released V2 models: with them unequal,
     # transformers 5.24's own cached DeepseekV2 generation departs from its full forward.)
+    # rms_norm_eps=1e-2 here and in the V3 case: the latent norms must keep DeepSeek's 1e-6.
     "v2_q_lora_group_limited": ("DeepseekV2", dict(
-        q_lora_rank=32, rope_parameters=_yarn(0.707, 0.707), n_routed_experts=8,
+        rms_norm_eps=1e-2, q_lora_rank=32, rope_parameters=_yarn(0.707, 0.707), n_routed_experts=8,
         num_experts_per_tok=2, n_shared_experts=2, topk_method="group_limited_greedy", n_group=4,
         topk_group=2)),
     # DeepSeek-V3 style: sigmoid routing, a non-zero correction bias, interleaved RoPE, YaRN.
     "v3_sigmoid_bias_yarn": ("DeepseekV3", dict(
-        q_lora_rank=32, rope_interleave=True, rope_parameters=_yarn(1.0, 0.5), n_routed_experts=8,
+        rms_norm_eps=1e-2, q_lora_rank=32, rope_interleave=True, rope_parameters=_yarn(1.0, 0.5),
+        n_routed_experts=8,
         num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
         routed_scaling_factor=2.5)),
     # Half-rotation RoPE and all-dense layers.
@@ -101,7 +105,8 @@ def test_logits_and_greedy_generation_match_transformers(saved):
     hf_out = hf_model.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape),
                                max_new_tokens=60, min_new_tokens=60, do_sample=False,
                                pad_token_id=0).numpy()  # explicit mask: id 0 is no padding here
-  ours = mla_jax.generate(model, params, prompt, max_new_tokens=60)
+  ours = mla_jax.generate(model, params, prompt, attention_mask=np.ones_like(prompt),
+                          max_new_tokens=60)
   np.testing.assert_array_equal(ours, hf_out)
 
 
@@ -123,10 +128,8 @@ def test_bf16_stays_close_to_float32(saved):
     assert float(jnp.mean(low.argmax(-1) == ref.argmax(-1))) >= 0.95, impl
 
 
-def test_released_per_expert_layout_loads_the_same(saved):
-  name, hf_model, _ = saved
-  cfg = model_config_from_hf(hf_model.config.to_dict())
-  fused = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+def _per_expert(fused):
+  """transformers' fused expert tensors -> DeepSeek's released experts.{e}.*_proj.weight."""
   per_expert = {}
   for key, value in fused.items():
     if key.endswith("mlp.experts.gate_up_proj"):
@@ -139,9 +142,122 @@ def test_released_per_expert_layout_loads_the_same(saved):
         per_expert[f"{key[:-len('.down_proj')]}.{e}.down_proj.weight"] = value[e]
     else:
       per_expert[key] = value
+  return per_expert
+
+
+def test_released_per_expert_layout_loads_the_same(saved):
+  name, hf_model, _ = saved
+  cfg = model_config_from_hf(hf_model.config.to_dict())
+  fused = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  per_expert = _per_expert(fused)
   assert set(fuse_expert_tensors(per_expert)) == set(fused)
   jax.tree_util.tree_map(np.testing.assert_array_equal, params_from_hf(cfg, per_expert),
                          params_from_hf(cfg, fused))
+
+
+def test_latent_norms_keep_the_reference_epsilon():
+  """rms_norm_eps=1e-2 applies to the block norms only: q_a_layernorm and kv_a_layernorm use 1e-6
+  in DeepSeek's code and transformers'. Applying 1e-2 there too is visibly wrong (the fault)."""
+  hf_model = _hf_model("v3_sigmoid_bias_yarn")
+  cfg = model_config_from_hf(hf_model.config.to_dict())
+  assert (cfg.rms_norm_eps, cfg.latent_norm_eps) == (1e-2, 1e-6)
+  params = params_from_hf(cfg, {k: v.detach().numpy() for k, v in hf_model.state_dict().items()})
+  tokens = np.random.default_rng(3).integers(0, 97, (2, 12))
+  with torch.no_grad():
+    expected = hf_model(torch.as_tensor(tokens)).logits.numpy()
+  for eps, agrees in ((1e-6, True), (1e-2, False)):
+    model = mla_jax.Transformer(dataclasses.replace(cfg, latent_norm_eps=eps))
+    logits, _ = model.apply({"params": params}, jnp.asarray(tokens))
+    error = np.abs(np.asarray(logits) - expected).max()
+    assert (error <= 1e-4) == agrees, (eps, error)
+
+
+MTP_HEAD = {"embed_tokens.weight": (97, 64), "enorm.weight": (64,), "hnorm.weight": (64,),
+            "eh_proj.weight": (64, 128), "shared_head.norm.weight": (64,),
+            "shared_head.head.weight": (97, 64)}  # DeepSeek-V3's released names, hidden 64
+
+
+@pytest.fixture(scope="module")
+def v3_with_mtp(tmp_path_factory):
+  """The V3 case as DeepSeek releases it: per-expert tensors, and a multi-token-prediction layer
+  model.layers.2.* (a copy-shaped MoE decoder layer plus MTP_HEAD), announced in config.json."""
+  from safetensors.numpy import save_file
+
+  hf_model = _hf_model("v3_sigmoid_bias_yarn")
+  fused = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  rng = np.random.default_rng(4)
+  mtp = {k.replace("model.layers.1.", "model.layers.2."): rng.normal(size=v.shape).astype(v.dtype)
+         for k, v in fused.items() if k.startswith("model.layers.1.")}
+  mtp.update({f"model.layers.2.{k}": rng.normal(size=shape).astype(np.float32)
+              for k, shape in MTP_HEAD.items()})
+  directory = tmp_path_factory.mktemp("v3_mtp")
+  tensors = _per_expert({**fused, **mtp})
+  names = sorted(tensors)
+  for part in range(2):  # two shards with an index, the MTP layer spread over both
+    save_file({n: np.ascontiguousarray(tensors[n]) for n in names[part::2]},
+              str(directory / f"model-0000{part + 1}.safetensors"))
+  (directory / "model.safetensors.index.json").write_text(json.dumps(
+      {"weight_map": {n: f"model-0000{i % 2 + 1}.safetensors" for i, n in enumerate(names)}}))
+  config = {**hf_model.config.to_dict(), "num_nextn_predict_layers": 1}
+  (directory / "config.json").write_text(json.dumps(config))
+  return hf_model, directory, _per_expert(mtp)
+
+
+def test_v3_checkpoint_with_its_mtp_layer_loads_and_skips_it(v3_with_mtp):
+  hf_model, directory, mtp = v3_with_mtp
+  assert len(mtp) == 44  # 22 in the fused layout (the fault's count), 8 experts x 3 here
+  notes = []
+  model, params = load_hf(directory, log=notes.append)
+  assert notes == ["skipped the multi-token-prediction layer model.layers.2.* (44 tensors: a "
+                   "decoder layer plus embed_tokens.weight, enorm.weight, hnorm.weight, "
+                   "eh_proj.weight, shared_head.norm.weight, shared_head.head.weight): mla-jax "
+                   "predicts one token per step and does not use it"]
+  assert model.config.num_layers == 2 and "layers_2" not in params
+  tokens = np.random.default_rng(5).integers(0, 97, (2, 20))
+  with torch.no_grad():
+    expected = hf_model(torch.as_tensor(tokens)).logits.numpy()
+  for impl in ("naive", "absorbed"):
+    logits, _ = model.apply({"params": params}, jnp.asarray(tokens), attn_impl=impl)
+    assert np.abs(np.asarray(logits) - expected).max() <= 1e-4, impl
+
+
+def test_mtp_tensors_outside_deepseeks_layout_are_errors(v3_with_mtp):
+  hf_model, _, mtp = v3_with_mtp
+  cfg = model_config_from_hf(hf_model.config.to_dict())
+  main = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
+  kept, skipped = split_mtp_tensors(cfg, {**main, **mtp}, mtp_layers=1)
+  assert set(kept) == set(main) and skipped == sorted(mtp)
+  assert split_mtp_tensors(cfg, main, mtp_layers=1) == (main, [])  # MTP layer dropped: fine
+  with pytest.raises(ValueError, match=r"unexpected tensors in the multi-token-prediction layer: "
+                                       r"\['model\.layers\.2\.mlp\.foo\.weight'\]"):
+    split_mtp_tensors(cfg, {**main, **mtp, "model.layers.2.mlp.foo.weight": np.ones(2)}, 1)
+  bad = {**mtp, "model.layers.2.eh_proj.weight": np.ones((64, 64), np.float32)}
+  with pytest.raises(ValueError, match=r"tensor model\.layers\.2\.eh_proj\.weight of the "
+                                       r"multi-token-prediction layer has shape \(64, 64\), "
+                                       r"expected \(64, 128\)"):
+    split_mtp_tensors(cfg, {**main, **bad}, 1)
+  # Not announced by num_nextn_predict_layers, or past the announced layers: still unexpected.
+  with pytest.raises(ValueError, match=r"unexpected tensors in checkpoint: \['model\.layers\.2\."
+                                       r".*\(22 in all\); model\.layers\.2\.\* follows the last "
+                                       r"decoder layer: a multi-token-prediction layer, which "
+                                       r"config.json must announce with num_nextn_predict_layers"):
+    params_from_hf(cfg, split_mtp_tensors(cfg, {**main, **mtp}, mtp_layers=0)[0])
+  extra = {"model.layers.3.enorm.weight": np.ones(64, np.float32)}
+  with pytest.raises(ValueError, match=r"unexpected tensors in checkpoint: "
+                                       r"\['model\.layers\.3\.enorm\.weight'\] \(1 in all\)$"):
+    params_from_hf(cfg, split_mtp_tensors(cfg, {**main, **mtp, **extra}, mtp_layers=1)[0])
+
+
+def test_dtype_aliases_and_refusals(v3_checkpoint):
+  assert [dtype_name(d) for d in ("bf16", "BF16", "fp32", "f16", "half", jnp.bfloat16,
+                                  np.float32)] == ["bfloat16", "bfloat16", "float32", "float16",
+                                                   "float16", "bfloat16", "float32"]
+  model, params = load_hf(v3_checkpoint, dtype="bf16")
+  assert model.config.dtype == "bfloat16" and params["embed_tokens"].dtype == jnp.bfloat16
+  for bad in ("bf8", np.int8, "float64"):
+    with pytest.raises(ValueError, match=r"dtype=.* is not supported: allowed float32, bfloat16, "
+                                         r"float16 \(or bf16, fp32, fp16\)"):
+      load_hf(v3_checkpoint, dtype=bad)
 
 
 def _rewrite(directory, tmp_path, edit):

@@ -44,9 +44,64 @@ def test_greedy_equals_teacher_forced_argmax_and_rows_are_independent(model_and_
     np.testing.assert_array_equal(row[len(prompt):], predicted[len(prompt) - 1:-1])
     alone = generate(model, params, [prompt], max_new_tokens=12)
     np.testing.assert_array_equal(alone[0], row)
-  # An int array of equal-length prompts works the same way.
-  same = generate(model, params, np.array([PROMPTS[0], PROMPTS[0]]), max_new_tokens=12)
+  # An int array of equal-length prompts works the same way, once it says they are all real.
+  same = generate(model, params, np.array([PROMPTS[0], PROMPTS[0]]), max_new_tokens=12,
+                  lengths=[7, 7])
   np.testing.assert_array_equal(same[1], out[0])
+
+
+def _padded(side, pad=59):
+  """PROMPTS as one [3,7] array padded on `side` with a real token id, and its attention mask."""
+  array, mask = np.full((3, 7), pad, np.int32), np.zeros((3, 7), np.int32)
+  for b, prompt in enumerate(PROMPTS):
+    where = slice(7 - len(prompt), 7) if side == "left" else slice(0, len(prompt))
+    array[b, where], mask[b, where] = prompt, 1
+  return array, mask
+
+
+def test_padded_arrays_continue_the_real_tokens_only(model_and_params):
+  """Hugging Face's padding_side="left" habit: with the mask, the pads are not prompt tokens, and
+  each row continues exactly as its prompt alone does (teacher-forced above)."""
+  model, params = model_and_params
+  expected, expected_lengths = generate(model, params, PROMPTS, max_new_tokens=12,
+                                        return_lengths=True)
+  for side in ("left", "right"):
+    array, mask = _padded(side)
+    out, lengths = generate(model, params, array, attention_mask=mask, max_new_tokens=12,
+                            return_lengths=True)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(lengths, expected_lengths)
+  array, _ = _padded("right")
+  by_lengths = generate(model, params, jnp.asarray(array), lengths=np.array([7, 1, 4]),
+                        max_new_tokens=12)
+  np.testing.assert_array_equal(by_lengths, expected)
+  # What the pads would have produced had they been read as prompt tokens: a different answer.
+  left, _ = _padded("left")
+  assert not np.array_equal(generate(model, params, left, lengths=[7, 7, 7], max_new_tokens=12)
+                            [1, 7:], expected[1, 1:13])
+
+
+@pytest.mark.parametrize("prompts, kwargs, message", [
+    (np.ones((2, 3), np.int32), {}, r"prompts is an array of shape \(2, 3\) and neither of "
+     r"attention_mask and lengths was given: an array cannot say which of its tokens are padding"),
+    (np.ones((2, 3), np.int32), dict(attention_mask=np.ones((2, 3)), lengths=[3, 3]),
+     "and both of attention_mask and lengths"),
+    (np.ones((2, 3), np.int32), dict(attention_mask=[[1, 0, 1], [1, 1, 1]]),
+     r"attention_mask row 0 has padding between real tokens \(ones at \[0, 2\]\)"),
+    (np.ones((2, 3), np.int32), dict(attention_mask=[[0, 0, 0], [1, 1, 1]]),
+     "attention_mask row 0 is all 0"),
+    (np.ones((2, 3), np.int32), dict(attention_mask=np.ones((2, 4))),
+     r"attention_mask must have the prompts' shape \(2, 3\), got \(2, 4\)"),
+    (np.ones((2, 3), np.int32), dict(attention_mask=[[1, 2, 1], [1, 1, 1]]),
+     "attention_mask must hold only 0"),
+    (np.ones((2, 3), np.int32), dict(lengths=[3, 4]), r"lengths must be in \[1, T=3\]"),
+    (np.ones((2, 3), np.int32), dict(lengths=[3]), r"lengths must be an integer array \[B=2\]"),
+    ([[1, 2]], dict(lengths=[2]), "attention_mask and lengths go with a prompts array"),
+])
+def test_ambiguous_prompt_arrays_are_refused(model_and_params, prompts, kwargs, message):
+  model, params = model_and_params
+  with pytest.raises(ValueError, match=message):
+    generate(model, params, prompts, max_new_tokens=3, **kwargs)
 
 
 def test_decode_step_traces_once_per_generation(model_and_params, monkeypatch):
