@@ -524,7 +524,7 @@ def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32",
   import yaml
 
   from mla_jax.checkpoint import Checkpoints
-  from mla_jax.config import Config
+  from mla_jax.config import Config, TrainConfig
 
   workdir = Path(workdir)
   if (workdir / "checkpoints").exists():
@@ -534,7 +534,9 @@ def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32",
   hf_config = read_json(directory / "config.json")
   eos = hf_config.get("eos_token_id")
   eos = eos if isinstance(eos, int) and not isinstance(eos, bool) else None
-  config = Config(model=model.config, workdir=str(workdir))
+  # The workdir's train section is unused by generate, but must be valid for this model.
+  train = TrainConfig(seq_len=min(TrainConfig.seq_len, model.config.max_seq_len))
+  config = Config(model=model.config, train=train, workdir=str(workdir))
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoints = Checkpoints(workdir, keep=1)
   try:
