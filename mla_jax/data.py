@@ -138,7 +138,12 @@ class HFTokenizer:
   def __init__(self, path: Path, eos_id: Optional[int]):
     from tokenizers import Tokenizer
 
-    self._tokenizer = Tokenizer.from_file(str(path))
+    try:
+      self._tokenizer = Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 -- tokenizers raises a bare Exception on a bad file
+      raise ValueError(f"{path} is not a tokenizer the tokenizers library can read ("
+                       f"{str(err).splitlines()[0] if str(err) else type(err).__name__}): copy "
+                       "the model's tokenizer.json there again") from None
     self.vocab_size = self._tokenizer.get_vocab_size()
     self.EOS = eos_id
     self.PAD = 0 if eos_id is None else eos_id

@@ -196,6 +196,10 @@ def test_converted_checkpoint_without_tokenizer_refuses_text(hf_dir, converted, 
                                        r"smaller than the byte tokenizer's 259 ids"):
     load_tokenizer(tmp_path, vocab_size=97)
   assert isinstance(load_tokenizer(tmp_path, vocab_size=260), ByteTokenizer)
+  (tmp_path / "tokenizer.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"tokenizer.json is not a tokenizer the tokenizers library "
+                                       r"can read \(.*\): copy the model's tokenizer.json there"):
+    load_tokenizer(tmp_path)
 
 
 def test_cli_prints_one_line_for_each_malformed_input(hf_dir, converted, tmp_path):
