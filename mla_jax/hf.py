@@ -9,7 +9,8 @@ DeepSeek-V3/R1 checkpoints also hold `num_nextn_predict_layers` multi-token-pred
 layers after the last decoder layer (`model.layers.{num_hidden_layers + i}.*`: a decoder layer
 plus embed_tokens, enorm, hnorm, eh_proj, shared_head.norm and shared_head.head). mla-jax decodes
 one token per step and has no use for them: load_hf checks their names and shapes and skips them
-with a one-line note. Any other tensor the model does not have is still an error.
+with a one-line note. Any other tensor the model does not have is still an error. Their FP8
+weights (with per-block `weight_scale_inv`) are dequantized to bfloat16 when converted.
 """
 
 from __future__ import annotations
@@ -295,13 +296,18 @@ def split_mtp_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray], mt
   main = {name: t for name, t in tensors.items() if not name.startswith(prefixes)}
   mtp = {name: t for name, t in tensors.items() if name not in main}
   expected = mtp_tensor_shapes(config, mtp_layers)
-  fused = fuse_expert_tensors(mtp)
-  unknown = sorted(name for name in fused if name not in expected)
+  for name, (prefix, index, kind) in ((n, m.groups()) for n in mtp
+                                      if (m := _PER_EXPERT.match(n)) is not None):
+    # One expert of the released layout: checked on its own, never stacked (nor read) here.
+    fused = expected.get(f"{prefix}.{'down_proj' if kind == 'down' else 'gate_up_proj'}")
+    if fused is not None and int(index) < fused[0]:
+      expected[name] = fused[1:] if kind == "down" else (fused[1] // 2, fused[2])
+  unknown = sorted(name for name in mtp if name not in expected)
   if unknown:
     raise ValueError(f"unexpected tensors in the multi-token-prediction layer: {unknown[:5]}"
                      f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} in all): not part of "
                      "DeepSeek's layout (a decoder layer plus " + ", ".join(_MTP_HEAD) + ")")
-  for name, array in fused.items():
+  for name, array in mtp.items():
     if tuple(np.shape(array)) != expected[name]:
       raise ValueError(f"tensor {name} of the multi-token-prediction layer has shape "
                        f"{tuple(np.shape(array))}, expected {expected[name]}")
@@ -351,7 +357,6 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray],
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
                       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
                       "BOOL": np.bool_}
-_FP8 = ("F8_E4M3", "F8_E5M2")
 _DAMAGED = "the file is truncated or damaged; download it again"
 
 
@@ -372,7 +377,8 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
   the safetensors package's numpy backend cannot return bfloat16, DeepSeek's dtype, and its flax
   backend puts every tensor on the default device. The header is checked against the file's size
   first, so a truncated or damaged file is a ValueError naming it (and the tensor), never a
-  reshape error. FP8 tensors (DeepSeek's released V3/R1 files) are refused with what to do.
+  reshape error. FP8 tensors (DeepSeek's released V3/R1 files) come back as stored, in
+  ml_dtypes' float8 types; see dequantize_fp8.
   """
   import ml_dtypes
 
@@ -398,12 +404,8 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     if name == "__metadata__":
       continue
     kind = info.get("dtype") if isinstance(info, dict) else None
-    if kind in _FP8:
-      raise ValueError(f"tensor {name} in {path} is FP8 ({kind}), as in DeepSeek's released "
-                       "V3/R1 files: mla-jax reads bfloat16, float16 or float32 weights; convert "
-                       "the checkpoint to bfloat16 first (DeepSeek-V3's "
-                       "inference/fp8_cast_bf16.py)")
-    dtype = ml_dtypes.bfloat16 if kind == "BF16" else _SAFETENSORS_DTYPES.get(kind)
+    dtype = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn,
+             "F8_E5M2": ml_dtypes.float8_e5m2}.get(kind) or _SAFETENSORS_DTYPES.get(kind)
     if dtype is None:
       raise ValueError(f"tensor {name} in {path} has unsupported dtype {kind}")
     try:
@@ -421,6 +423,64 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     tensors[name] = (np.zeros(shape, dtype) if data is None else
                      data[begin:end].view(dtype).reshape(shape))
   return tensors
+
+
+class _BlockDequantized:
+  """An FP8 weight [M,N] times its per-block scales [ceil(M/bm), ceil(N/bn)], computed only when
+  read (np.asarray), so memory-mapped files stay unread until converted. As DeepSeek-V3's
+  inference/kernel.py weight_dequant (y = x * s per block) and fp8_cast_bf16.py (to bfloat16)."""
+
+  def __init__(self, weight: np.ndarray, scale: np.ndarray, block: tuple[int, int]):
+    self.weight, self.scale, self.block = weight, scale, block
+    self.shape = weight.shape
+
+  def __array__(self, dtype=None, copy=None) -> np.ndarray:
+    import ml_dtypes
+
+    (bm, bn), (m, n) = self.block, self.shape
+    scale = np.repeat(np.repeat(np.asarray(self.scale, np.float32), bm, 0), bn, 1)[:m, :n]
+    out = (np.asarray(self.weight).astype(np.float32) * scale).astype(ml_dtypes.bfloat16)
+    return out if dtype is None else out.astype(dtype)
+
+
+def dequantize_fp8(tensors: Mapping[str, Any], block: tuple[int, int] = (128, 128),
+                   source: str = "the checkpoint") -> dict[str, Any]:
+  """Replaces each FP8 `X.weight` and its `X.weight_scale_inv` (DeepSeek's released V3/R1 layout,
+  block-wise scales, config.json's quantization_config.weight_block_size) by the dequantized
+  bfloat16 weight, lazily. An FP8 weight without scales, scales without their weight, or scales
+  of the wrong shape are ValueErrors naming the tensor."""
+  import ml_dtypes
+
+  fp8 = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
+  out = {name: t for name, t in tensors.items() if not name.endswith(".weight_scale_inv")}
+  for name in sorted(set(tensors) - set(out)):
+    weight_name = name[:-len("_scale_inv")]
+    weight = tensors.get(weight_name)
+    if weight is None or np.dtype(weight.dtype) not in fp8 or len(weight.shape) != 2:
+      raise ValueError(f"{source}: {name} has no FP8 matrix {weight_name} to scale")
+    (m, n), (bm, bn) = weight.shape, block
+    expected = (-(-m // bm), -(-n // bn))
+    if tuple(tensors[name].shape) != expected:
+      raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected "
+                       f"{expected} (blocks of {bm}x{bn} over {weight_name} {(m, n)})")
+    out[weight_name] = _BlockDequantized(weight, tensors[name], block)
+  unscaled = sorted(name for name, t in out.items()
+                    if isinstance(t, np.ndarray) and t.dtype in fp8)
+  if unscaled:
+    raise ValueError(f"{source}: FP8 tensors without their weight_scale_inv: {unscaled[:5]}"
+                     f"{' ...' if len(unscaled) > 5 else ''} ({len(unscaled)} in all)")
+  return out
+
+
+def _fp8_block(hf: Mapping[str, Any], source: str) -> tuple[int, int]:
+  """quantization_config.weight_block_size of an FP8 config.json ([128, 128] for DeepSeek-V3)."""
+  quant = hf.get("quantization_config") or {}
+  block = quant.get("weight_block_size", [128, 128]) if isinstance(quant, Mapping) else None
+  if (not isinstance(block, (list, tuple)) or len(block) != 2
+      or not all(isinstance(b, int) and b > 0 for b in block)):
+    raise ValueError(f"{source}: quantization_config.weight_block_size={block!r} is invalid: "
+                     "expected two positive integers, e.g. [128, 128]")
+  return int(block[0]), int(block[1])
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -491,6 +551,7 @@ def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None,
   tensors: dict[str, np.ndarray] = {}
   for file in _safetensors_files(directory):
     tensors.update(read_safetensors(file))
+  tensors = dequantize_fp8(tensors, _fp8_block(hf_config, str(config_file)), str(directory))
   tensors, mtp = split_mtp_tensors(config, tensors, mtp_layer_count(hf_config, str(config_file)))
   if mtp:
     layers = sorted({int(n.split(".")[2]) for n in mtp})

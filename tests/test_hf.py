@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mla_jax
-from mla_jax.hf import (dtype_name, fuse_expert_tensors, load_hf, model_config_from_hf,
+from mla_jax.hf import (dequantize_fp8, dtype_name, fuse_expert_tensors, load_hf, model_config_from_hf,
                         params_from_hf, split_mtp_tensors)
 from tests.helpers import rel_err
 
@@ -32,24 +32,23 @@ def _yarn(mscale, mscale_all_dim):
 
 CASES = {
     # DeepSeek-V2-Lite style: no query compression, YaRN, greedy softmax routing, a shared expert.
+    # rms_norm_eps=1e-2 here and in the V3 case: the latent norms must keep DeepSeek's 1e-6.
     "v2_no_q_lora_yarn": ("DeepseekV2", dict(
-        q_lora_rank=None, rope_parameters=_yarn(0.707, 0.707), n_routed_experts=4,
-        num_experts_per_tok=2, n_shared_experts=1, topk_method="greedy",
+        rms_norm_eps=1e-2, q_lora_rank=None, rope_parameters=_yarn(0.707, 0.707),
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, topk_method="greedy",
         routed_scaling_factor=1.5)),
     # DeepSeek-V2 style: query compression, group-limited routing over 4 groups of 2. (Its YaRN
     # mscale equals mscale_all_dim, as in the released V2 models: with them unequal,
     # transformers 5.24's own cached DeepseekV2 generation departs from its full forward.)
-    # rms_norm_eps=1e-2 here and in the V3 case: the latent norms must keep DeepSeek's 1e-6.
     "v2_q_lora_group_limited": ("DeepseekV2", dict(
-        rms_norm_eps=1e-2, q_lora_rank=32, rope_parameters=_yarn(0.707, 0.707), n_routed_experts=8,
+        q_lora_rank=32, rope_parameters=_yarn(0.707, 0.707), n_routed_experts=8,
         num_experts_per_tok=2, n_shared_experts=2, topk_method="group_limited_greedy", n_group=4,
         topk_group=2)),
     # DeepSeek-V3 style: sigmoid routing, a non-zero correction bias, interleaved RoPE, YaRN.
     "v3_sigmoid_bias_yarn": ("DeepseekV3", dict(
         rms_norm_eps=1e-2, q_lora_rank=32, rope_interleave=True, rope_parameters=_yarn(1.0, 0.5),
-        n_routed_experts=8,
-        num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2, norm_topk_prob=True,
-        routed_scaling_factor=2.5)),
+        n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4, topk_group=2,
+        norm_topk_prob=True, routed_scaling_factor=2.5)),
     # Half-rotation RoPE and all-dense layers.
     "v3_half_rotation_dense": ("DeepseekV3", dict(
         q_lora_rank=32, rope_interleave=False, first_k_dense_replace=2, n_routed_experts=4,
@@ -177,11 +176,37 @@ MTP_HEAD = {"embed_tokens.weight": (97, 64), "enorm.weight": (64,), "hnorm.weigh
             "shared_head.head.weight": (97, 64)}  # DeepSeek-V3's released names, hidden 64
 
 
+BLOCK = 16  # FP8 scale blocks (DeepSeek-V3 uses 128); 16 gives several blocks per tiny matrix
+
+
+def _fp8_quantize(w):
+  """DeepSeek-V3's released format: float8_e4m3fn weights with one float32 scale per block
+  (weight_scale_inv: the factor that dequantizes). Returns (fp8 weight, scales, dequantized as
+  fp8_cast_bf16.py makes it: bfloat16, here widened to float32)."""
+  import ml_dtypes
+
+  m, n = w.shape
+  blocks = np.pad(w, ((0, -m % BLOCK), (0, -n % BLOCK))).reshape(
+      -(-m // BLOCK), BLOCK, -(-n // BLOCK), BLOCK)
+  scale = (np.abs(blocks).max(axis=(1, 3)) / 448.0).astype(np.float32)  # e4m3's largest: 448
+  expand = np.repeat(np.repeat(scale, BLOCK, 0), BLOCK, 1)[:m, :n]
+  q = (w / expand).astype(ml_dtypes.float8_e4m3fn)
+  return q, scale, (q.astype(np.float32) * expand).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def _quantized(name, value):
+  return (value.ndim == 2 and name.startswith("model.layers.") and name.endswith(".weight")
+          and not any(part in name for part in ("norm", "mlp.gate.weight", "embed_tokens",
+                                                "shared_head.head")))
+
+
 @pytest.fixture(scope="module")
 def v3_with_mtp(tmp_path_factory):
-  """The V3 case as DeepSeek releases it: per-expert tensors, and a multi-token-prediction layer
-  model.layers.2.* (a copy-shaped MoE decoder layer plus MTP_HEAD), announced in config.json."""
-  from safetensors.numpy import save_file
+  """The V3 case as DeepSeek releases it: FP8 weights with block scales (quantization_config),
+  per-expert tensors, and a multi-token-prediction layer model.layers.2.* (an MoE decoder layer
+  plus MTP_HEAD), announced by num_nextn_predict_layers. The transformers model gets the
+  dequantized weights, so both sides compute with the same numbers."""
+  from safetensors.torch import save_file
 
   hf_model = _hf_model("v3_sigmoid_bias_yarn")
   fused = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
@@ -190,20 +215,33 @@ def v3_with_mtp(tmp_path_factory):
          for k, v in fused.items() if k.startswith("model.layers.1.")}
   mtp.update({f"model.layers.2.{k}": rng.normal(size=shape).astype(np.float32)
               for k, shape in MTP_HEAD.items()})
+  released, dequantized = {}, {}
+  for name, value in _per_expert({**fused, **mtp}).items():
+    if _quantized(name, value):
+      q, scale, dequantized[name] = _fp8_quantize(value)
+      released[name] = torch.from_numpy(q.view(np.uint8)).view(torch.float8_e4m3fn)
+      released[name + "_scale_inv"] = torch.from_numpy(scale)
+    else:
+      released[name] = torch.from_numpy(np.ascontiguousarray(value))
+      dequantized[name] = value
+  main = fuse_expert_tensors({k: v for k, v in dequantized.items()
+                              if not k.startswith("model.layers.2.")})
+  hf_model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in main.items()})
   directory = tmp_path_factory.mktemp("v3_mtp")
-  tensors = _per_expert({**fused, **mtp})
-  names = sorted(tensors)
+  names = sorted(released)
   for part in range(2):  # two shards with an index, the MTP layer spread over both
-    save_file({n: np.ascontiguousarray(tensors[n]) for n in names[part::2]},
+    save_file({n: released[n].contiguous() for n in names[part::2]},
               str(directory / f"model-0000{part + 1}.safetensors"))
   (directory / "model.safetensors.index.json").write_text(json.dumps(
       {"weight_map": {n: f"model-0000{i % 2 + 1}.safetensors" for i, n in enumerate(names)}}))
-  config = {**hf_model.config.to_dict(), "num_nextn_predict_layers": 1}
+  config = {**hf_model.config.to_dict(), "num_nextn_predict_layers": 1, "quantization_config": {
+      "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+      "weight_block_size": [BLOCK, BLOCK]}}
   (directory / "config.json").write_text(json.dumps(config))
   return hf_model, directory, _per_expert(mtp)
 
 
-def test_v3_checkpoint_with_its_mtp_layer_loads_and_skips_it(v3_with_mtp):
+def test_v3_checkpoint_as_released_loads_fp8_and_skips_the_mtp_layer(v3_with_mtp):
   hf_model, directory, mtp = v3_with_mtp
   assert len(mtp) == 44  # 22 in the fused layout (the fault's count), 8 experts x 3 here
   notes = []
@@ -219,6 +257,28 @@ def test_v3_checkpoint_with_its_mtp_layer_loads_and_skips_it(v3_with_mtp):
   for impl in ("naive", "absorbed"):
     logits, _ = model.apply({"params": params}, jnp.asarray(tokens), attn_impl=impl)
     assert np.abs(np.asarray(logits) - expected).max() <= 1e-4, impl
+
+
+def test_fp8_weights_are_dequantized_block_by_block():
+  import ml_dtypes
+
+  q = np.ones((20, 40), ml_dtypes.float8_e4m3fn)
+  q[17, 35] = 3.0
+  scale = np.arange(1, 7, dtype=np.float32).reshape(2, 3)  # blocks of 16 x 16, the last ones cut
+  out = dequantize_fp8({"a.weight": q, "a.weight_scale_inv": scale, "b": np.ones(2)}, (16, 16))
+  assert set(out) == {"a.weight", "b"} and out["a.weight"].shape == (20, 40)
+  w = np.asarray(out["a.weight"])
+  assert w.dtype == ml_dtypes.bfloat16
+  assert (w[0, 0], w[0, 16], w[0, 39], w[16, 0], w[17, 35]) == (1, 2, 3, 4, 3 * 6)
+  with pytest.raises(ValueError, match=r"^x: tensor a.weight_scale_inv has shape \(1, 3\), "
+                                       r"expected \(2, 3\) \(blocks of 16x16 over a.weight "
+                                       r"\(20, 40\)\)$"):
+    dequantize_fp8({"a.weight": q, "a.weight_scale_inv": scale[:1]}, (16, 16), "x")
+  with pytest.raises(ValueError, match=r"FP8 tensors without their weight_scale_inv: "
+                                       r"\['a.weight'\] \(1 in all\)"):
+    dequantize_fp8({"a.weight": q})
+  with pytest.raises(ValueError, match=r"c.weight_scale_inv has no FP8 matrix c.weight to scale"):
+    dequantize_fp8({"c.weight": np.ones((2, 2), np.float32), "c.weight_scale_inv": scale})
 
 
 def test_mtp_tensors_outside_deepseeks_layout_are_errors(v3_with_mtp):
