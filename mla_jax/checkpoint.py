@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -30,10 +31,14 @@ def _reading(directory: Path, step: int) -> Iterator[None]:
   except Exception as err:  # noqa: BLE001 -- any failure to read is the same news to the user
     step_dir = directory / str(step)
     damaged = _damaged_json_file(step_dir)
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    files = re.findall(r'local file "([^"]+)"', first_line)  # tensorstore names what it read
     if damaged is not None:
       detail = f"{damaged} is not valid JSON"
+    elif files:
+      cause = first_line.split(f'local file "{files[-1]}": ', 1)[-1].split(" [tensorstore_spec")[0]
+      detail = f"{files[-1]}: {cause if len(cause) <= 200 else cause[:200] + ' ...'}"
     else:
-      first_line = (str(err).strip().splitlines() or [""])[0]
       detail = f"{type(err).__name__}: " + (
           first_line if len(first_line) <= 200 else first_line[:200] + " ...")
     raise CheckpointError(

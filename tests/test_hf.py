@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import mla_jax
-from mla_jax.hf import (dequantize_fp8, dtype_name, fuse_expert_tensors, load_hf, model_config_from_hf,
-                        params_from_hf, split_mtp_tensors)
+from mla_jax.hf import (dequantize_fp8, dtype_name, fuse_expert_tensors, load_hf,
+                        model_config_from_hf, params_from_hf, split_mtp_tensors)
 from tests.helpers import rel_err
 
 torch = pytest.importorskip("torch")

@@ -168,7 +168,9 @@ def test_damaged_orbax_checkpoints_are_named(converted, tmp_path):
     assert message.startswith(f"checkpoint {step.resolve()} cannot be read (")
     assert message.endswith("): it is damaged or incomplete; delete that directory to fall back "
                             "to an earlier checkpoint, or write it again (train or convert)")
-    if damage != "params/manifest.ocdbt":  # JSON: the file itself is named
+    if damage == "params/manifest.ocdbt":  # tensorstore's words, after the file it names
+      assert f"({step.resolve() / damage}: Error decoding manifest: " in message
+    else:
       assert f"({step.resolve() / damage} is not valid JSON)" in message
     assert "\n" not in message
 
