@@ -93,6 +93,7 @@ class Interrupts:
   @staticmethod
   def _exit_now(name: str, stage: str) -> None:
     try:
+      sys.stdout.flush()  # what was printed stays printed: os._exit flushes nothing
       sys.stderr.write(("\n" if sys.stderr.isatty() else "")  # end a progress bar's line
                        + f"mla-jax: stopped by {name} {stage}\n")
       sys.stderr.flush()

@@ -385,7 +385,11 @@ def _write_atomically(path: Path, text: str) -> None:
   os.replace(tmp, path)
 
 
-def train(config: Config, log: Callable[[str], None] = print, progress: bool = True) -> dict:
+def _print(line: str) -> None:
+  print(line, flush=True)  # a log file sees each line when it happens, not in 8 KiB blocks
+
+
+def train(config: Config, log: Callable[[str], None] = _print, progress: bool = True) -> dict:
   """Trains (or resumes) per config; returns a summary: final params, losses, steps, and
   `interrupted` (the signal's name) or `already_complete` (True when there was nothing to do).
 
