@@ -171,13 +171,15 @@ def test_convert_keeps_the_checkpoints_dtype_by_default(tmp_path, declared, expe
 
 def test_presets_work_from_any_directory(tmp_path):
   """Item 9: the configs ship with the package; names and the README's paths both work."""
+  outputs = {}
   for argument in ("deepseek_v2", "configs/tiny.yaml"):
     result = subprocess.run([MLA_JAX, "info", argument], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"config: {argument}\nattention: mla")
-  assert "576 elements (c_kv 512 + k_rope 64)" in subprocess.run(
-      [MLA_JAX, "info", "deepseek_v2"], cwd=tmp_path, capture_output=True, text=True).stdout
+    outputs[argument] = result.stdout
+  assert "576 elements (c_kv 512 + k_rope 64)" in outputs["deepseek_v2"]
+  assert "48 elements (c_kv 32 + k_rope 16)" in outputs["configs/tiny.yaml"]
 
 
 @pytest.mark.slow
