@@ -128,8 +128,8 @@ def _train(args: argparse.Namespace) -> int:
     if summary["main_process"]:
       print(f"workdir {summary['workdir']}: already complete at step {summary['final_step']} "
             f"(train.steps={config.train.steps}); nothing to do. Sample it with `mla-jax "
-            f"generate --checkpoint {summary['workdir']} --prompt TEXT`; to train a longer run, "
-            "set train.steps and a new workdir=")
+            f"generate --checkpoint {summary['workdir']} --prompt TEXT`; a longer run is a new "
+            "run: give train.steps=N (with workdir= unset it gets its own directory)")
     return 0
   if summary["interrupted"]:
     return exit_code(summary["interrupted"])
@@ -254,7 +254,7 @@ def _generate_batch(model, params, tokenizer, prompts: list[list[int]], options:
   prompt_tokens = sum(len(p) for p in prompts)
   new = int(lengths.sum()) - prompt_tokens
   print(_rate_line(compile_s, prompt_tokens, new, elapsed - compile_s)
-        + f" ({len(prompts)} prompts)", file=sys.stderr)
+        + f"; {len(prompts)} prompts ({prompt_tokens} tokens)", file=sys.stderr)
 
 
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",

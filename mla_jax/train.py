@@ -457,8 +457,8 @@ def _loop(config: Config, trainer: Trainer, corpus: Corpus, checkpoints: Checkpo
   metrics_log = MetricsLog(workdir, resume_step=start) if main_process else None
   report = _Progress(config, start, metrics_log, log, progress)
   interrupted, previous = None, None
-  INTERRUPTS.set_stage(f"while training; the last complete checkpoint in {checkpoints.directory}"
-                       " is intact: run the same command to resume from it")
+  INTERRUPTS.set_stage(f"the last complete checkpoint in {checkpoints.directory} is intact; run "
+                       "the same command to resume from it")
 
   def stop_if_diverged(step_and_metrics) -> None:
     if step_and_metrics is None:

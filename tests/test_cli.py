@@ -114,7 +114,7 @@ def test_generate_reports_step_blank_lines_and_rates_on_one_basis(default_workdi
                       "generating 2 prompt(s)")
   assert batch[1] == f"loaded step 6 of {workdir}"
   assert batch[2].startswith("compile: ") and " s (not counted below); generation: 12 prompt " \
-      "tokens + 10 new tokens in " in batch[2] and batch[2].endswith(" new tokens/s (2 prompts)")
+      "tokens + 10 new tokens in " in batch[2] and batch[2].endswith(" new tokens/s; 2 prompts (12 tokens)")
   compile_s = float(batch[2].split()[1])
   assert compile_s > 0  # compilation happened in this call and was taken out of the rate
   assert captured.out.count("---") == 2

@@ -340,3 +340,15 @@ def test_workdir_of_a_different_model_is_refused(unbroken_run, tmp_path):
   assert "model.kv_lora_rank: 16 -> 8" in result.stderr
   assert "model.num_heads: 2 -> 4" in result.stderr
   assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.slow
+def test_small_yaml_fits_the_16_gib_accelerator_its_comment_names():
+  """Issue 9, item 6: configs/small.yaml's train step on one device, by XLA's memory analysis."""
+  config = load_config("small")
+  trainer = train_module.Trainer.build(config, devices=jax.devices()[:1])
+  needed = train_module.step_memory(trainer.compile_train_step())
+  assert needed["total"] <= 12 * 2**30  # leaves room for the runtime on a 16 GiB device
+  from mla_jax.config import PRESETS_DIR
+
+  assert "one accelerator with 16 GiB" in (PRESETS_DIR / "small.yaml").read_text()
