@@ -454,8 +454,6 @@ def _loop(config: Config, trainer: Trainer, corpus: Corpus, checkpoints: Checkpo
   tc, workdir = config.train, Path(config.workdir)
   meta = lambda step: {"model": config.model.to_dict(), "run": config.run_fields(),  # noqa: E731
                        "step": step, "data_position": {"seed": config.seed, "next_batch": step}}
-  metrics_log = MetricsLog(workdir, resume_step=start) if main_process else None
-  report = _Progress(config, start, metrics_log, log, progress)
   interrupted, previous = None, None
   INTERRUPTS.set_stage(f"the last complete checkpoint in {checkpoints.directory} is intact; run "
                        "the same command to resume from it")
@@ -470,8 +468,12 @@ def _loop(config: Config, trainer: Trainer, corpus: Corpus, checkpoints: Checkpo
           f"last checkpoint (step {checkpoints.latest_step()}) holds finite parameters; lower "
           "train.learning_rate or check the data.")
 
-  try:
-    with INTERRUPTS.deferred() as stop:
+  # Deferred from here to the plot: metrics.jsonl is rewritten on a resume, checkpoints and
+  # loss.png are written, so a signal waits for a step boundary (a second one exits at once).
+  with INTERRUPTS.deferred() as stop:
+    metrics_log = MetricsLog(workdir, resume_step=start) if main_process else None
+    report = _Progress(config, start, metrics_log, log, progress)
+    try:
       for step in range(start + 1, tc.steps + 1):
         batch = batch_at(corpus.train, config.seed, TRAIN_STREAM, step - 1, tc.batch_size,
                          tc.seq_len)
@@ -497,14 +499,13 @@ def _loop(config: Config, trainer: Trainer, corpus: Corpus, checkpoints: Checkpo
       checkpoints.wait()
       final = int(state.step)
       INTERRUPTS.set_stage(f"after step {final} was saved to {checkpoints.directory}")
-      if interrupted is None and stop.requested is not None:  # arrived during the last save
-        interrupted = stop.requested
-        log(f"{interrupted}: training had finished; step {final} is saved")
-  finally:
-    report.close()
-
-  if main_process and (workdir / "metrics.jsonl").exists():
-    log(f"wrote {plot_losses(workdir)}")
+    finally:
+      report.close()
+    if main_process and (workdir / "metrics.jsonl").exists():
+      log(f"wrote {plot_losses(workdir)}")
+    if interrupted is None and stop.requested is not None:  # arrived after the last step
+      interrupted = stop.requested
+      log(f"{interrupted}: training had finished; step {final} is saved")
   return {**report.latest, "start_step": start, "final_step": final,
           "interrupted": interrupted, "params": state.params}
 
