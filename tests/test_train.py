@@ -113,7 +113,7 @@ def test_resume_after_sigkill_is_bit_exact(unbroken_run, tmp_path):
 
 def test_sigterm_saves_then_exits_cleanly_and_resumes(tmp_path):
   workdir = tmp_path / "term"
-  args = overrides(workdir, steps=600, checkpoint_every=1000, sample_tokens=0)
+  args = overrides(workdir, steps=200, checkpoint_every=1000, sample_tokens=0)
   process = subprocess.Popen(cli(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
   _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 20, process)
@@ -122,13 +122,13 @@ def test_sigterm_saves_then_exits_cleanly_and_resumes(tmp_path):
   assert process.returncode == 128 + signal.SIGTERM  # 143: a script tells it from a finished run
   assert "Traceback" not in err
   saved = Checkpoints(workdir, 10).latest_step()
-  assert 20 <= saved < 600  # saved on the signal, not at a checkpoint_every boundary
+  assert 20 <= saved < 200  # saved on the signal, not at a checkpoint_every boundary
   assert f"SIGTERM: saved step {saved}" in out
   assert (workdir / "loss.png").stat().st_size > 10_000  # written on a saved stop too
   resumed = subprocess.run(cli(args), capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr
   assert f"(step {saved})" in resumed.stdout
-  assert Checkpoints(workdir, 10).latest_step() == 600
+  assert Checkpoints(workdir, 10).latest_step() == 200
 
 
 def _stdout_lines_until(process, marker, timeout=300):
