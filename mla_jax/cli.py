@@ -390,9 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  """argparse, plus: key=value overrides may also follow options (`train CONFIG --distributed
+  train.steps=2`), which argparse alone rejects once the positionals are consumed."""
+  args, extra = parser.parse_known_args(argv)
+  if extra:
+    if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+      parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = list(args.overrides) + extra
+  return args
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args = parse_args(parser, argv)
   if args.command is None:
     parser.print_help()
     return 2

@@ -203,3 +203,15 @@ def test_the_command_imports_jax_only_after_its_signal_handlers():
                           timeout=120)
   assert result.returncode == 0, result.stderr
   assert result.stdout.strip() == "Transformer"
+
+
+def test_overrides_may_follow_options(capsys):
+  """`mla-jax train CONFIG --distributed key=value`: argparse alone rejects the override."""
+  from mla_jax.cli import build_parser, parse_args
+
+  args = parse_args(build_parser(), ["train", "tiny", "--distributed", "train.steps=2", "seed=1"])
+  assert args.config == "tiny" and args.distributed and args.overrides == ["train.steps=2", "seed=1"]
+  for extra in ("--bogus", "stray"):
+    with pytest.raises(SystemExit):
+      main(["train", "tiny", "--distributed", extra])
+    assert f"unrecognized arguments: {extra}" in capsys.readouterr().err
