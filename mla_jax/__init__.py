@@ -1,27 +1,43 @@
-"""mla-jax: Multi-head Latent Attention (DeepSeek-V2/V3) for JAX and Flax."""
+"""mla-jax: Multi-head Latent Attention (DeepSeek-V2/V3) for JAX and Flax.
 
+The public names below are imported on first use (PEP 562), so `import mla_jax` and the
+`mla-jax` command start without importing JAX; the command sets its signal handlers first.
+"""
+
+import importlib
 from importlib.metadata import PackageNotFoundError, version
-
-from mla_jax.cache import (Cache, KVCache, LatentCache, cache_bytes, init_cache,
-                           init_layer_cache)
-from mla_jax.config import Config, ModelConfig, YarnScaling, load_config
-from mla_jax.hf import load_hf
-from mla_jax.layers.attention import MultiHeadAttention
-from mla_jax.layers.mla import MultiHeadLatentAttention
-from mla_jax.layers.mlp import SwiGLU
-from mla_jax.layers.moe import DeepSeekMoE
-from mla_jax.layers.norms import RMSNorm
-from mla_jax.model import Transformer
-from mla_jax.sampling import generate, stream
 
 try:
   __version__ = version("mla-jax")
 except PackageNotFoundError:  # running from a source tree that was never installed
   __version__ = "0.0.0+unknown"
 
-__all__ = [
-    "Cache", "Config", "DeepSeekMoE", "KVCache", "LatentCache", "ModelConfig",
-    "MultiHeadAttention", "MultiHeadLatentAttention", "RMSNorm", "SwiGLU", "Transformer",
-    "YarnScaling", "__version__", "cache_bytes", "generate", "init_cache", "init_layer_cache",
-    "load_config", "load_hf", "stream",
-]
+_PUBLIC = {  # name -> the module that defines it
+    "Cache": "mla_jax.cache", "KVCache": "mla_jax.cache", "LatentCache": "mla_jax.cache",
+    "cache_bytes": "mla_jax.cache", "init_cache": "mla_jax.cache",
+    "init_layer_cache": "mla_jax.cache",
+    "Config": "mla_jax.config", "ModelConfig": "mla_jax.config",
+    "YarnScaling": "mla_jax.config", "load_config": "mla_jax.config",
+    "load_hf": "mla_jax.hf",
+    "MultiHeadAttention": "mla_jax.layers.attention",
+    "MultiHeadLatentAttention": "mla_jax.layers.mla",
+    "SwiGLU": "mla_jax.layers.mlp",
+    "DeepSeekMoE": "mla_jax.layers.moe",
+    "RMSNorm": "mla_jax.layers.norms",
+    "Transformer": "mla_jax.model",
+    "generate": "mla_jax.sampling", "stream": "mla_jax.sampling",
+}
+
+__all__ = sorted(_PUBLIC) + ["__version__"]
+
+
+def __getattr__(name: str):
+  if name not in _PUBLIC:
+    raise AttributeError(f"module 'mla_jax' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_PUBLIC[name]), name)
+  globals()[name] = value  # later lookups skip this function
+  return value
+
+
+def __dir__():
+  return __all__

@@ -103,6 +103,10 @@ class Checkpoints:
       return self._manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))))["state"]
 
+  def wait(self) -> None:
+    """Blocks until every asynchronous save is complete on disk."""
+    self._manager.wait_until_finished()
+
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()

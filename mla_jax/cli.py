@@ -1,19 +1,27 @@
 """The `mla-jax` command line: `info` (sizes, memory, cache bytes), `train`, `generate`, `convert`.
 
-`info` and `train` take an optional YAML config and dotted key=value overrides; without a config
-the built-in defaults apply, which configs/tiny.yaml spells out (a test keeps them equal).
+`info` and `train` take an optional YAML config (a path, or a preset name such as deepseek_v2:
+the configs/ shipped with the package) and dotted key=value overrides; without a config the
+built-in defaults apply, which configs/tiny.yaml spells out (a test keeps them equal).
+
+Each subcommand is one function `_<name>(args) -> exit status`, registered in build_parser.
+User errors are ValueError, printed by main as one line `mla-jax: error: ...` with status 2; a
+signal ends the command with 128 + its number (130 for Ctrl-C, 143 for SIGTERM), see
+mla_jax/interrupts.py. JAX is imported by the subcommands, after the signal handlers are set.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 import mla_jax
-from mla_jax.config import Config, ModelConfig, load_config
+from mla_jax.config import Config, ModelConfig, load_config_args, presets
+from mla_jax.interrupts import INTERRUPTS, exit_code
 
 
 def abstract_params(config: ModelConfig):
@@ -77,15 +85,13 @@ def describe(config: ModelConfig) -> list[str]:
 
 def _resolve_config(args: argparse.Namespace) -> Config:
   """CONFIG is optional: a first positional with '=' in it is already an override."""
-  items = ([] if args.config is None else [args.config]) + list(args.overrides)
-  if items and "=" not in items[0]:
-    return load_config(items[0], *items[1:])
-  return load_config(None, *items)
+  return load_config_args(([] if args.config is None else [args.config]) + list(args.overrides))
 
 
 def _info(args: argparse.Namespace) -> int:
   config = _resolve_config(args)
-  print(f"config: {args.config or '(built-in defaults = configs/tiny.yaml)'}")
+  named = args.config is not None and "=" not in args.config
+  print(f"config: {args.config if named else '(built-in defaults = configs/tiny.yaml)'}")
   for line in describe(config.model):
     print(line)
   return 0
@@ -118,8 +124,15 @@ def _train(args: argparse.Namespace) -> int:
   except TrainingError as err:
     print(f"mla-jax: error: {err}", file=sys.stderr)
     return 1
-  if summary["interrupted"]:
+  if summary["already_complete"]:
+    if summary["main_process"]:
+      print(f"workdir {summary['workdir']}: already complete at step {summary['final_step']} "
+            f"(train.steps={config.train.steps}); nothing to do. Sample it with `mla-jax "
+            f"generate --checkpoint {summary['workdir']} --prompt TEXT`; a longer run is a new "
+            "run: give train.steps=N (with workdir= unset it gets its own directory)")
     return 0
+  if summary["interrupted"]:
+    return exit_code(summary["interrupted"])
   if not summary["main_process"]:
     return 0
   if "val_loss" in summary:
@@ -140,19 +153,14 @@ def _generate(args: argparse.Namespace) -> int:
   from mla_jax.data import load_tokenizer
   from mla_jax.model import Transformer
   from mla_jax.sampling import cache_length, check_sampling
-  from mla_jax.train import load_trained, read_workdir_config
+  from mla_jax.train import load_checkpoint, read_workdir_config
 
   if (args.prompt is None) == (args.prompt_file is None):
     raise ValueError("give exactly one of --prompt TEXT or --prompt-file FILE")
   if args.prompt is not None:
     texts = [args.prompt]
   else:
-    path = Path(args.prompt_file)
-    if not path.is_file():
-      raise ValueError(f"--prompt-file {args.prompt_file!r} does not exist")
-    texts = [line for line in path.read_text().splitlines() if line.strip()]
-    if not texts:
-      raise ValueError(f"--prompt-file {args.prompt_file!r} holds no non-empty line")
+    texts = _read_prompt_file(args.prompt_file)
   model_config = read_workdir_config(args.checkpoint).model  # cheap: validate before loading
   tokenizer = load_tokenizer(args.checkpoint, model_config.vocab_size)
   prompts = [tokenizer.encode(t) for t in texts]
@@ -162,13 +170,40 @@ def _generate(args: argparse.Namespace) -> int:
                  top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.EOS)
   check_sampling(model_config.vocab_size, **options)
   cache_length(max(len(p) for p in prompts), args.max_new_tokens, model_config.max_seq_len)
-  config, params = load_trained(args.checkpoint)
+  config, params, step = load_checkpoint(args.checkpoint)
+  print(f"loaded step {step} of {args.checkpoint}", file=sys.stderr)
   model = Transformer(config.model)
   if len(prompts) == 1:
     _stream_one(model, params, tokenizer, texts[0], prompts[0], options, args.seed)
   else:
     _generate_batch(model, params, tokenizer, prompts, options, args.seed)
   return 0
+
+
+def _read_prompt_file(name: str) -> list[str]:
+  """One prompt per line; blank lines are skipped and reported (they hold no prompt)."""
+  path = Path(name)
+  if path.is_dir():
+    raise ValueError(f"--prompt-file {name!r} is a directory; expected a text file with one "
+                     "prompt per line")
+  if not path.is_file():
+    raise ValueError(f"--prompt-file {name!r} does not exist")
+  lines = path.read_text().splitlines()
+  blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
+  texts = [line for line in lines if line.strip()]
+  if not texts:
+    raise ValueError(f"--prompt-file {name!r} holds no non-empty line")
+  if blank:
+    print(f"--prompt-file {name}: skipped {len(blank)} blank line(s) (line "
+          f"{', '.join(map(str, blank))}); generating {len(texts)} prompt(s)", file=sys.stderr)
+  return texts
+
+
+def _rate_line(compile_s: float, prompt_tokens: int, new_tokens: int, seconds: float) -> str:
+  """The timing line both generate modes print: compilation apart, then prefill + decode."""
+  return (f"compile: {compile_s:.2f} s (not counted below); generation: {prompt_tokens} prompt "
+          f"tokens + {new_tokens} new tokens in {seconds:.3f} s = "
+          f"{new_tokens / max(seconds, 1e-9):,.1f} new tokens/s")
 
 
 def _stream_one(model, params, tokenizer, text: str, prompt: list[int], options: dict,
@@ -194,38 +229,122 @@ def _stream_one(model, params, tokenizer, text: str, prompt: list[int], options:
   done = time.perf_counter()
   sys.stdout.write("\n")
   decoded = len(new) - 1  # the first new token comes out of the prefill
-  print(f"compile: {compiled - start:.2f} s; prefill: {len(prompt)} tokens in "
-        f"{first_at - compiled:.4f} s = {len(prompt) / (first_at - compiled):,.0f} tokens/s; "
-        f"decode: {decoded} tokens in {done - first_at:.3f} s = "
+  print(_rate_line(compiled - start, len(prompt), len(new), done - compiled), file=sys.stderr)
+  print(f"of which prefill: {len(prompt)} tokens in {first_at - compiled:.4f} s; decode: "
+        f"{decoded} tokens in {done - first_at:.3f} s = "
         f"{decoded / max(done - first_at, 1e-9):,.1f} tokens/s", file=sys.stderr)
 
 
 def _generate_batch(model, params, tokenizer, prompts: list[list[int]], options: dict,
                     seed: int) -> None:
-  """One compiled loop for the whole batch; prints each row when all are done."""
+  """One compiled loop for the whole batch; prints each row when all are done. Compilation
+  (tracing, lowering, XLA) is timed from JAX's own compile events and reported apart."""
   import time
 
   from mla_jax.sampling import generate
 
-  start = time.perf_counter()
+  start, compile_s = time.perf_counter(), _compile_seconds()
   out, lengths = generate(model, params, prompts, seed=seed, pad_id=tokenizer.PAD,
                           return_lengths=True, **options)
   elapsed = time.perf_counter() - start
+  compile_s = _compile_seconds() - compile_s
   for row, length in zip(out, lengths):
     print(tokenizer.decode(row[:length]))
     print("---")
   prompt_tokens = sum(len(p) for p in prompts)
   new = int(lengths.sum()) - prompt_tokens
-  print(f"{len(prompts)} prompts ({prompt_tokens} tokens) + {new} new tokens in {elapsed:.2f} s, "
-        f"compilation included = {new / elapsed:,.1f} new tokens/s", file=sys.stderr)
+  print(_rate_line(compile_s, prompt_tokens, new, elapsed - compile_s)
+        + f"; {len(prompts)} prompts ({prompt_tokens} tokens)", file=sys.stderr)
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_total = [0.0]
+
+
+def _compile_seconds() -> float:
+  """Seconds JAX has spent tracing, lowering and compiling in this process so far."""
+  import jax
+
+  if not getattr(_compile_seconds, "listening", False):
+    def listen(event: str, duration: float, **kwargs) -> None:
+      if event in _COMPILE_EVENTS:
+        _compile_total[0] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    _compile_seconds.listening = True
+  return _compile_total[0]
+
+
+def checkpoint_dtype(directory: str | Path) -> tuple[str, str]:
+  """(dtype, why) for `convert --dtype auto`: the checkpoint's own dtype from config.json
+  (`torch_dtype`, or `dtype` in newer transformers), bfloat16 kept as bfloat16; float32 for
+  anything else, which float32 represents exactly."""
+  config_file = Path(directory).expanduser() / "config.json"
+  if config_file.is_file():
+    from mla_jax.hf import read_json  # names the file when it is not JSON
+
+    hf = read_json(config_file)
+    declared = hf.get("torch_dtype") or hf.get("dtype")
+    if declared == "bfloat16":
+      return "bfloat16", "the checkpoint's torch_dtype"
+    if declared:
+      return "float32", f"the checkpoint's torch_dtype is {declared}"
+  return "float32", "config.json names no torch_dtype"
 
 
 def _convert(args: argparse.Namespace) -> int:
   from mla_jax.hf import convert_hf
 
-  out = convert_hf(args.from_hf, args.out, dtype=args.dtype)
+  source = Path(args.from_hf).expanduser()
+  if source.is_file():
+    raise ValueError(f"--from-hf {args.from_hf!r} is a file; expected the model's directory "
+                     "(config.json and *.safetensors)")
+  dtype = args.dtype
+  if dtype == "auto":
+    dtype, why = checkpoint_dtype(source)
+    print(f"dtype: {dtype} ({why})", file=sys.stderr)
+  out = convert_hf(args.from_hf, args.out, dtype=dtype)
   print(f"wrote {out}: run `mla-jax generate --checkpoint {out} --prompt ...`")
   return 0
+
+
+TRAIN_EPILOG = """\
+workdir: where the run lives: config.yaml, checkpoints/, metrics.jsonl, tensorboard/, loss.png.
+  Unset (workdir: null), it is runs/<config name>-<run id>, the id a hash of the fields that
+  define the checkpoints (model, data, seed, optimisation), so a different run gets a different
+  directory and the same command resumes its own. A workdir holding another run is refused with
+  the differing fields named; a run that reached train.steps says "already complete at step N".
+Config: a YAML path or a preset name (%(presets)s).
+Exit status: 0 done (or already complete), 1 training failed, 2 bad input, 130 stopped by
+  Ctrl-C, 143 by SIGTERM (the training loop saves a checkpoint first; run the same command to
+  resume)."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """Every option's default in --help; epilogs keep their line breaks."""
+
+  def _get_help_string(self, action):
+    if "(default" in (action.help or ""):  # the help already says it in words
+      return action.help
+    return super()._get_help_string(action)
+
+
+def _command(commands, name: str, run, **kwargs) -> argparse.ArgumentParser:
+  """A subcommand whose --help shows every default."""
+  parser = commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+  parser.set_defaults(run=run)
+  return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("config", nargs="?", metavar="CONFIG",
+                      help="YAML config path or preset name, e.g. configs/tiny.yaml or "
+                      "deepseek_v2 (default: the built-in tiny model)")
+  parser.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="dotted overrides, e.g. model.kv_lora_rank=64 train.steps=200 "
+                      "workdir=runs/mine (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,54 +352,75 @@ def build_parser() -> argparse.ArgumentParser:
       prog="mla-jax", description="Multi-head Latent Attention for JAX: inspect, train, decode.")
   parser.add_argument("--version", action="version", version=f"mla-jax {mla_jax.__version__}")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-  info = commands.add_parser("info", help="parameter count and KV-cache bytes per token")
-  info.set_defaults(run=_info)
-  train = commands.add_parser(
-      "train", help="train (or resume) a model; with no arguments, the tiny model on the "
-      "Python standard library's sources")
-  train.set_defaults(run=_train)
+  info = _command(commands, "info", _info, help="parameter count and KV-cache bytes per token")
+  _config_arguments(info)
+
+  train = _command(
+      commands, "train", _train, help="train (or resume) a model; with no arguments, the tiny "
+      "model on the Python standard library's sources",
+      epilog=TRAIN_EPILOG % {"presets": ", ".join(presets())})
+  _config_arguments(train)
   multi = train.add_argument_group("multi-process (one command per process or host)")
   multi.add_argument("--distributed", action="store_true",
                      help="call jax.distributed.initialize() and let JAX find the coordinator")
   multi.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
-  multi.add_argument("--num-processes", type=int)
-  multi.add_argument("--process-id", type=int)
-  gen = commands.add_parser("generate", help="continue prompts with a model from `mla-jax train`")
+  multi.add_argument("--num-processes", type=int, help="with --coordinator: how many processes")
+  multi.add_argument("--process-id", type=int, help="with --coordinator: this process's rank")
+
+  gen = _command(commands, "generate", _generate,
+                 help="continue prompts with a model from `mla-jax train` or `mla-jax convert`")
   gen.add_argument("--checkpoint", required=True, metavar="WORKDIR",
                    help="a training workdir (its latest checkpoint is used)")
   gen.add_argument("--prompt", help="prompt text (streamed continuation)")
-  gen.add_argument("--prompt-file", help="one prompt per line, generated as one batch")
-  gen.add_argument("--max-new-tokens", type=int, default=200)
+  gen.add_argument("--prompt-file", metavar="FILE",
+                   help="one prompt per line, generated as one batch (blank lines skipped)")
+  gen.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add per prompt")
   gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-  gen.add_argument("--top-k", type=int, default=None)
-  gen.add_argument("--top-p", type=float, default=None)
-  gen.add_argument("--seed", type=int, default=0)
-  gen.set_defaults(run=_generate)
-  convert = commands.add_parser("convert", help="a Hugging Face DeepseekV2/V3 directory -> workdir")
+  gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
+  gen.add_argument("--top-p", type=float, default=None,
+                   help="sample among the most likely tokens holding this probability mass")
+  gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+  convert = _command(commands, "convert", _convert,
+                     help="a Hugging Face DeepseekV2/V3 directory -> workdir")
   convert.add_argument("--from-hf", required=True, metavar="DIR",
                        help="local directory with config.json and *.safetensors")
-  convert.add_argument("--out", required=True, metavar="WORKDIR")
-  convert.add_argument("--dtype", default="float32",
-                       help="float32 (default), bfloat16 or float16; bf16, fp32, fp16 also work")
-  convert.set_defaults(run=_convert)
-  for command in (info, train):
-    command.add_argument("config", nargs="?", help="YAML config, e.g. configs/tiny.yaml")
-    command.add_argument("overrides", nargs="*", metavar="key=value",
-                         help="dotted overrides, e.g. model.kv_lora_rank=64 train.steps=200")
+  convert.add_argument("--out", required=True, metavar="WORKDIR", help="new workdir to write")
+  convert.add_argument("--dtype", default="auto",
+                       help="parameter and activation dtype: auto keeps the checkpoint's own "
+                       "torch_dtype (bfloat16 stays bfloat16, float32 otherwise); or float32, "
+                       "bfloat16, float16 (bf16, fp32, fp16 also work)")
   return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  """argparse, plus: key=value overrides may also follow options (`train CONFIG --distributed
+  train.steps=2`), which argparse alone rejects once the positionals are consumed."""
+  args, extra = parser.parse_known_args(argv)
+  if extra:
+    if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+      parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = list(args.overrides) + extra
+  return args
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
+  args = parse_args(parser, argv)
   if args.command is None:
     parser.print_help()
     return 2
-  try:
-    return args.run(args)
-  except ValueError as err:  # bad config or input: one clear line, no traceback
-    print(f"mla-jax: error: {err}", file=sys.stderr)
-    return 2
+  with INTERRUPTS.install():  # before JAX is imported: Ctrl-C at any moment exits cleanly
+    try:
+      return args.run(args)
+    except ValueError as err:  # bad config or input: one clear line, no traceback
+      print(f"mla-jax: error: {err}", file=sys.stderr)
+      return 2
+    except BrokenPipeError:  # `mla-jax info | head`: the reader left; say nothing more
+      import os
+
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 if __name__ == "__main__":

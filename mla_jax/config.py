@@ -8,7 +8,11 @@ allowed, before any array is created.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import hashlib
+import json
 import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -16,11 +20,41 @@ from typing import Any, Mapping, Optional
 import yaml
 
 ATTENTION_KINDS = ("mla", "mha", "gqa", "mqa")
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"  # installed wheel: package data
+if not PRESETS_DIR.is_dir():  # a source checkout (editable install): the repository's configs/
+  PRESETS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+  """YAML with YAML 1.2's numbers: `1e-3`, `3E-4` and `.5` are floats, as a user means them
+  (PyYAML's YAML 1.1 resolver reads an exponent without a dot as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str) -> Any:
+  """YAML text -> Python values, numbers in every common notation (1e-3, 3E-4, 0.001, 1_000)."""
+  return yaml.load(text, Loader=_Loader)
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
   raise ValueError(f"{field}={value!r} is invalid: {allowed}")
+
+
+def _did_you_mean(name: str, candidates: list[str]) -> str:
+  """' (did you mean 'a' or 'b'?)' for the close candidates (difflib), else ''."""
+  close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+  return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
 def _check_type(field: str, value: Any, annotation: Any) -> Any:
@@ -286,7 +320,7 @@ class TrainConfig:
   seq_len: int = 128
   learning_rate: float = 3e-3  # peak, after linear warmup; cosine decay to min_learning_rate
   min_learning_rate: float = 3e-4
-  warmup_steps: int = 100
+  warmup_steps: Optional[int] = None  # null: min(100, steps // 10), so short runs need no edit
   weight_decay: float = 0.1  # AdamW, on matrices only (not norms)
   beta1: float = 0.9
   beta2: float = 0.95
@@ -310,8 +344,9 @@ class TrainConfig:
     if not 0 <= self.min_learning_rate <= self.learning_rate:
       _fail("train.min_learning_rate", self.min_learning_rate,
             f"must be in [0, learning_rate={self.learning_rate}]")
-    if not 0 <= self.warmup_steps < self.steps:
-      _fail("train.warmup_steps", self.warmup_steps, f"must be in [0, steps={self.steps})")
+    if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+      _fail("train.warmup_steps", self.warmup_steps,
+            f"must be in [0, steps={self.steps}), or null for min(100, steps // 10)")
     if self.weight_decay < 0:
       _fail("train.weight_decay", self.weight_decay, "must be >= 0")
     for name in ("beta1", "beta2"):
@@ -321,6 +356,11 @@ class TrainConfig:
       _fail("train.sample_tokens", self.sample_tokens, "must be >= 0")
     if self.sample_temperature < 0:
       _fail("train.sample_temperature", self.sample_temperature, "must be >= 0 (0 = greedy)")
+
+  @property
+  def warmup(self) -> int:
+    """Linear warmup steps: warmup_steps, or min(100, steps // 10) when it is null."""
+    return min(100, self.steps // 10) if self.warmup_steps is None else self.warmup_steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,23 +402,29 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """The whole YAML file: top-level workdir and seed, and one section per concern."""
+  """The whole YAML file: top-level workdir and seed, and one section per concern.
+
+  workdir=None (the default) is resolved by load_config to runs/<config name>-<run_id>: the
+  config file's stem (tiny for the built-in defaults) and a hash of the fields that define what
+  a checkpoint holds (run_fields), so unrelated runs never share a directory and the same run
+  always finds its own.
+  """
 
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-  workdir: str = "runs/tiny"
+  workdir: Optional[str] = None
   seed: int = 0
 
   def __post_init__(self):
     for name, cls in _SECTIONS.items():
       if not isinstance(getattr(self, name), cls):
         _fail(name, getattr(self, name), f"expected a {cls.__name__}")
-    _check_type("workdir", self.workdir, str)
+    _check_type("workdir", self.workdir, Optional[str])
     _check_type("seed", self.seed, int)
-    if not self.workdir.strip():
-      _fail("workdir", self.workdir, "must be a directory path")
+    if self.workdir is not None and not self.workdir.strip():
+      _fail("workdir", self.workdir, "must be a directory path, or null for runs/<name>-<run id>")
     if self.train.seq_len > self.model.max_seq_len:
       _fail("train.seq_len", self.train.seq_len, f"must be <= model.max_seq_len "
             f"({self.model.max_seq_len})")
@@ -388,11 +434,44 @@ class Config:
             "data": dataclasses.asdict(self.data), "mesh": dataclasses.asdict(self.mesh),
             "workdir": self.workdir, "seed": self.seed}
 
+  def run_fields(self) -> dict[str, Any]:
+    """The fields that define what a checkpoint of this run holds: the model, the data, the seed
+    and the optimisation (warmup resolved). Logging, evaluation, checkpoint cadence, sampling,
+    the mesh and the workdir may change when a run resumes; these may not."""
+    train = {name: getattr(self.train, name) for name in _RUN_TRAIN_FIELDS}
+    train["warmup_steps"] = self.train.warmup
+    return {"model": self.model.to_dict(), "train": train, "data": dataclasses.asdict(self.data),
+            "seed": self.seed}
 
+  def run_id(self) -> str:
+    """8 hex digits of SHA-256 over run_fields: equal runs, equal ids."""
+    text = json.dumps(self.run_fields(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+  def with_default_workdir(self, name: str) -> "Config":
+    """This config, with workdir=None resolved to runs/<name>-<run_id>."""
+    if self.workdir is not None:
+      return self
+    return dataclasses.replace(self, workdir=f"runs/{name}-{self.run_id()}")
+
+
+_RUN_TRAIN_FIELDS = ("steps", "batch_size", "seq_len", "learning_rate", "min_learning_rate",
+                     "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "mesh": MeshConfig}
 _SCALARS = ("workdir", "seed")  # top-level keys that are values, not sections
 _MAPPING_FIELDS = {("model", "rope_scaling")}  # free-form mappings, checked by their own class
 _KNOWN = sorted(list(_SECTIONS) + list(_SCALARS))
+DEFAULT_NAME = "tiny"  # the built-in defaults are configs/tiny.yaml
+
+
+def config_keys() -> list[str]:
+  """Every dotted key an override may set, e.g. 'model.kv_lora_rank', 'seed'."""
+  return list(_SCALARS) + [f"{section}.{f.name}" for section, cls in _SECTIONS.items()
+                           for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(key: str, detail: str = "") -> ValueError:
+  return ValueError(f"unknown config key {key!r}{detail}{_did_you_mean(key, config_keys())}")
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -403,7 +482,7 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
   if not all(path):
     raise ValueError(f"override {text!r} is invalid: empty key part in {key!r}")
   try:
-    return path, yaml.safe_load(raw) if raw.strip() else ""
+    return path, parse_yaml(raw) if raw.strip() else ""
   except yaml.YAMLError as err:
     raise ValueError(f"override {text!r} is invalid: its value is not YAML "
                      f"({_yaml_problem(err)}); write a number, true, false, null, [a, b] or a "
@@ -412,21 +491,21 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 def _apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
   """Sets raw[a][b]... = value, refusing keys the config does not have."""
-  top = path[0]
+  top, key = path[0], ".".join(path)
   if top in _SCALARS:
     if len(path) > 1:
-      raise ValueError(f"unknown config key {'.'.join(path)!r}: {top} has no sub-keys")
+      raise ValueError(f"unknown config key {key!r}: {top} has no sub-keys")
     raw[top] = value
     return
   if top not in _SECTIONS:
-    raise ValueError(f"unknown config key {'.'.join(path)!r}: top-level keys are {_KNOWN}")
+    raise _unknown_key(key, f": top-level keys are {_KNOWN}")
   if len(path) == 1:
     raise ValueError(f"override {top!r} needs a field, e.g. {top}.<field>=value")
   names = {f.name for f in dataclasses.fields(_SECTIONS[top])}
   if path[1] not in names:
-    raise ValueError(f"unknown config key {'.'.join(path)!r}")
+    raise _unknown_key(key)
   if len(path) > 2 and (top, path[1]) not in _MAPPING_FIELDS:
-    raise ValueError(f"unknown config key {'.'.join(path)!r}: {path[1]} has no sub-keys")
+    raise ValueError(f"unknown config key {key!r}: {path[1]} has no sub-keys")
   node = raw.setdefault(top, {})
   if not isinstance(node, dict):
     raise ValueError(f"config section {top!r} must be a mapping, got {node!r}")
@@ -449,14 +528,14 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
       values[name] = section
       continue
     if name not in _SECTIONS:
-      raise ValueError(f"unknown config key {name!r}: top-level keys are {_KNOWN}")
+      raise _unknown_key(name, f": top-level keys are {_KNOWN}")
     if not isinstance(section, Mapping):
       raise ValueError(f"config section {name!r} must be a mapping, got {section!r}")
     cls = _SECTIONS[name]
     names = {f.name for f in dataclasses.fields(cls)}
     for key in section:
       if key not in names:
-        raise ValueError(f"unknown config key '{name}.{key}'")
+        raise _unknown_key(f"{name}.{key}")
     values[name] = cls(**section)
   return Config(**values)
 
@@ -471,26 +550,63 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 def read_yaml(path: Path) -> Any:
   """A YAML file's contents; a syntax error is a ValueError naming the file, line and column."""
   try:
-    return yaml.safe_load(Path(path).read_text())
+    return parse_yaml(Path(path).read_text())
   except yaml.YAMLError as err:
     raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}; "
                      "fix that line") from None
 
 
+def presets() -> list[str]:
+  """Names of the configs shipped with the package (`mla-jax info deepseek_v2`)."""
+  return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(text: str | Path) -> Path:
+  """A config argument -> a YAML file: an existing path, else a preset by name (`tiny`,
+  `tiny.yaml`, or `configs/tiny.yaml` from any directory). ValueError says what is there instead."""
+  path = Path(text).expanduser()
+  if path.is_file():
+    return path
+  if path.is_dir():
+    inside = " (a training workdir: give its config.yaml)" if (path / "config.yaml").is_file() else ""
+    raise ValueError(f"config {str(text)!r} is a directory{inside}; expected a YAML file or a "
+                     f"preset name ({', '.join(presets())})")
+  name = path.name[:-5] if path.name.endswith(".yaml") else path.name
+  if path.parent in (Path("."), Path("configs")) and (PRESETS_DIR / f"{name}.yaml").is_file():
+    return PRESETS_DIR / f"{name}.yaml"
+  raise ValueError(f"config file {str(text)!r} does not exist, and no preset is called {name!r}"
+                   f"{_did_you_mean(name, presets())}; presets: {', '.join(presets())}")
+
+
 def load_config(path: Optional[str | Path], *overrides: str) -> Config:
-  """Reads a YAML config (None: the built-in defaults) and applies dotted overrides such as
-  'model.kv_lora_rank=64'."""
+  """Reads a YAML config (a path or a preset name; None: the built-in defaults) and applies
+  dotted overrides such as 'model.kv_lora_rank=64'. workdir=None is resolved to
+  runs/<file stem>-<run_id> (see Config)."""
   raw: Any = {}
+  name = DEFAULT_NAME
   if path is not None:
-    path = Path(path)
-    if not path.is_file():
-      raise ValueError(f"config file {str(path)!r} does not exist")
-    raw = read_yaml(path) or {}
+    file = resolve_config_path(path)
+    name = file.stem
+    raw = read_yaml(file) or {}
     if not isinstance(raw, dict):
       raise ValueError(f"config file {str(path)!r} must hold a mapping of sections")
   for text in overrides:
     _apply_override(raw, *_parse_override(text))
-  return config_from_dict(raw)
+  return config_from_dict(raw).with_default_workdir(name)
+
+
+def load_config_args(items: list[str]) -> Config:
+  """The command line's `[CONFIG] [key=value ...]`: CONFIG is optional, so a first item with
+  '=' is already an override. A key given without '=' (`model.hidden_size 64`) is answered
+  with the override that was probably meant."""
+  keys = set(config_keys())
+  for i, item in enumerate(items):
+    if "=" not in item and (item in keys or item.split(".")[0] in _SECTIONS and "." in item):
+      value = items[i + 1] if i + 1 < len(items) and "=" not in items[i + 1] else "VALUE"
+      raise ValueError(f"{item!r} is a config key, not a file: did you mean {item}={value}?")
+  if items and "=" not in items[0]:
+    return load_config(items[0], *items[1:])
+  return load_config(None, *items)
 
 
 def differing_fields(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

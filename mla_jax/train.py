@@ -1,16 +1,23 @@
 """`mla-jax train`: next-token training with optax AdamW, orbax checkpoints and automatic resume.
 
-Order of work: validate everything that can be wrong (config, devices, data, workdir) before the
-first array is built; then init or restore; then the loop. Batches are a function of (seed, step),
-so the checkpointed step is the whole data position, and a resumed run repeats an unbroken one.
+Order of work: validate everything that can be wrong (config, devices, workdir, data, the compiled
+step's memory) before the first array is built; then init or restore; then the loop. Batches are a
+function of (seed, step), so the checkpointed step is the whole data position, and a resumed run
+repeats an unbroken one.
+
+A workdir belongs to one run: the fields that define its checkpoints (Config.run_fields: model,
+data, seed, optimisation) are stored in every checkpoint, and a command whose fields differ is
+refused, naming them. A run that reached train.steps is complete: running it again says so and
+does nothing else. Signals: see mla_jax/interrupts.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
-import signal
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,8 +32,9 @@ import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mla_jax.checkpoint import Checkpoints
-from mla_jax.config import (Config, MeshConfig, TrainConfig, config_from_dict, read_yaml,
-                             differing_fields)
+from mla_jax.config import (DEFAULT_NAME, Config, MeshConfig, TrainConfig, config_from_dict,
+                             differing_fields, read_yaml)
+from mla_jax.interrupts import INTERRUPTS
 from mla_jax.data import ByteTokenizer, Corpus, batch_at, load_corpus, unigram_entropy
 from mla_jax.metrics import MetricsLog, plot_losses
 from mla_jax.model import Transformer
@@ -52,7 +60,7 @@ def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax
   """AdamW (no decay on norm scales) with warmup + cosine, global-norm clipping, and updates
   skipped while the gradient is non-finite (counted in the optimizer state)."""
   schedule = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup_steps,
+      init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup,
       decay_steps=tc.steps, end_value=tc.min_learning_rate)
   decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # noqa: E731
   inner = optax.chain(
@@ -155,7 +163,19 @@ class Trainer:
     return jax.jit(step, in_shardings=(self.state_shardings, batch, batch),
                    out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
+  def compile_train_step(self) -> Any:
+    """Compiles the train step ahead of time (from shapes: nothing allocated) and keeps it for
+    train_step; returns the compiled executable, whose memory_analysis() check_memory reads."""
+    batch = jax.ShapeDtypeStruct((self.config.train.batch_size, self.config.train.seq_len),
+                                 jnp.int32, sharding=batch_sharding(self.mesh))
+    with jax.set_mesh(self.mesh):
+      self._compiled_step = self._train_step.lower(self.abstract_state(), batch, batch).compile()
+    return self._compiled_step
+
   def train_step(self, state: TrainState, inputs: jax.Array, targets: jax.Array):
+    compiled = getattr(self, "_compiled_step", None)
+    if compiled is not None:
+      return compiled(state, inputs, targets)
     with jax.set_mesh(self.mesh):
       return self._train_step(state, inputs, targets)
 
@@ -181,43 +201,57 @@ class Trainer:
     return float(np.mean(jax.device_get(losses)))
 
 
-def check_workdir(config: Config, checkpoints: Checkpoints) -> Optional[int]:
-  """The step to resume from, or None; refuses a checkpoint of a different model."""
-  step = checkpoints.latest_step()
-  if step is None:
-    return None
-  saved = checkpoints.read_meta(step)["model"]
-  differences = differing_fields(saved, config.model.to_dict())
+def _saved_run(meta: dict[str, Any]) -> dict[str, Any]:
+  """The run fields a checkpoint was saved with (only the model for checkpoints from before
+  run fields were stored)."""
+  return meta.get("run") or {"model": meta["model"]}
+
+
+def _same_keys(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
+  return {k: current[k] for k in saved if k in current}
+
+
+def check_workdir(config: Config, checkpoints: Optional[Checkpoints] = None) -> Optional[int]:
+  """The step to resume from (None: a fresh run). Refuses, naming the differing fields, a
+  workdir whose checkpoint belongs to another run, and a workdir written by `mla-jax convert`.
+  Opens no checkpoint manager on a fresh workdir (so a refused command leaves no trace)."""
+  owned = checkpoints is None
+  if owned:
+    if not (Path(config.workdir) / "checkpoints").is_dir():
+      return None
+    checkpoints = Checkpoints(config.workdir, config.train.keep_checkpoints)
+  try:
+    step = checkpoints.latest_step()
+    if step is None:
+      return None
+    meta = checkpoints.read_meta(step)
+  finally:
+    if owned:
+      checkpoints.close()
+  workdir = config.workdir
+  if meta.get("params_only"):
+    raise ValueError(
+        f"workdir {workdir!r} holds a model converted by `mla-jax convert` (parameters only, "
+        "with its own tokenizer), and training one is not supported (`mla-jax train` reads byte-"
+        f"level text); run it with `mla-jax generate --checkpoint {workdir}`, or train a new "
+        "model with another workdir=")
+  current = json.loads(json.dumps(config.run_fields()))  # tuples as lists, as stored
+  saved = _saved_run(meta)
+  differences = differing_fields(saved, _same_keys(current, saved))
   if differences:
-    raise ValueError(f"workdir {config.workdir!r} holds a checkpoint (step {step}) of a different "
-                     f"model; differing fields: {'; '.join('model.' + d for d in differences)}. "
-                     "Use another workdir, or the checkpoint's model config.")
+    trained_for = saved.get("train", {}).get("steps")
+    of = f" of train.steps={trained_for}" if trained_for is not None else ""
+    fresh = f"{workdir.rstrip('/')}-{config.run_id()}"
+    raise ValueError(
+        f"workdir {workdir!r} holds another run (checkpoint at step {step}{of}); differing "
+        f"fields: {'; '.join(differences)}. A checkpoint continues only the run that made it: "
+        f"add workdir={fresh} for a fresh run, or drop the overrides that differ")
   return step
 
 
-class _StopRequests:
-  """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then saves and exits)."""
-
-  def __init__(self):
-    self.signal: Optional[str] = None
-    self._previous: dict[int, Any] = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._previous[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    self.signal = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 class _Progress:
-  """Progress bar on a terminal (a plain line every 10 log intervals in logs), tokens/s, and
-  the metrics records: the loop only reports what happened."""
+  """Progress bar on a terminal (a plain line every train.log_every steps when stderr is not
+  one: logs), tokens/s, and the metrics records: the loop only reports what happened."""
 
   def __init__(self, config: Config, start: int, metrics_log: Optional[MetricsLog], log: Callable,
                enabled: bool):
@@ -245,7 +279,7 @@ class _Progress:
               "skipped_updates": int(values["skipped_updates"])}
     self.last_time, self.last_step = now, step
     self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
-    if self.enabled and not self.interactive and step % (10 * self.tc.log_every) == 0:
+    if self.enabled and not self.interactive:
       self.log(f"step {step}: loss {record['loss']:.4f}, lr {record['learning_rate']:.2e}, "
                f"{record['tokens_per_sec']:,.0f} tokens/s")
     return record
@@ -275,39 +309,154 @@ def check_inputs(config: Config) -> None:
                      f"needs at least {ByteTokenizer.vocab_size}")
 
 
-def train(config: Config, log: Callable[[str], None] = print, progress: bool = True) -> dict:
-  """Trains (or resumes) per config; returns a summary: final params, losses, steps."""
+def host_memory_available() -> Optional[int]:
+  """Bytes the host can still give (MemAvailable in /proc/meminfo; else physical pages)."""
+  try:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+      if line.startswith("MemAvailable:"):
+        return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError):
+    return None
+
+
+def device_memory_available(devices: list) -> Optional[tuple[int, str]]:
+  """(bytes one device may use, what that is) for the mesh's local devices: an accelerator's
+  bytes_limit, or for CPU devices the host's available memory shared among them."""
+  if all(d.platform == "cpu" for d in devices):
+    host = host_memory_available()
+    if host is None:
+      return None
+    return host // len(devices), (f"the host's available memory ({_gib(host)}) shared by "
+                                  f"{len(devices)} CPU device(s)")
+  limits = [(d.memory_stats() or {}).get("bytes_limit") for d in devices]
+  if not all(limits):
+    return None
+  return min(limits), f"{devices[0].device_kind} memory"
+
+
+def _gib(num_bytes: float) -> str:
+  """Bytes in GiB, or MiB below one GiB."""
+  if num_bytes >= 2**30:
+    return f"{num_bytes / 2**30:,.2f} GiB"
+  return f"{num_bytes / 2**20:,.1f} MiB"
+
+
+def step_memory(compiled: Any) -> Optional[dict[str, int]]:
+  """Per-device bytes of a compiled step from XLA's memory analysis: arguments, outputs not
+  aliased to donated arguments, temporaries, code; and their sum, the peak to budget for."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  parts = {"arguments": analysis.argument_size_in_bytes,
+           "outputs": max(analysis.output_size_in_bytes - analysis.alias_size_in_bytes, 0),
+           "temporaries": analysis.temp_size_in_bytes,
+           "code": analysis.generated_code_size_in_bytes}
+  return {**parts, "total": sum(parts.values())}
+
+
+def check_memory(config: Config, compiled: Any, devices: list,
+                 available: Optional[tuple[int, str]] = None) -> Optional[str]:
+  """Refuses (ValueError, with the figures and the knobs that lower them) a train step whose
+  compiled memory exceeds what each device has; returns the line that reports the fit."""
+  needed = step_memory(compiled)
+  available = available or device_memory_available(devices)
+  if needed is None or available is None:
+    return None
+  limit, what = available
+  figures = (f"{_gib(needed['total'])} per device ({_gib(needed['arguments'])} parameters, "
+             f"optimizer state and batch + {_gib(needed['temporaries'])} activations and other "
+             "temporaries, from XLA's memory analysis of the compiled step)")
+  if needed["total"] > limit:
+    tc = config.train
+    raise ValueError(
+        f"the train step needs {figures}, more than the {_gib(limit)} per device available "
+        f"({what}); lower train.batch_size (now {tc.batch_size}) or train.seq_len (now "
+        f"{tc.seq_len}), or split the state over more devices with mesh.fsdp / mesh.tensor")
+  return f"train step memory: {figures}; {_gib(limit)} available per device ({what})"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def _print(line: str) -> None:
+  print(line, flush=True)  # a log file sees each line when it happens, not in 8 KiB blocks
+
+
+def train(config: Config, log: Callable[[str], None] = _print, progress: bool = True) -> dict:
+  """Trains (or resumes) per config; returns a summary: final params, losses, steps, and
+  `interrupted` (the signal's name) or `already_complete` (True when there was nothing to do).
+
+  Raises ValueError (before any array is built) for a bad config, a workdir of another run, or
+  a step that does not fit in memory; TrainingError when updates keep being non-finite."""
+  with INTERRUPTS.install():
+    return _train(config.with_default_workdir(DEFAULT_NAME), log, progress)
+
+
+def _train(config: Config, log: Callable[[str], None], progress: bool) -> dict:
   tc = config.train
   check_inputs(config)
   trainer = Trainer.build(config)  # validates mesh, batch split and sharded dimensions
-  corpus = load_corpus(config.data, min_tokens=tc.seq_len + 1)
   main_process = jax.process_index() == 0  # only process 0 logs and writes files besides orbax's
   if not main_process:
     log, progress = (lambda _: None), False
   workdir = Path(config.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpoints = Checkpoints(workdir, tc.keep_checkpoints)
-  resume_step = check_workdir(config, checkpoints)
-  if main_process:
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-  if resume_step is None:
-    state = trainer.init_state()
-  else:
-    state = checkpoints.restore(resume_step, trainer.abstract_state())
-    log(f"resumed from {checkpoints.directory / str(resume_step)} (step {resume_step})")
-  start = int(state.step)
+  resume_step = check_workdir(config)
+  summary = {"start_step": resume_step or 0, "final_step": resume_step or 0, "interrupted": None,
+             "already_complete": False, "main_process": main_process,
+             "multi_process": jax.process_count() > 1, "workdir": str(workdir)}
+  if resume_step is not None and resume_step >= tc.steps:
+    return {**summary, "already_complete": True}
+  INTERRUPTS.set_stage("before training started; nothing was saved" if resume_step is None else
+                       f"before training resumed; the workdir still holds step {resume_step}")
+  log(f"workdir: {workdir} ({'new run' if resume_step is None else 'resuming'}; "
+      f"run id {config.run_id()})")
+  corpus = load_corpus(config.data, min_tokens=tc.seq_len + 1)
   mesh = " x ".join(f"{axis}={size}" for axis, size in trainer.mesh.shape.items())
   log(f"data: {corpus.source}: {corpus.num_files} files, {len(corpus.train):,} train / "
       f"{len(corpus.val):,} validation tokens; {jax.device_count()} device(s) in "
       f"{jax.process_count()} process(es), mesh {mesh}")
   log(f"unigram entropy of the validation tokens: {unigram_entropy(corpus.val):.4f} nats/token "
       "(the loss of a model that ignores context)")
-  meta = lambda step: {"model": config.model.to_dict(), "step": step,  # noqa: E731
-                       "data_position": {"seed": config.seed, "next_batch": step}}
-  metrics_log = MetricsLog(workdir, resume_step=start) if main_process else None
-  report = _Progress(config, start, metrics_log, log, progress)
+  started = time.perf_counter()
+  compiled = trainer.compile_train_step()
+  fit = check_memory(config, compiled, list(trainer.mesh.local_devices))
+  log(f"compiled the train step in {time.perf_counter() - started:.1f} s"
+      + (f"; {fit}" if fit else ""))
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  if main_process:  # the run fields are equal to the checkpoint's (check_workdir), so it is true
+    _write_atomically(workdir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+  checkpoints = Checkpoints(workdir, tc.keep_checkpoints)
+  try:
+    if resume_step is None:
+      state = trainer.init_state()
+    else:
+      state = checkpoints.restore(resume_step, trainer.abstract_state())
+      log(f"resumed from {checkpoints.directory / str(resume_step)} (step {resume_step})")
+    start = int(state.step)
+    return {**summary, **_loop(config, trainer, corpus, checkpoints, state, start, log, progress,
+                               main_process)}
+  finally:  # also on errors: finish pending async saves so no checkpoint is left half-written
+    checkpoints.close()
+
+
+def _loop(config: Config, trainer: Trainer, corpus: Corpus, checkpoints: Checkpoints,
+          state: TrainState, start: int, log: Callable, progress: bool,
+          main_process: bool) -> dict:
+  """Steps start+1..train.steps; a signal (mla_jax/interrupts.py) saves and stops."""
+  tc, workdir = config.train, Path(config.workdir)
+  meta = lambda step: {"model": config.model.to_dict(), "run": config.run_fields(),  # noqa: E731
+                       "step": step, "data_position": {"seed": config.seed, "next_batch": step}}
   interrupted, previous = None, None
+  INTERRUPTS.set_stage(f"the last complete checkpoint in {checkpoints.directory} is intact; run "
+                       "the same command to resume from it")
 
   def stop_if_diverged(step_and_metrics) -> None:
     if step_and_metrics is None:
@@ -319,8 +468,12 @@ def train(config: Config, log: Callable[[str], None] = print, progress: bool = T
           f"last checkpoint (step {checkpoints.latest_step()}) holds finite parameters; lower "
           "train.learning_rate or check the data.")
 
-  try:
-    with _StopRequests() as stop:
+  # Deferred from here to the plot: metrics.jsonl is rewritten on a resume, checkpoints and
+  # loss.png are written, so a signal waits for a step boundary (a second one exits at once).
+  with INTERRUPTS.deferred() as stop:
+    metrics_log = MetricsLog(workdir, resume_step=start) if main_process else None
+    report = _Progress(config, start, metrics_log, log, progress)
+    try:
       for step in range(start + 1, tc.steps + 1):
         batch = batch_at(corpus.train, config.seed, TRAIN_STREAM, step - 1, tc.batch_size,
                          tc.seq_len)
@@ -333,24 +486,28 @@ def train(config: Config, log: Callable[[str], None] = print, progress: bool = T
         if step % tc.eval_every == 0 or step == tc.steps:
           record.update(report.validation(step, trainer.evaluate(state.params, corpus)))
         report.write(record)
-        if stop.signal is not None:
+        if stop.requested is not None:
+          stop_if_diverged(previous)
           checkpoints.save(step, state, meta(step), wait=True)
-          interrupted = stop.signal
-          log(f"{stop.signal}: saved step {step} to {checkpoints.directory}; run the same command "
+          interrupted = stop.requested
+          log(f"{interrupted}: saved step {step} to {checkpoints.directory}; run the same command "
               "to resume")
           break
         if step % tc.checkpoint_every == 0 or step == tc.steps:
           checkpoints.save(step, state, meta(step))
       stop_if_diverged(previous)
-  finally:  # also on errors: finish pending async saves so no checkpoint is left half-written
-    report.close()
-    checkpoints.close()
-
-  if main_process and interrupted is None and (workdir / "metrics.jsonl").exists():
-    log(f"wrote {plot_losses(workdir)}")
-  return {**report.latest, "start_step": start, "final_step": int(state.step),
-          "interrupted": interrupted, "params": state.params, "main_process": main_process,
-          "multi_process": jax.process_count() > 1}
+      checkpoints.wait()
+      final = int(state.step)
+      INTERRUPTS.set_stage(f"after step {final} was saved to {checkpoints.directory}")
+    finally:
+      report.close()
+    if main_process and (workdir / "metrics.jsonl").exists():
+      log(f"wrote {plot_losses(workdir)}")
+    if interrupted is None and stop.requested is not None:  # arrived after the last step
+      interrupted = stop.requested
+      log(f"{interrupted}: training had finished; step {final} is saved")
+  return {**report.latest, "start_step": start, "final_step": final,
+          "interrupted": interrupted, "params": state.params}
 
 
 def sample_text(config: Config, params, prompt: str, max_new_tokens: int, temperature: float,
@@ -369,14 +526,18 @@ def sample_text(config: Config, params, prompt: str, max_new_tokens: int, temper
 
 def read_workdir_config(workdir: str | Path) -> Config:
   path = Path(workdir) / "config.yaml"
+  if Path(workdir).is_file():
+    raise ValueError(f"--checkpoint {str(workdir)!r} is a file; expected a workdir directory "
+                     "(from `mla-jax train` or `mla-jax convert`)")
   if not path.is_file():
     raise ValueError(f"--checkpoint {str(workdir)!r} is not a training workdir: no config.yaml")
   return config_from_dict(read_yaml(path))
 
 
-def load_trained(workdir: str | Path) -> tuple[Config, Any]:
-  """(config, params) of the latest checkpoint in a `mla-jax train` workdir; clear errors for a
-  directory that is not one, or whose checkpoint does not match its config.yaml."""
+def load_checkpoint(workdir: str | Path) -> tuple[Config, Any, int]:
+  """(config, params, step) of the latest checkpoint in a `mla-jax train` or `mla-jax convert`
+  workdir; clear errors for a directory that is not one, or whose checkpoint is of another
+  model than its config.yaml."""
   config = read_workdir_config(workdir)
   if not (Path(workdir) / "checkpoints").is_dir():
     raise ValueError(f"--checkpoint {str(workdir)!r} has no checkpoints/ directory")
@@ -385,14 +546,25 @@ def load_trained(workdir: str | Path) -> tuple[Config, Any]:
     step = checkpoints.latest_step()
     if step is None:
       raise ValueError(f"--checkpoint {str(workdir)!r} holds no complete checkpoint")
-    check_workdir(config, checkpoints)
+    meta = checkpoints.read_meta(step)
+    differences = differing_fields(meta["model"], config.model.to_dict())
+    if differences:
+      raise ValueError(f"--checkpoint {str(workdir)!r}: its checkpoint (step {step}) is of another "
+                       f"model than its config.yaml; differing fields: "
+                       f"{'; '.join('model.' + d for d in differences)}")
     one_device = dataclasses.replace(config, mesh=MeshConfig(data=1))  # generation: one device
     trainer = Trainer.build(one_device, devices=jax.local_devices()[:1])
     target = trainer.abstract_state()
-    if checkpoints.read_meta(step).get("params_only"):  # written by `mla-jax convert`
+    if meta.get("params_only"):  # written by `mla-jax convert`
       params = checkpoints.restore_params(step, target.params)
     else:
       params = checkpoints.restore(step, target).params
   finally:
     checkpoints.close()
+  return config, params, step
+
+
+def load_trained(workdir: str | Path) -> tuple[Config, Any]:
+  """(config, params) of load_checkpoint."""
+  config, params, _ = load_checkpoint(workdir)
   return config, params

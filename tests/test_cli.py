@@ -49,3 +49,169 @@ def test_console_script_is_installed():
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   assert "kv cache per token per layer: 48 elements" in result.stdout
+
+
+# ---- Issue 9: a command line a user can trust -------------------------------------------------
+
+from tests.helpers import DATA, SMALL_MODEL  # noqa: E402
+
+MLA_JAX = str(Path(sys.executable).parent / "mla-jax")
+RUN = [f"data.path={DATA}", *SMALL_MODEL, "train.steps=6", "train.batch_size=8",
+       "train.seq_len=32", "train.log_every=2", "train.eval_every=3", "train.eval_batches=1",
+       "train.sample_tokens=0", "train.learning_rate=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def default_workdir_run(tmp_path_factory):
+  """`mla-jax train` with no workdir=, stderr and stdout not terminals (as in a log)."""
+  cwd = tmp_path_factory.mktemp("cwd")
+  result = subprocess.run([MLA_JAX, "train", *RUN], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr
+  return cwd, result
+
+
+def test_default_workdir_is_named_after_the_config_and_its_run_id(default_workdir_run):
+  cwd, result = default_workdir_run
+  run_id = mla_jax.load_config(None, *RUN).run_id()
+  assert result.stdout.splitlines()[0] == (f"workdir: runs/tiny-{run_id} (new run; run id "
+                                           f"{run_id})")
+  assert (cwd / "runs" / f"tiny-{run_id}" / "checkpoints" / "6").is_dir()
+  again = subprocess.run([MLA_JAX, "train", *RUN], cwd=cwd, capture_output=True, text=True,
+                         timeout=300)
+  assert again.returncode == 0 and again.stdout.startswith(
+      f"workdir runs/tiny-{run_id}: already complete at step 6 (train.steps=6); nothing to do.")
+
+
+def test_progress_is_a_line_every_log_every_steps_in_logs(default_workdir_run):
+  """Item 11: without a terminal, no silent stretch: the compile, then every log_every steps."""
+  _, result = default_workdir_run
+  lines = result.stdout.splitlines()
+  compiled = next(i for i, line in enumerate(lines) if line.startswith("compiled the train step"))
+  steps = [line.split(":")[0] for line in lines[compiled:] if " loss " in line and "lr" in line]
+  assert steps == ["step 2", "step 4", "step 6"]
+  assert "train step memory: " in lines[compiled] and "from XLA's memory analysis" in lines[compiled]
+  assert result.stderr == ""  # no progress bar when stderr is not a terminal
+
+
+def test_generate_reports_step_blank_lines_and_rates_on_one_basis(default_workdir_run, tmp_path,
+                                                                  capsys):
+  cwd, _ = default_workdir_run
+  workdir = str(next((cwd / "runs").iterdir()))
+  assert main(["generate", "--checkpoint", workdir, "--prompt", "def ", "--max-new-tokens", "5",
+               "--temperature", "0"]) == 0
+  streamed = capsys.readouterr().err.splitlines()
+  assert streamed[0] == f"loaded step 6 of {workdir}"
+  assert streamed[1].startswith("compile: ") and " s (not counted below); generation: 4 prompt " \
+      "tokens + 5 new tokens in " in streamed[1] and streamed[1].endswith(" new tokens/s")
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("def \n\nclass A:\n   \n")
+  assert main(["generate", "--checkpoint", workdir, "--prompt-file", str(prompts),
+               "--max-new-tokens", "5", "--temperature", "0"]) == 0
+  captured = capsys.readouterr()
+  batch = captured.err.splitlines()
+  assert batch[0] == (f"--prompt-file {prompts}: skipped 2 blank line(s) (line 2, 4); "
+                      "generating 2 prompt(s)")
+  assert batch[1] == f"loaded step 6 of {workdir}"
+  assert batch[2].startswith("compile: ") and " s (not counted below); generation: 12 prompt " \
+      "tokens + 10 new tokens in " in batch[2] and batch[2].endswith(" new tokens/s; 2 prompts (12 tokens)")
+  compile_s = float(batch[2].split()[1])
+  assert compile_s > 0  # compilation happened in this call and was taken out of the rate
+  assert captured.out.count("---") == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "model.hidden_size", "64"],
+     "'model.hidden_size' is a config key, not a file: did you mean model.hidden_size=64?"),
+    (["info", "train.lerning_rate=1"], "unknown config key 'train.lerning_rate' (did you mean "
+     "'train.learning_rate'"),
+    (["info", str(CONFIGS)], f"config '{CONFIGS}' is a directory; expected a YAML file"),
+    (["generate", "--checkpoint", str(CONFIGS / "tiny.yaml"), "--prompt", "x"],
+     f"--checkpoint '{CONFIGS / 'tiny.yaml'}' is a file; expected a workdir directory"),
+    (["generate", "--checkpoint", "runs/x", "--prompt-file", str(CONFIGS)],
+     f"--prompt-file '{CONFIGS}' is a directory; expected a text file"),
+    (["convert", "--from-hf", str(CONFIGS / "tiny.yaml"), "--out", "x"],
+     f"--from-hf '{CONFIGS / 'tiny.yaml'}' is a file; expected the model's directory"),
+])
+def test_mistakes_get_one_line_that_says_what_to_do(capsys, argv, message):
+  """Item 10: did-you-mean for keys (difflib), and a directory or file where the other is due."""
+  assert main(argv) == 2
+  (line,) = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith("mla-jax: error: ") and message in line, line
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("generate", ["--max-new-tokens MAX_NEW_TOKENS", "(default: 200)", "0 for greedy (default: "
+                  "0.8)", "(default: None)", "sampling seed (default: 0)"]),
+    ("convert", ["(default: auto)", "bfloat16 stays bfloat16"]),
+    ("train", ["workdir: where the run lives", "runs/<config name>-<run id>",
+               "already complete at step N", "130 stopped by", "(default: False)"]),
+    ("info", ["deepseek_v2", "(default: the built-in tiny model)"]),
+])
+def test_help_shows_every_default(capsys, command, shown):
+  with pytest.raises(SystemExit) as exit_info:
+    main([command, "--help"])
+  assert exit_info.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+  for piece in shown:
+    assert " ".join(piece.split()) in text, piece
+
+
+@pytest.mark.parametrize("declared, expected", [("bfloat16", "bfloat16"), ("float32", "float32"),
+                                                ("float16", "float32"), (None, "float32")])
+def test_convert_keeps_the_checkpoints_dtype_by_default(tmp_path, declared, expected):
+  from mla_jax.cli import checkpoint_dtype
+
+  config = {"architectures": ["DeepseekV2ForCausalLM"]}
+  if declared:
+    config["torch_dtype"] = declared
+  (tmp_path / "config.json").write_text(__import__("json").dumps(config))
+  assert checkpoint_dtype(tmp_path)[0] == expected
+
+
+def test_presets_work_from_any_directory(tmp_path):
+  """Item 9: the configs ship with the package; names and the README's paths both work."""
+  outputs = {}
+  for argument in ("deepseek_v2", "configs/tiny.yaml"):
+    result = subprocess.run([MLA_JAX, "info", argument], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"config: {argument}\nattention: mla")
+    outputs[argument] = result.stdout
+  assert "576 elements (c_kv 512 + k_rope 64)" in outputs["deepseek_v2"]
+  assert "48 elements (c_kv 32 + k_rope 16)" in outputs["configs/tiny.yaml"]
+
+
+@pytest.mark.slow
+def test_wheel_contains_the_presets(tmp_path):
+  """Item 9: a wheel (not only this editable install) carries configs/*.yaml as package data."""
+  import zipfile
+
+  root = CONFIGS.parent
+  subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(root), "-w",
+                  str(tmp_path)], check=True, timeout=600, cwd=tmp_path)
+  (wheel,) = tmp_path.glob("mla_jax-*.whl")
+  names = set(zipfile.ZipFile(wheel).namelist())
+  assert {f"mla_jax/configs/{p.name}" for p in CONFIGS.glob("*.yaml")} <= names
+
+
+def test_the_command_imports_jax_only_after_its_signal_handlers():
+  """Item 4: `import mla_jax` and the CLI module are light, so Ctrl-C during start-up is caught."""
+  code = ("import sys, mla_jax, mla_jax.cli; assert 'jax' not in sys.modules; "
+          "mla_jax.ModelConfig; print(mla_jax.Transformer.__name__)")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "Transformer"
+
+
+def test_overrides_may_follow_options(capsys):
+  """`mla-jax train CONFIG --distributed key=value`: argparse alone rejects the override."""
+  from mla_jax.cli import build_parser, parse_args
+
+  args = parse_args(build_parser(), ["train", "tiny", "--distributed", "train.steps=2", "seed=1"])
+  assert args.config == "tiny" and args.distributed and args.overrides == ["train.steps=2", "seed=1"]
+  for extra in ("--bogus", "stray"):
+    with pytest.raises(SystemExit):
+      main(["train", "tiny", "--distributed", extra])
+    assert f"unrecognized arguments: {extra}" in capsys.readouterr().err

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import pytest
 
 import mla_jax
-from mla_jax.config import ModelConfig, YarnScaling, load_config, yarn_get_mscale
+from mla_jax.config import (ModelConfig, YarnScaling, load_config, load_config_args, presets,
+                            yarn_get_mscale)
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -137,13 +138,16 @@ def test_configs_are_frozen():
 
 def test_tiny_yaml_spells_out_the_built_in_defaults():
   """`mla-jax train` with no arguments uses Config(); configs/tiny.yaml must say the same."""
-  assert load_config(CONFIGS[0].parent / "tiny.yaml") == mla_jax.Config()
-  assert load_config(None) == mla_jax.Config()
+  tiny = load_config(CONFIGS[0].parent / "tiny.yaml")
+  assert tiny == load_config(None)
+  assert dataclasses.replace(tiny, workdir=None) == mla_jax.Config()
+  assert tiny.workdir == f"runs/tiny-{mla_jax.Config().run_id()}"
 
 
 @pytest.mark.parametrize("override, message", [
     ("train.steps=0", "train.steps=0"),
     ("train.warmup_steps=1000", r"train.warmup_steps=1000 .*\[0, steps=1000\)"),
+    ("train.warmup_steps=100 train.steps=50", r"train.warmup_steps=100 .*\[0, steps=50\)"),
     ("train.seq_len=512", r"train.seq_len=512 .*model.max_seq_len \(256\)"),
     ("train.batch_size=two", "train.batch_size='two'"),
     ("train.beta2=1.0", "train.beta2=1.0"),
@@ -156,10 +160,95 @@ def test_tiny_yaml_spells_out_the_built_in_defaults():
 ])
 def test_train_and_data_sections_validate(override, message):
   with pytest.raises(ValueError, match=message.replace(".", r"\.").replace(r"\.*", ".*")):
-    load_config(None, override)
+    load_config(None, *override.split())
 
 
 def test_top_level_overrides():
   cfg = load_config(None, "workdir=runs/x", "seed=7", "train.steps=20", "train.warmup_steps=2",
                     "data.path=/tmp/t.txt")
   assert (cfg.workdir, cfg.seed, cfg.train.steps, cfg.data.path) == ("runs/x", 7, 20, "/tmp/t.txt")
+
+
+# Issue 9, item 2: the default warmup composes with short runs; an explicit bad value is refused.
+@pytest.mark.parametrize("steps, warmup", [(1, 0), (9, 0), (50, 5), (100, 10), (1000, 100),
+                                           (20000, 100)])
+def test_default_warmup_is_min_100_or_a_tenth_of_the_steps(steps, warmup):
+  config = load_config(None, f"train.steps={steps}")
+  assert config.train.warmup_steps is None and config.train.warmup == warmup
+  assert load_config(None, f"train.steps={steps}", "train.warmup_steps=0").train.warmup == 0
+
+
+def test_short_run_learning_rate_schedule_warms_up_then_decays():
+  from mla_jax.train import make_optimizer
+
+  _, schedule = make_optimizer(load_config(None, "train.steps=50").train)
+  assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(3e-3)
+  assert float(schedule(50)) == pytest.approx(3e-4)
+
+
+# Issue 9, item 3: numbers in every common notation are numbers, on the command line and in YAML.
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("3e-4", 3e-4), ("1E-3", 1e-3),
+                                         ("1.0e-3", 1e-3), ("0.001", 1e-3), (".5", 0.5),
+                                         ("+2e-2", 2e-2), ("1e0", 1.0), ("3", 3.0)])
+def test_scientific_notation_is_a_number(tmp_path, text, value):
+  assert load_config(None, f"train.learning_rate={text}").train.learning_rate == value
+  path = tmp_path / "lr.yaml"
+  path.write_text(f"train:\n  learning_rate: {text}\n  min_learning_rate: 0\n")
+  assert load_config(path).train.learning_rate == value
+
+
+def test_integers_stay_integers_and_strings_stay_strings():
+  config = load_config(None, "train.steps=1_000", "train.sample_prompt=1e3x", "seed=7")
+  assert config.train.steps == 1000 and config.train.sample_prompt == "1e3x" and config.seed == 7
+  with pytest.raises(ValueError, match=r"train\.steps=1000\.0 is invalid: expected an integer"):
+    load_config(None, "train.steps=1e3")
+
+
+# Issue 9, item 1: the default workdir is the config's name and a hash of what defines the run.
+def test_default_workdir_separates_unrelated_runs_and_keeps_the_same_run():
+  base = load_config(None)
+  assert base.workdir.startswith("runs/tiny-") and len(base.workdir) == len("runs/tiny-") + 8
+  for override in ("data.path=/tmp/corpus", "train.steps=200", "train.learning_rate=1e-3",
+                   "model.kv_lora_rank=16", "seed=1"):
+    assert load_config(None, override).workdir != base.workdir, override
+  for override in ("train.log_every=1", "train.sample_tokens=0", "mesh.data=1",
+                   "train.keep_checkpoints=9", "train.warmup_steps=100"):  # 100 = the default's
+    assert load_config(None, override).workdir == base.workdir, override
+  assert load_config(None, "workdir=runs/mine").workdir == "runs/mine"
+  assert load_config("tiny_mqa").workdir.startswith("runs/tiny_mqa-")
+
+
+# Issue 9, item 9: presets ship with the package and are named from any directory.
+def test_presets_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  v2 = load_config("deepseek_v2")
+  assert v2.model.kv_lora_rank == 512 and v2.workdir.startswith("runs/deepseek_v2-")
+  assert load_config("configs/tiny.yaml") == load_config("tiny.yaml") == load_config("tiny")
+  assert set(presets()) >= {"tiny", "small", "deepseek_v2", "deepseek_v2_lite", "deepseek_v3"}
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "tiny.yaml").write_text("model:\n  hidden_size: 64\n")
+  assert load_config("configs/tiny.yaml").model.hidden_size == 64  # a real path wins
+
+
+# Issue 9, item 10: unknown keys and names suggest the close valid ones; a directory is named.
+@pytest.mark.parametrize("items, message", [
+    (["train.stepz=3"], "unknown config key 'train.stepz' (did you mean 'train.steps'"),
+    (["modl.kv_lora_rank=3"], "did you mean 'model.kv_lora_rank'"),
+    (["model.kv_lora_rnk=3"], "did you mean 'model.kv_lora_rank'"),
+    (["model.hidden_size", "64"], "did you mean model.hidden_size=64?"),
+    (["tiny", "model.hidden_size", "64"], "did you mean model.hidden_size=64?"),
+    (["deepseek_v4"], "no preset is called 'deepseek_v4' (did you mean 'deepseek_v3'"),
+    (["configs"], "config 'configs' is a directory; expected a YAML file"),
+])
+def test_command_line_mistakes_get_a_suggestion(items, message, monkeypatch):
+  monkeypatch.chdir(CONFIGS[0].parents[1])
+  with pytest.raises(ValueError) as err:
+    load_config_args(items)
+  assert message in str(err.value)
+
+
+def test_yaml_file_unknown_key_suggests(tmp_path):
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("train:\n  learning_rat: 0.1\n")
+  with pytest.raises(ValueError, match=r"did you mean 'train\.learning_rate'"):
+    load_config(bad)

@@ -1,6 +1,7 @@
 """`mla-jax train`: resume after SIGKILL is bit-exact, SIGTERM saves, NaN updates are skipped,
 and bad inputs fail before training. Runs on the 8 fake CPU devices (data parallel)."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -112,21 +113,149 @@ def test_resume_after_sigkill_is_bit_exact(unbroken_run, tmp_path):
 
 def test_sigterm_saves_then_exits_cleanly_and_resumes(tmp_path):
   workdir = tmp_path / "term"
-  args = overrides(workdir, steps=2000, checkpoint_every=1000, sample_tokens=0)
+  args = overrides(workdir, steps=200, checkpoint_every=1000, sample_tokens=0)
   process = subprocess.Popen(cli(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
   _wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 20, process)
   process.send_signal(signal.SIGTERM)
-  out, _ = process.communicate(timeout=120)
-  assert process.returncode == 0
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 128 + signal.SIGTERM  # 143: a script tells it from a finished run
+  assert "Traceback" not in err
   saved = Checkpoints(workdir, 10).latest_step()
-  assert 20 <= saved < 1000  # saved on the signal, not at a checkpoint_every boundary
+  assert 20 <= saved < 200  # saved on the signal, not at a checkpoint_every boundary
   assert f"SIGTERM: saved step {saved}" in out
-  resumed = subprocess.run(cli(overrides(workdir, steps=saved + 5, sample_tokens=0)),
-                           capture_output=True, text=True, timeout=600)
+  assert (workdir / "loss.png").stat().st_size > 10_000  # written on a saved stop too
+  resumed = subprocess.run(cli(args), capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr
   assert f"(step {saved})" in resumed.stdout
-  assert Checkpoints(workdir, 10).latest_step() == saved + 5
+  assert Checkpoints(workdir, 10).latest_step() == 200
+
+
+def _stdout_lines_until(process, marker, timeout=300):
+  """Reads the child's stdout (unbuffered) until a line contains marker."""
+  deadline = time.time() + timeout
+  lines = []
+  while time.time() < deadline:
+    line = process.stdout.readline()
+    if not line:
+      raise AssertionError(f"process ended before {marker!r}: {lines}")
+    lines.append(line)
+    if marker in line:
+      return lines
+  raise AssertionError("timed out")
+
+
+# Issue 9, item 4: Ctrl-C at any moment, also while importing and compiling, is a clean exit.
+@pytest.mark.parametrize("moment", ["after 1 s (imports, setup)", "while compiling"])
+def test_sigint_before_training_is_one_line_and_exit_130(tmp_path, moment):
+  workdir = tmp_path / "int"
+  process = subprocess.Popen(cli(overrides(workdir, sample_tokens=0)), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+  try:
+    if moment.startswith("after"):
+      time.sleep(1.0)
+    else:  # the train step is compiled right after the data is read
+      _stdout_lines_until(process, "unigram entropy")
+      time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+  finally:
+    process.kill()
+  assert process.returncode == 128 + signal.SIGINT, (process.returncode, err)  # not 139, not < 0
+  assert err.strip().splitlines() == [
+      "mla-jax: stopped by SIGINT before training started; nothing was saved"], err
+  assert "compiled the train step" not in out  # it really was stopped before the loop
+  assert not (workdir / "checkpoints").exists() and not (workdir / "config.yaml").exists()
+
+
+# Issue 9, item 1: a finished workdir says so and does nothing; another run's is refused, and
+# neither rewrites config.yaml.
+def test_finished_workdir_says_already_complete_and_changes_nothing(unbroken_run):
+  workdir, _ = unbroken_run
+  config_text = (workdir / "config.yaml").read_text()
+  checkpoints = sorted((workdir / "checkpoints").iterdir())
+  metrics = (workdir / "metrics.jsonl").read_text()
+  result = subprocess.run(cli(overrides(workdir, log_every=5)), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith(f"workdir {workdir}: already complete at step 300 "
+                                  "(train.steps=300); nothing to do.")
+  assert "resumed" not in result.stdout and "sample" not in result.stdout
+  assert (workdir / "config.yaml").read_text() == config_text
+  assert sorted((workdir / "checkpoints").iterdir()) == checkpoints
+  assert (workdir / "metrics.jsonl").read_text() == metrics
+
+
+@pytest.mark.parametrize("extra, differing", [
+    (["data.path=" + str(DATA / "layers")], f"data.path: '{DATA}' -> '{DATA / 'layers'}'"),
+    (["train.steps=200"], "train.steps: 300 -> 200"),
+    (["train.learning_rate=1e-3"], "train.learning_rate: 0.003 -> 0.001"),
+])
+def test_workdir_of_another_run_is_refused_naming_fields_and_the_fresh_override(
+    unbroken_run, extra, differing):
+  workdir, _ = unbroken_run
+  config_text = (workdir / "config.yaml").read_text()
+  result = subprocess.run(cli(overrides(workdir) + extra), capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode == 2
+  (line,) = result.stderr.strip().splitlines()
+  fresh = load_config(None, *overrides(workdir) + extra).run_id()
+  assert line.startswith(f"mla-jax: error: workdir '{workdir}' holds another run (checkpoint at "
+                         "step 300 of train.steps=300); differing fields: "), line
+  assert differing in line and f"add workdir={workdir}-{fresh} for a fresh run" in line
+  assert (workdir / "config.yaml").read_text() == config_text
+
+
+# Issue 9, item 5: a converted checkpoint cannot be trained; one line says what to do instead.
+def test_training_a_converted_workdir_is_refused_in_one_line(tmp_path, capsys):
+  import yaml
+
+  from mla_jax.cli import main
+  from mla_jax.config import Config
+
+  config = load_config(None, *SMALL_MODEL, "train.seq_len=32")
+  model = train_module.Transformer(config.model)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  workdir = tmp_path / "converted"
+  checkpoints = Checkpoints(workdir, 1)
+  checkpoints.save_params(0, params, {"model": config.model.to_dict()})  # as `convert` writes
+  checkpoints.close()
+  converted = Config(model=config.model, train=config.train, workdir=str(workdir))
+  (workdir / "config.yaml").write_text(yaml.safe_dump(converted.to_dict(), sort_keys=False))
+  assert main(["train", str(workdir / "config.yaml"), f"workdir={workdir}"]) == 2
+  (line,) = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith(f"mla-jax: error: workdir '{workdir}' holds a model converted by "
+                         "`mla-jax convert`")
+  assert f"`mla-jax generate --checkpoint {workdir}`" in line
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["0"]
+
+
+# Issue 9, item 6: the compiled step's memory is checked against the device before training.
+def test_memory_check_refuses_with_figures_and_knobs():
+  config = load_config(None, *overrides("unused", steps=10))
+  trainer = train_module.Trainer.build(config)
+  compiled = trainer.compile_train_step()
+  needed = train_module.step_memory(compiled)
+  analysis = compiled.memory_analysis()
+  assert needed["temporaries"] == analysis.temp_size_in_bytes > 0
+  assert needed["arguments"] == analysis.argument_size_in_bytes > 0
+  # The state (parameters and two AdamW moments, float32) is in the arguments, per device:
+  # replicated over the 8 data-parallel devices, so each holds all of it.
+  state_bytes = sum(x.size * x.dtype.itemsize
+                    for x in jax.tree_util.tree_leaves(trainer.abstract_state()))
+  assert needed["arguments"] >= state_bytes
+  devices = list(trainer.mesh.local_devices)
+  fits = train_module.check_memory(config, compiled, devices, available=(2**40, "a test budget"))
+  assert fits.startswith("train step memory: ") and "available per device (a test budget)" in fits
+  with pytest.raises(ValueError) as err:
+    train_module.check_memory(config, compiled, devices, available=(needed["total"] - 1, "tiny"))
+  message = str(err.value)
+  assert message.startswith("the train step needs ") and "from XLA's memory analysis" in message
+  for knob in ("train.batch_size (now 8)", "train.seq_len (now 32)", "mesh.fsdp", "mesh.tensor"):
+    assert knob in message
+  limit, what = train_module.device_memory_available(devices)
+  assert what.endswith("shared by 8 CPU device(s)") and 0 < limit * 8 <= 2**50
 
 
 def _trainer_and_state():
@@ -211,3 +340,15 @@ def test_workdir_of_a_different_model_is_refused(unbroken_run, tmp_path):
   assert "model.kv_lora_rank: 16 -> 8" in result.stderr
   assert "model.num_heads: 2 -> 4" in result.stderr
   assert sorted(p.name for p in (reference / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.slow
+def test_small_yaml_fits_the_16_gib_accelerator_its_comment_names():
+  """Issue 9, item 6: configs/small.yaml's train step on one device, by XLA's memory analysis."""
+  config = load_config("small")
+  trainer = train_module.Trainer.build(config, devices=jax.devices()[:1])
+  needed = train_module.step_memory(trainer.compile_train_step())
+  assert needed["total"] <= 12 * 2**30  # leaves room for the runtime on a 16 GiB device
+  from mla_jax.config import PRESETS_DIR
+
+  assert "one accelerator with 16 GiB" in (PRESETS_DIR / "small.yaml").read_text()
