@@ -173,7 +173,7 @@ def test_deepseek_block_as_written(tmp_path):
       num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None, kv_lora_rank=16,
       qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=2,
       num_experts_per_tok=1, n_shared_experts=1, moe_intermediate_size=16,
-      first_k_dense_replace=1, topk_method="greedy", max_position_embeddings=64,
+      first_k_dense_replace=1, topk_method="greedy", max_position_embeddings=256,
       eos_token_id=0, tie_word_embeddings=False, torch_dtype="bfloat16")
   transformers.DeepseekV2ForCausalLM(config).save_pretrained(model_dir)
   tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
