@@ -196,7 +196,7 @@ def test_pod_command_as_written(tmp_path):
   command = _bash("pod").strip().replace("/mnt/shared/run", str(tmp_path / "run"))
   command = command.replace("mla-jax", shlex.quote(MLA_JAX), 1) + (
       " train.steps=2 train.batch_size=8 train.seq_len=64 train.eval_batches=1"
-      " train.sample_tokens=0")
+      " train.sample_tokens=0 train.warmup_steps=null")
   env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
          "SLURM_NODELIST": "localhost", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
          "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": "1", "SLURM_JOB_NUM_NODES": "1"}
