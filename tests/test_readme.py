@@ -192,7 +192,8 @@ def test_pod_command_as_written(tmp_path):
   """The multi-host command under a simulated one-process SLURM job (JAX finds its coordinator
   from SLURM's variables, as it would on a cluster), with workdir=/mnt/shared/run replaced by a
   directory here and train.steps=2 train.batch_size=8 train.seq_len=64 train.eval_batches=1
-  appended (as written it trains small.yaml for 20,000 steps)."""
+  train.sample_tokens=0 train.warmup_steps=null appended (as written it trains small.yaml for
+  20,000 steps, on accelerators)."""
   command = _bash("pod").strip().replace("/mnt/shared/run", str(tmp_path / "run"))
   command = command.replace("mla-jax", shlex.quote(MLA_JAX), 1) + (
       " train.steps=2 train.batch_size=8 train.seq_len=64 train.eval_batches=1"
