@@ -173,7 +173,7 @@ def test_deepseek_block_as_written(tmp_path):
       num_attention_heads=2, num_key_value_heads=2, q_lora_rank=None, kv_lora_rank=16,
       qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=2,
       num_experts_per_tok=1, n_shared_experts=1, moe_intermediate_size=16,
-      first_k_dense_replace=1, topk_method="greedy", max_position_embeddings=64,
+      first_k_dense_replace=1, topk_method="greedy", max_position_embeddings=256,
       eos_token_id=0, tie_word_embeddings=False, torch_dtype="bfloat16")
   transformers.DeepseekV2ForCausalLM(config).save_pretrained(model_dir)
   tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
@@ -192,11 +192,12 @@ def test_pod_command_as_written(tmp_path):
   """The multi-host command under a simulated one-process SLURM job (JAX finds its coordinator
   from SLURM's variables, as it would on a cluster), with workdir=/mnt/shared/run replaced by a
   directory here and train.steps=2 train.batch_size=8 train.seq_len=64 train.eval_batches=1
-  appended (as written it trains small.yaml for 20,000 steps)."""
+  train.sample_tokens=0 train.warmup_steps=null appended (as written it trains small.yaml for
+  20,000 steps, on accelerators)."""
   command = _bash("pod").strip().replace("/mnt/shared/run", str(tmp_path / "run"))
   command = command.replace("mla-jax", shlex.quote(MLA_JAX), 1) + (
       " train.steps=2 train.batch_size=8 train.seq_len=64 train.eval_batches=1"
-      " train.sample_tokens=0")
+      " train.sample_tokens=0 train.warmup_steps=null")
   env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "localhost",
          "SLURM_NODELIST": "localhost", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
          "SLURM_LOCALID": "0", "SLURM_STEP_NUM_NODES": "1", "SLURM_JOB_NUM_NODES": "1"}
