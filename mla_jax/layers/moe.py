@@ -25,8 +25,9 @@ dear as the dense reference here; `grouped_matmul` below has its signature, so a
 
 With a mesh whose `tensor` axis holds the experts (sharding.RULES["expert"]), dispatch runs
 expert-parallel under shard_map: activations are replicated over that axis already (the batch is
-split over data and fsdp), so each device computes only its own experts' pairs and one psum over
-`tensor` combines them, the same collective as a tensor-parallel MLP; no token is exchanged.
+split over data and fsdp), so each device computes only its own experts' pairs for its own
+tokens and one psum over `tensor` combines them, the same collective as a tensor-parallel MLP;
+no all-to-all is needed while experts and tensor parallelism share the axis.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from mla_jax.config import ModelConfig
 from mla_jax.layers.mlp import SwiGLU
 from mla_jax.layers.params import weight
 from mla_jax.layers.precision import einsum_f32
-from mla_jax.sharding import RULES
+from mla_jax.sharding import PARAM_AXES, RULES, logical_to_spec
 
 
 def _group_mask(group_scores: jax.Array, topk_group: int, experts_per_group: int) -> jax.Array:
@@ -179,24 +180,47 @@ def _expert_parallel_ways() -> int:
   return ways
 
 
+def _all_gather_but_experts(w: jax.Array, spec: P, expert_axes: tuple[str, ...]) -> jax.Array:
+  """Inside shard_map: gathers a local expert weight over every mesh axis that splits a
+  dimension other than the expert one (fsdp on the model width), as FSDP does before use."""
+  for dim, entry in enumerate(spec):
+    axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    axes = tuple(a for a in axes if a not in expert_axes)
+    if axes:
+      w = jax.lax.all_gather(w, axes, axis=dim, tiled=True)
+  return w
+
+
 def dispatch_expert_parallel(x, experts, weights, w_gate, w_up, w_down) -> jax.Array:
   """dispatch_experts with the experts split over the mesh axes of RULES['expert']: each device
-  runs its own E / ways experts on the (replicated) tokens, then one psum combines them."""
-  axes = tuple(RULES["expert"])
+  runs its own E / ways experts on its tokens (split over the batch axes as the rest of the
+  model splits them, replicated over the expert axes), then one psum over the expert axes
+  combines them. Every mesh axis is manual here (XLA's partitioner aborts on the gathers of a
+  partially manual one when fsdp > 1); the weights' other splits (fsdp) are all-gathered."""
+  mesh = jax.sharding.get_abstract_mesh()
+  expert_axes = tuple(RULES["expert"])
   e_local = w_gate.shape[0] // _expert_parallel_ways()
+  token_axes = tuple(a for a in RULES["batch"] or () if mesh.shape[a] > 1)
+  ways = 1
+  for a in token_axes:
+    ways *= mesh.shape[a]
+  tokens = P(token_axes) if token_axes and x.shape[0] % ways == 0 else P()
+  w_in, w_out = logical_to_spec(PARAM_AXES["experts_gate_proj"]), logical_to_spec(
+      PARAM_AXES["experts_down_proj"])
 
   def local(x, experts, weights, w_gate, w_up, w_down):
     index = 0
-    for axis in axes:
+    for axis in expert_axes:
       index = index * jax.lax.axis_size(axis) + jax.lax.axis_index(axis)
+    w_gate, w_up = (_all_gather_but_experts(w, w_in, expert_axes) for w in (w_gate, w_up))
+    w_down = _all_gather_but_experts(w_down, w_out, expert_axes)
     out = dispatch_experts(x, experts, weights, w_gate, w_up, w_down,
                            expert_offset=index * e_local)
-    return jax.lax.psum(out, axes)
+    return jax.lax.psum(out, expert_axes)
 
-  split = P(axes)
-  return jax.shard_map(local, in_specs=(P(), P(), P(), split, split, split), out_specs=P(),
-                       axis_names=set(axes), check_vma=False)(x, experts, weights, w_gate, w_up,
-                                                               w_down)
+  return jax.shard_map(local, in_specs=(tokens, tokens, tokens, w_in, w_in, w_out),
+                       out_specs=tokens, check_vma=False)(x, experts, weights, w_gate, w_up,
+                                                          w_down)
 
 
 class DeepSeekMoE(nn.Module):
