@@ -44,7 +44,7 @@ def test_remat_lowers_peak_memory_of_a_training_step_and_keeps_the_numbers():
 def test_trainer_takes_remat_from_the_config_and_refuses_unknown_policies():
   config = load_config(None, *SMALL_MODEL, "train.seq_len=32", "train.remat=dots_saveable")
   assert Trainer.build(config, devices=jax.devices()[:1]).model.remat == "dots_saveable"
-  with pytest.raises(ValueError, match=r"^train\.remat='some' is invalid: allowed none, full"):
+  with pytest.raises(ValueError, match=r"^train\.remat='some' is invalid: allowed: none, full"):
     load_config(None, "train.remat=some")
   with pytest.raises(ValueError, match="remat='x' is invalid"):
     mla_jax.Transformer(LONG, remat="x").init(jax.random.key(0), np.zeros((1, 4), np.int32))
