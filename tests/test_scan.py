@@ -128,6 +128,7 @@ def test_hf_tensors_load_into_the_scan_layout():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # two training-step compiles on 8 fake devices, and orbax
 def test_scanned_training_is_sharded_and_checkpointed(tmp_path):
   moe = ["model.n_routed_experts=4", "model.num_experts_per_tok=2", "model.n_shared_experts=1",
          "model.moe_intermediate_size=16", "model.first_k_dense_replace=1", "model.num_layers=3"]

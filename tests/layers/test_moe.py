@@ -217,7 +217,7 @@ def test_plan_pads_each_expert_to_whole_blocks_and_drops_foreign_pairs():
   assert rows.tolist() == [2, 0, 3, 4, plan.num_rows, 1, 5]
   assert plan.num_rows == 2 * -(-(7 + 4 * 1) // 2)  # worst case: ceil((M + E (b-1)) / b) blocks
   assert np.asarray(plan.block_expert)[:3].tolist() == [0, 2, 2]
-  assert default_block_size(6, 64) == 1 and default_block_size(4096 * 6, 64) == 64
+  assert default_block_size(6, 64) == 1 and default_block_size(4096 * 6, 64) == 128
 
 
 def test_dispatch_flops_follow_top_k_not_the_expert_count():
