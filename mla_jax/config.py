@@ -45,6 +45,8 @@ def parse_yaml(text: str) -> Any:
   return yaml.load(text, Loader=_Loader)
 
 DTYPES = ("float32", "bfloat16", "float16")
+MOE_IMPLS = ("dispatch", "dense")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -202,6 +204,12 @@ class ModelConfig:
   norm_topk_prob: bool = False
   routed_scaling_factor: float = 1.0
   aux_loss_alpha: float = 0.0  # expert-level balance loss weight in training
+  moe_impl: str = "dispatch"  # dispatch (grouped matmul, FLOPs follow K) | dense (reference)
+  # Run the repeated blocks (after the first_k_dense_replace dense ones) as one nn.scan over
+  # parameters stacked on a leading `layers` axis: compile time stops growing with depth. The
+  # parameter layout differs (mla_jax.model.stack_layers / unstack_layers convert); a decode
+  # step pays a copy of the cache per step under scan, so inference keeps it off.
+  scan_layers: bool = False
 
   def __post_init__(self):
     _check_fields(self, "model.")
@@ -223,6 +231,8 @@ class ModelConfig:
     self._check_moe()
 
   def _check_moe(self) -> None:
+    if self.moe_impl not in MOE_IMPLS:
+      _fail("model.moe_impl", self.moe_impl, f"allowed: {', '.join(MOE_IMPLS)}")
     e = self.n_routed_experts
     if e is None:
       return
@@ -334,6 +344,10 @@ class TrainConfig:
   sample_prompt: str = "def "
   sample_tokens: int = 200  # printed after training; 0 for none
   sample_temperature: float = 0.8
+  # Rematerialisation of each decoder block in the backward pass (jax.checkpoint policies):
+  # none keeps every activation; full keeps only each block's input; dots_saveable keeps the
+  # matmul outputs and recomputes the rest.
+  remat: str = "none"
 
   def __post_init__(self):
     _check_fields(self, "train.")
@@ -356,6 +370,8 @@ class TrainConfig:
       _fail("train.sample_tokens", self.sample_tokens, "must be >= 0")
     if self.sample_temperature < 0:
       _fail("train.sample_temperature", self.sample_temperature, "must be >= 0 (0 = greedy)")
+    if self.remat not in REMAT_POLICIES:
+      _fail("train.remat", self.remat, f"allowed: {', '.join(REMAT_POLICIES)}")
 
   @property
   def warmup(self) -> int:

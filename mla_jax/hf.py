@@ -317,7 +317,8 @@ def split_mtp_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray], mt
 def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray],
                    place: Optional[Callable[[tuple[str, ...], np.ndarray], Any]] = None
                    ) -> dict[str, Any]:
-  """Builds the Transformer's params pytree from HF-named tensors (either expert layout).
+  """Builds the Transformer's params pytree from HF-named tensors (either expert layout), in
+  the scan layout when config.scan_layers.
 
   Non-parameter buffers a checkpoint may carry (rotary inv_freq) are ignored; anything else
   unexpected (MTP layers included: see split_mtp_tensors), missing or mis-shaped is a ValueError
@@ -351,7 +352,17 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray],
         node = node.setdefault(key, {})
       value = convert(array)
       node[path[-1]] = value if place is None else place(path, value)
-  return params
+  return to_scan_layout(config, params)
+
+
+def to_scan_layout(config: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
+  """Checkpoints name every layer; with model.scan_layers the repeated ones are stacked on a
+  leading `layers` axis (mla_jax.model.stack_layers). Unchanged otherwise."""
+  if not config.scan_layers:
+    return params
+  from mla_jax.model import stack_layers
+
+  return stack_layers(config, params)
 
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,

@@ -41,6 +41,7 @@ RULES: dict[str, Optional[tuple[str, ...]]] = {
     "moe_mlp": None,  # an expert's own width: the tensor axis already holds its experts
     "cache_batch": ("data",),
     "cache_seq": ("sequence",),
+    "layers": None,  # the stacked-layer axis of model.scan_layers: every device holds all layers
 }
 
 PARAM_AXES: dict[str, tuple[Optional[str], ...]] = {
@@ -124,6 +125,10 @@ def _leaf_name(path) -> Optional[str]:
   return None
 
 
+def _under_stacked_layers(path) -> bool:
+  return any(getattr(key, "key", None) == "layers" for key in path)
+
+
 def leaf_axes(path, leaf) -> tuple[Optional[str], ...]:
   """Logical axes of a parameter, an optimizer moment mirroring one, or a cache array.
 
@@ -134,6 +139,8 @@ def leaf_axes(path, leaf) -> tuple[Optional[str], ...]:
     return ()
   name = _leaf_name(path)
   axes = PARAM_AXES.get(name, CACHE_AXES.get(name))
+  if axes is not None and _under_stacked_layers(path) and np.ndim(leaf) == len(axes) + 1:
+    axes = ("layers",) + axes  # model.scan_layers: [L, ...] under params['layers']
   if axes is None or len(axes) != np.ndim(leaf):
     raise ValueError(f"no logical axes for array {jax.tree_util.keystr(path)} of shape "
                      f"{np.shape(leaf)}: add its name to PARAM_AXES or CACHE_AXES in "

@@ -77,7 +77,9 @@ def loss_fn(model: Transformer, params, inputs: jax.Array, targets: jax.Array,
   (logits, _), extra = model.apply({"params": params}, inputs, mutable=["losses"])  # [B,T,V]
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   if with_aux:
-    loss = loss + sum(jax.tree_util.tree_leaves(extra.get("losses", {})), jnp.float32(0))
+    # One value per MoE layer; under scan_layers one array of them per scanned group.
+    loss = loss + sum((jnp.sum(v) for v in jax.tree_util.tree_leaves(extra.get("losses", {}))),
+                      jnp.float32(0))
   return loss
 
 
@@ -117,8 +119,8 @@ class Trainer:
   def build(cls, config: Config, devices: Optional[list] = None) -> "Trainer":
     """Also validates the mesh against the devices and every sharded dimension (cheap: shapes)."""
     optimizer, schedule = make_optimizer(config.train)
-    trainer = cls(config, Transformer(config.model), optimizer, schedule,
-                  make_mesh(config.mesh.sizes(), devices))
+    model = Transformer(config.model, remat=config.train.remat)
+    trainer = cls(config, model, optimizer, schedule, make_mesh(config.mesh.sizes(), devices))
     ways = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
     if config.train.batch_size % ways:
       raise ValueError(f"train.batch_size={config.train.batch_size} is invalid: must be divisible "
