@@ -1,4 +1,5 @@
-"""The `mla-jax` command line: `info` (sizes, memory, cache bytes), `train`, `generate`, `convert`.
+"""The `mla-jax` command line: `info` (sizes, memory, cache bytes), `train`, `generate`, `convert`,
+`bench` (mla_jax/bench/: measurements of the paper's claims).
 
 `info` and `train` take an optional YAML config and dotted key=value overrides; without a config
 the built-in defaults apply, which configs/tiny.yaml spells out (a test keeps them equal).
@@ -228,6 +229,12 @@ def _convert(args: argparse.Namespace) -> int:
   return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+  from mla_jax import bench
+
+  return bench.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="mla-jax", description="Multi-head Latent Attention for JAX: inspect, train, decode.")
@@ -262,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
   convert.add_argument("--out", required=True, metavar="WORKDIR")
   convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   convert.set_defaults(run=_convert)
+  from mla_jax.bench import add_bench_parser
+
+  add_bench_parser(commands).set_defaults(run=_bench)
   for command in (info, train):
     command.add_argument("config", nargs="?", help="YAML config, e.g. configs/tiny.yaml")
     command.add_argument("overrides", nargs="*", metavar="key=value",
