@@ -31,6 +31,7 @@ from mla_jax.bench.common import (Ceilings, Report, Table, default_dtype, header
 from mla_jax.cache import Cache, init_cache
 from mla_jax.config import ModelConfig, load_config
 from mla_jax.layers.masking import ATTN_IMPLS
+from mla_jax.layers.precision import einsum_f32
 from mla_jax.model import Transformer
 from mla_jax.sampling import DECODE_ATTN_IMPL, Sampler, decode_step
 
@@ -171,6 +172,23 @@ def measure_step(config: ModelConfig, params, batch: int, context: int, attn_imp
           "repeats": repeats}
 
 
+def layout_probe(config: ModelConfig, batch: int, context: int, repeats: int) -> dict:
+  """Times the baseline layer's score einsum alone (T = 1) over its key cache in the library's
+  layout [B,S,G,K] and in head-major [B,G,S,K]: how much the cache layout costs the baseline.
+  A diagnostic of one einsum, not a decode step."""
+  g, h, k = config.kv_heads, config.num_heads, config.qk_head_dim
+  dtype = jnp.dtype(config.dtype)
+  keys = jax.random.normal(jax.random.key(1), (batch, context, g, k), dtype)  # [B,S,G,K]
+  head_major = jnp.transpose(keys, (0, 2, 1, 3))  # [B,G,S,K]
+  q = jax.random.normal(jax.random.key(2), (batch, 1, g, h // g, k), dtype)  # [B,T,G,J,K]
+  library = jax.jit(lambda q, c: einsum_f32("BTGJK,BSGK->BGJTS", q, c))
+  alternative = jax.jit(lambda q, c: einsum_f32("BTGJK,BGSK->BGJTS", q, c))
+  ms = {name: time_calls(lambda f=f, c=c: f(q, c), repeats).median_s * 1e3
+        for name, f, c in (("library", library, keys), ("head_major", alternative, head_major))}
+  return {"context": context, "kv_bytes": int(keys.nbytes), "library_ms": ms["library"],
+          "head_major_ms": ms["head_major"], "speedup": ms["library"] / ms["head_major"]}
+
+
 def run(args: argparse.Namespace) -> Report:
   contexts = sorted(parse_ints(args.contexts, "--contexts"))
   for name in ("batch", "layers", "repeats"):
@@ -180,7 +198,7 @@ def run(args: argparse.Namespace) -> Report:
               else measure_ceilings(args.dtype))
   base = base_config(args, max(contexts))
   chosen = select_variants([v.name for v in VARIANTS], args.variants)
-  rows, choices = [], {}
+  rows, choices, probes = [], {}, {}
   for variant in (v for v in VARIANTS if v.name in chosen):
     name, config = variant_config(base, variant)
     params = Transformer(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
@@ -190,6 +208,7 @@ def run(args: argparse.Namespace) -> Report:
                                   ceilings) for impl in dict.fromkeys((path,) + variant.alternatives)}
       path = min(tried, key=lambda impl: tried[impl]["step_ms"])
       choices[name] = (path, {impl: r["step_ms"] for impl, r in tried.items()})
+      probes[name] = layout_probe(config, args.batch, contexts[-1], args.repeats)
     for context in contexts:
       if variant.alternatives and context == contexts[-1]:
         row = tried[path]  # already measured
@@ -198,7 +217,8 @@ def run(args: argparse.Namespace) -> Report:
       rows.append({"variant": name, **row})
     del params
   return Report("decode", header_lines(args.dtype, args.command) + ceilings.lines(),
-                [steps_table(rows), summary_table(rows, contexts[-1], choices)],
+                [steps_table(rows), summary_table(rows, contexts[-1], choices)]
+                + ([layout_table(probes)] if probes else []),
                 plot=lambda png: plot(rows, ceilings, png))
 
 
@@ -248,6 +268,17 @@ def summary_table(rows: list[dict], context: int, choices: dict) -> Table:
              ("xla_bytes_ratio", "XLA bytes accessed / bytes"), ("bound", "bound"),
              ("alternatives", "paths measured (step ms)"))
   return Table(f"At the longest context ({context:,} tokens)", columns, out, notes)
+
+
+def layout_table(probes: dict) -> Table:
+  rows = [{"variant": name, **probe} for name, probe in probes.items()]
+  columns = (("variant", "baseline"), ("context", "context"), ("kv_bytes", "key cache bytes"),
+             ("library_ms", "scores einsum ms, cache [B,S,G,K] (the library's)"),
+             ("head_major_ms", "same, cache [B,G,S,K]"), ("speedup", "x faster head-major"))
+  return Table("Baseline key-cache layout: the score einsum alone", columns, rows, [
+      "The baselines' cache is [B,S,G,K] (cache.KVCache); XLA's dot over it with G in the "
+      "middle is the measured reason a baseline step falls short of the bandwidth. Head-major "
+      "[B,G,S,K] is the faster layout for this einsum; the library does not offer it yet."])
 
 
 def plot(rows: list[dict], ceilings: Ceilings, path: Path) -> None:

@@ -44,4 +44,7 @@ def test_summary_names_the_kept_path_and_the_ratio(decode):
   assert "naive MLA step (re-expanding the whole latent) takes" in decode["markdown"]
   assert "measured copy bandwidth" in decode["header"][4]
   check_header(decode, "decode")
+  (probe,) = rows(decode, 2)  # the baseline's key-cache layout, measured at the same context
+  assert (probe["variant"], probe["context"], probe["kv_bytes"]) == ("GQA-2", 32, 32 * 2 * 24 * 4)
+  assert probe["speedup"] == pytest.approx(probe["library_ms"] / probe["head_major_ms"])
   assert "--variants 'MLA absorbed,MLA naive,GQA-8'" in decode["header"][3]
