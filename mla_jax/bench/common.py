@@ -1,5 +1,6 @@
 """What every benchmark suite shares: timing discipline, the machine header, the machine's own
-ceilings (copy bandwidth, matmul FLOP/s), and writing a table as Markdown, JSON rows and a plot.
+ceilings (copy and read bandwidth, matmul FLOP/s), and writing a table as Markdown, JSON rows
+and a plot.
 
 Timing: the first call of a compiled function is run apart and reported as "first call" (it
 includes compilation); then `repeats` calls, each ended by `jax.block_until_ready`, give the
@@ -106,20 +107,28 @@ class Ceilings:
   copy_mib: float
   matmul_n: int
   dtype: str
+  read_bytes_per_s: float = 0.0  # bytes of a large array summed, per second
+
+  @property
+  def bandwidth(self) -> float:
+    """The memory ceiling: the faster of copy (read + write) and read-only streaming, since a
+    decode step mostly reads."""
+    return max(self.copy_bytes_per_s, self.read_bytes_per_s)
 
   def roofline_s(self, num_bytes: float, flops: float) -> tuple[float, str]:
     """max(bytes / bandwidth, FLOPs / FLOP/s) and which ceiling binds ('memory' or 'compute')."""
-    memory, compute = num_bytes / self.copy_bytes_per_s, flops / self.matmul_flops_per_s
+    memory, compute = num_bytes / self.bandwidth, flops / self.matmul_flops_per_s
     return (memory, "memory") if memory >= compute else (compute, "compute")
 
   @property
   def ridge_flops_per_byte(self) -> float:
     """Arithmetic intensity where the two ceilings meet."""
-    return self.matmul_flops_per_s / self.copy_bytes_per_s
+    return self.matmul_flops_per_s / self.bandwidth
 
   def lines(self) -> list[str]:
-    return [f"measured copy bandwidth: {self.copy_bytes_per_s / 1e9:,.2f} GB/s (read + write of "
-            f"a {self.copy_mib:,.0f} MiB array)",
+    return [f"measured bandwidth: {self.bandwidth / 1e9:,.2f} GB/s, the faster of a copy "
+            f"({self.copy_bytes_per_s / 1e9:,.2f} GB/s, read + write of a {self.copy_mib:,.0f} "
+            f"MiB array) and a read-only sum of it ({self.read_bytes_per_s / 1e9:,.2f} GB/s)",
             f"measured matmul: {self.matmul_flops_per_s / 1e9:,.1f} GFLOP/s ({self.dtype}, "
             f"{self.matmul_n} x {self.matmul_n}); ridge point "
             f"{self.ridge_flops_per_byte:,.1f} FLOPs/byte"]
@@ -128,7 +137,8 @@ class Ceilings:
 def measure_ceilings(dtype: str, copy_mib: float = 256, matmul_n: int = 2048,
                      repeats: int = 5) -> Ceilings:
   """Times a large on-device copy (x + 1 with x donated: one read and one write of every byte;
-  not x * 1, which XLA simplifies away) and an n x n matmul; medians of `repeats`."""
+  not x * 1, which XLA simplifies away), a sum of the same array (one read), and an n x n
+  matmul; medians of `repeats`."""
   n = int(copy_mib * 2**20 // 4)
   x = jnp.zeros((n,), jnp.float32)
   copy = jax.jit(lambda a: a + jnp.float32(1.0), donate_argnums=0)
@@ -139,10 +149,13 @@ def measure_ceilings(dtype: str, copy_mib: float = 256, matmul_n: int = 2048,
     return state["x"]
 
   copy_time = time_calls(copy_once, repeats).median_s
+  total = jax.jit(jnp.sum)
+  read_time = time_calls(lambda: total(state["x"]), repeats).median_s
   a = jnp.ones((matmul_n, matmul_n), jnp.dtype(dtype))
   matmul = jax.jit(lambda p, q: p @ q)
   matmul_time = time_calls(lambda: matmul(a, a), repeats).median_s
   return Ceilings(copy_bytes_per_s=2 * x.nbytes / copy_time,
+                  read_bytes_per_s=x.nbytes / read_time,
                   matmul_flops_per_s=2 * matmul_n**3 / matmul_time, copy_mib=copy_mib,
                   matmul_n=matmul_n, dtype=dtype)
 

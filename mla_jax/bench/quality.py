@@ -22,7 +22,7 @@ from mla_jax.bench.common import (Report, Table, count_params, header_lines, par
                                   select_variants)
 from mla_jax.bench.memory import cache_per_token
 from mla_jax.bench.train import ATTENTIONS, CONFIGS, add_variants_argument, variants
-from mla_jax.config import Config, DataConfig, TrainConfig, load_config
+from mla_jax.config import Config, DataConfig, load_config
 from mla_jax.train import train
 
 QUICK_DATA = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a few small files
@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> Report:
       for seed in seeds:
         run_cfg = run_config(args, config, seed, f"{tmp}/{name}-{seed}")
         summary = train(run_cfg, log=lambda _: None, progress=False)
+        if summary["interrupted"]:  # SIGTERM/Ctrl-C: train saved and returned; so do we
+          raise KeyboardInterrupt(f"bench quality stopped by {summary['interrupted']}")
         losses.append(float(summary["val_loss"]))
       mean = statistics.fmean(losses)
       _, _, _, kv_bytes = cache_per_token(config)

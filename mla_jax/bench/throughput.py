@@ -10,7 +10,6 @@ Same model shapes as `bench decode` (DeepSeek-V2-Lite attention, one layer by de
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import jax

@@ -62,6 +62,8 @@ def test_roofline_names_the_binding_ceiling():
   assert ceilings.roofline_s(2e9, 1e9) == (2.0, "memory")
   assert ceilings.roofline_s(1e8, 1e11) == (10.0, "compute")
   assert ceilings.ridge_flops_per_byte == 10
+  faster_read = dataclasses.replace(ceilings, read_bytes_per_s=2e9)  # a read beats the copy
+  assert faster_read.bandwidth == 2e9 and faster_read.roofline_s(2e9, 1e9) == (1.0, "memory")
 
 
 def test_command_line_spells_out_every_option():
