@@ -191,6 +191,15 @@ def match_parameters(reference: ModelConfig, variant: ModelConfig) -> ModelConfi
   return dataclasses.replace(variant, intermediate_size=width)
 
 
+def display_path(path: Path) -> str:
+  """`path` relative to the working directory when it lies below it (so a printed command is
+  the same on every checkout: 'configs/tiny.yaml'), else absolute."""
+  try:
+    return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+  except ValueError:
+    return str(path)
+
+
 # ---- inputs --------------------------------------------------------------------------------
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

@@ -21,7 +21,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from mla_jax.bench.common import Report, Table, header_lines
+from mla_jax.bench.common import Report, Table, display_path, header_lines
 from mla_jax.cache import init_cache
 from mla_jax.config import ModelConfig, load_config
 
@@ -43,7 +43,7 @@ DEEPSEEK_67B = ModelConfig(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--configs", default=str(CONFIGS), metavar="DIR",
+  parser.add_argument("--configs", default=display_path(CONFIGS), metavar="DIR",
                       help="directory holding deepseek_v2.yaml, deepseek_v2_lite.yaml and "
                            "deepseek_v3.yaml (default: the repository's configs/)")
 

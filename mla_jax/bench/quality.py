@@ -18,8 +18,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from mla_jax.bench.common import (Report, Table, count_params, header_lines, parse_ints,
-                                  select_variants)
+from mla_jax.bench.common import (Report, Table, count_params, display_path, header_lines,
+                                  parse_ints, select_variants)
 from mla_jax.bench.memory import cache_per_token
 from mla_jax.bench.train import ATTENTIONS, CONFIGS, add_variants_argument, variants
 from mla_jax.config import Config, DataConfig, load_config
@@ -29,7 +29,7 @@ QUICK_DATA = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a few small 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", default=str(CONFIGS / "tiny.yaml"),
+  parser.add_argument("--config", default=display_path(CONFIGS / "tiny.yaml"),
                       help="the MLA model and training settings (default: %(default)s)")
   parser.add_argument("--steps", type=int, default=None,
                       help="training steps per run (default 600; --quick 3)")

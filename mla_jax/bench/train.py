@@ -20,8 +20,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from mla_jax.bench.common import (Report, Table, count_params, header_lines, match_parameters,
-                                  select_variants, time_calls)
+from mla_jax.bench.common import (Report, Table, count_params, display_path, header_lines,
+                                  match_parameters, select_variants, time_calls)
 from mla_jax.bench.memory import cache_per_token
 from mla_jax.config import Config, ModelConfig, TrainConfig, load_config
 from mla_jax.train import Trainer
@@ -56,7 +56,7 @@ def add_variants_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--config", default=str(CONFIGS / "tiny.yaml"),
+  parser.add_argument("--config", default=display_path(CONFIGS / "tiny.yaml"),
                       help="the MLA model (YAML; default: %(default)s, the README's model)")
   parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 16; "
                       "--quick 8)")
