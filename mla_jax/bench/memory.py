@@ -105,7 +105,8 @@ def _row(model: str, label: str, config: ModelConfig, reference_bytes: Optional[
          "bytes_per_token": nbytes, "table1_formula": formula, "table1_elements": expected}
   if reference_bytes is not None:
     row["reduction_vs_67b"] = 1 - nbytes / reference_bytes
-    row["reduction"] = f"{row['reduction_vs_67b']:.1%}"
+    row["reduction"] = (f"{row['reduction_vs_67b']:.1%}" if nbytes <= reference_bytes
+                        else f"none: {nbytes / reference_bytes:,.1f}x larger")
   else:
     row["reduction"] = "(baseline)"
   return row
