@@ -1,4 +1,5 @@
-"""The `mla-jax` command line: `info` (sizes, memory, cache bytes), `train`, `generate`, `convert`.
+"""The `mla-jax` command line: `info` (sizes, memory, cache bytes), `train`, `generate`, `convert`,
+`bench` (mla_jax/bench/: measurements of the paper's claims).
 
 `info` and `train` take an optional YAML config (a path, or a preset name such as deepseek_v2:
 the configs/ shipped with the package) and dotted key=value overrides; without a config the
@@ -310,6 +311,12 @@ def _convert(args: argparse.Namespace) -> int:
   return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+  from mla_jax import bench
+
+  return bench.run(args)
+
+
 TRAIN_EPILOG = """\
 workdir: where the run lives: config.yaml, checkpoints/, metrics.jsonl, tensorboard/, loss.png.
   Unset (workdir: null), it is runs/<config name>-<run id>, the id a hash of the fields that
@@ -390,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="parameter and activation dtype: auto keeps the checkpoint's own "
                        "torch_dtype (bfloat16 stays bfloat16, float32 otherwise); or float32, "
                        "bfloat16, float16 (bf16, fp32, fp16 also work)")
+
+  from mla_jax.bench import add_bench_parser  # light: suites are imported when one runs
+
+  add_bench_parser(commands, _HelpFormatter).set_defaults(run=_bench)
   return parser
 
 

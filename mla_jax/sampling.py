@@ -141,12 +141,16 @@ def _prefill(params, prompt: jax.Array, lengths: jax.Array, key: jax.Array, *, m
   return sampler(last, key), cache
 
 
+DECODE_ATTN_IMPL = "absorbed"  # the attention path generate's decode steps use
+
+
 def decode_token(model: Transformer, params, token: jax.Array, cache: Cache, key: jax.Array,
-                 sampler: Sampler) -> tuple[jax.Array, Cache]:
-  """One decode step on the absorbed path: token [B] -> next token [B], cache one longer.
+                 sampler: Sampler, attn_impl: str = DECODE_ATTN_IMPL) -> tuple[jax.Array, Cache]:
+  """One decode step (generate's path unless attn_impl says otherwise, e.g. 'naive' for the
+  benchmark): token [B] -> next token [B], cache one longer.
   Traced once per compiled generation loop (tests count it)."""
   logits, cache = model.apply({"params": params}, token[:, None], cache=cache,
-                              attn_impl="absorbed")  # [B,1,V]
+                              attn_impl=attn_impl)  # [B,1,V]
   return sampler(logits[:, 0], key), cache
 
 
@@ -170,11 +174,13 @@ def _decode_loop(params, first: jax.Array, cache: Cache, keys: jax.Array, *, mod
   return jnp.concatenate([first[:, None], rest.T], axis=1), cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "sampler"), donate_argnames=("cache",))
-def _decode_step(params, token: jax.Array, cache: Cache, key: jax.Array, *, model: Transformer,
-                 sampler: Sampler) -> tuple[jax.Array, Cache]:
-  """decode_token, compiled alone for host-loop streaming."""
-  return decode_token(model, params, token, cache, key, sampler)
+@functools.partial(jax.jit, static_argnames=("model", "sampler", "attn_impl"),
+                   donate_argnames=("cache",))
+def decode_step(params, token: jax.Array, cache: Cache, key: jax.Array, *, model: Transformer,
+                sampler: Sampler, attn_impl: str = DECODE_ATTN_IMPL) -> tuple[jax.Array, Cache]:
+  """decode_token compiled alone, cache donated: for host-loop streaming, and the step that
+  `mla-jax bench decode` times (the same traced function generate's loop runs)."""
+  return decode_token(model, params, token, cache, key, sampler, attn_impl)
 
 
 def stream(model: Transformer, params, prompt: Sequence[int], *, max_new_tokens: int,
@@ -195,8 +201,8 @@ def stream(model: Transformer, params, prompt: Sequence[int], *, max_new_tokens:
   prefill = _prefill.lower(params, prompt_ids, lengths, keys[0], model=model, max_len=max_len,
                            sampler=sampler).compile()
   first_token, cache_shape = prefill.out_info
-  step = _decode_step.lower(params, first_token, cache_shape, keys[0], model=model,
-                            sampler=sampler).compile()
+  step = decode_step.lower(params, first_token, cache_shape, keys[0], model=model,
+                           sampler=sampler).compile()
 
   def tokens() -> Iterator[int]:
     token, cache = prefill(params, prompt_ids, lengths, keys[0])

@@ -1,0 +1,306 @@
+"""`mla-jax bench decode`: one decode step against cached context length, judged by the roofline.
+
+The step timed is `mla_jax.sampling.decode_step`: the traced function `generate`'s decode loop
+runs (decode_token), jitted with the cache donated, called through its ahead-of-time compiled
+program so compilation is timed apart. A faster decode path in the library is measured here as
+soon as generate uses it. Variants are rows (name, model-config overrides, attn_impl), so new
+cache layouts or dtypes are one more row. Default shapes: DeepSeek-V2-Lite attention (hidden
+2048, 16 heads, latent 512 + RoPE key 64, heads of 128 + 64 / 128), one layer, dense MLP.
+
+For each step: bytes = every cache byte + every weight byte, read once (the least a step must
+move); FLOPs = XLA's cost analysis of the compiled step; roofline time = max(bytes / measured
+bandwidth (the faster of a copy and a read), FLOPs / measured matmul FLOP/s); achieved bytes/s
+= bytes / median step time.
+XLA's own "bytes accessed" is shown beside the ideal bytes: a ratio well above 1 means the
+compiled step copies or re-reads the cache (the measured reason when a variant falls short).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mla_jax.bench.common import (Ceilings, Report, Table, default_dtype, header_lines,
+                                  measure_ceilings, parse_ints, select_variants, time_calls)
+from mla_jax.cache import Cache, init_cache
+from mla_jax.config import ModelConfig, load_config
+from mla_jax.layers.masking import ATTN_IMPLS
+from mla_jax.layers.precision import einsum_f32
+from mla_jax.model import Transformer
+from mla_jax.sampling import DECODE_ATTN_IMPL, Sampler, decode_step
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row kind: model-config overrides and the attention path.
+
+  attn_impl None = the path generate uses. alternatives: other paths to measure at the longest
+  context; the fastest of them and attn_impl is kept (a baseline's best code path).
+  """
+
+  name: str
+  overrides: tuple[tuple[str, Any], ...] = ()
+  attn_impl: Optional[str] = None
+  alternatives: tuple[str, ...] = ()
+
+
+_ALL_PATHS = tuple(i for i in ATTN_IMPLS if i != "auto")
+VARIANTS = (
+    Variant("MLA absorbed"),
+    Variant("MLA naive", attn_impl="naive"),  # re-expands the whole cached latent every step
+    Variant("MHA", (("attention", "mha"),), alternatives=_ALL_PATHS),
+    Variant("GQA-8", (("attention", "gqa"), ("num_kv_heads", 8)), alternatives=_ALL_PATHS),
+    Variant("MQA", (("attention", "mqa"),), alternatives=_ALL_PATHS),
+)
+CONTEXTS, QUICK_CONTEXTS = "1024,2048,4096,8192,16384,32768", "32"
+QUICK_VARIANT_KV_HEADS = 2  # the quick model has 4 heads: GQA-8 becomes GQA-2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--contexts", default=None,
+                      help=f"cached context lengths, comma-separated (default: {CONTEXTS}; "
+                           f"--quick: {QUICK_CONTEXTS})")
+  parser.add_argument("--batch", type=int, default=1, help="sequences per step")
+  parser.add_argument("--layers", type=int, default=1, help="decoder layers in the model")
+  parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                      help="model and cache dtype (default: float32 on CPU, bfloat16 otherwise)")
+  parser.add_argument("--repeats", type=int, default=5, help="timed steps per point")
+  parser.add_argument("--variants", default=None,
+                      help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)} "
+                           "(default: all)")
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+  """Fills the defaults that depend on --quick and the backend (before the command is printed)."""
+  args.dtype = args.dtype or default_dtype()
+  args.contexts = args.contexts or (QUICK_CONTEXTS if args.quick else CONTEXTS)
+
+
+def base_config(args: argparse.Namespace, max_len: int) -> ModelConfig:
+  """DeepSeek-V2-Lite's attention shapes (quick: a tiny model), dense MLP, byte vocabulary."""
+  if args.quick:
+    return ModelConfig(hidden_size=64, num_layers=args.layers, num_heads=4, q_lora_rank=None,
+                       kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                       intermediate_size=64, max_seq_len=max_len, dtype=args.dtype,
+                       param_dtype=args.dtype)
+  lite = load_config(CONFIGS / "deepseek_v2_lite.yaml").model
+  return dataclasses.replace(lite, vocab_size=260, num_layers=args.layers, n_routed_experts=None,
+                             intermediate_size=1408, max_seq_len=max_len, dtype=args.dtype,
+                             param_dtype=args.dtype)
+
+
+def variant_config(base: ModelConfig, variant: Variant) -> tuple[str, ModelConfig]:
+  """The variant's label and config; GQA is labelled with the KV heads it really has (a model
+  with too few heads for the variant's count gets QUICK_VARIANT_KV_HEADS)."""
+  overrides = dict(variant.overrides)
+  if overrides.get("attention") == "gqa" and base.num_heads <= overrides.get("num_kv_heads", 0):
+    overrides["num_kv_heads"] = QUICK_VARIANT_KV_HEADS
+  config = dataclasses.replace(base, **overrides)
+  name = f"GQA-{config.kv_heads}" if config.attention == "gqa" else variant.name
+  return name, config
+
+
+def filled_cache(config: ModelConfig, batch: int, max_len: int, length: int, seed: int) -> Cache:
+  """A cache of max_len slots whose first `length` hold random entries (allocated once, as
+  random values: no zeroed copy first)."""
+  shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len))
+  leaves, treedef = jax.tree_util.tree_flatten(shapes.layers)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  filled = [jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)]
+  return Cache(layers=jax.tree_util.tree_unflatten(treedef, filled),
+               lengths=jnp.full((batch,), length, jnp.int32))
+
+
+def nbytes(tree) -> int:
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(tree))
+
+
+def cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled program as one dict (some versions return a list)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return dict(analysis or {})
+
+
+def measure_step(config: ModelConfig, params, batch: int, context: int, attn_impl: str,
+                 repeats: int, ceilings: Ceilings) -> dict:
+  """Times decode_step at `context` cached tokens (the cache has `context` slots, filled to
+  context - steps run, so every step sees about `context` tokens)."""
+  model = Transformer(config)
+  calls = repeats + 2
+  if context <= calls:
+    raise ValueError(f"--contexts {context} is invalid: must exceed the {calls} steps timed")
+  cache = filled_cache(config, batch, context, context - calls, seed=context)
+  token, key = jnp.zeros((batch,), jnp.int32), jax.random.key(0)
+  start = time.perf_counter()
+  compiled = decode_step.lower(params, token, cache, key, model=model, sampler=Sampler(),
+                               attn_impl=attn_impl).compile()
+  compile_s = time.perf_counter() - start
+  analysis = cost(compiled)
+  state = {"token": token, "cache": cache}
+
+  def one_step():
+    state["token"], state["cache"] = compiled(params, state["token"], state["cache"], key)
+    return state["token"]
+
+  timing = time_calls(one_step, repeats, warmup=2)
+  cache_bytes, weight_bytes = nbytes(state["cache"].layers), nbytes(params)
+  ideal = cache_bytes + weight_bytes
+  flops = float(analysis.get("flops", 0.0))
+  roofline, bound = ceilings.roofline_s(ideal, flops)
+  del state
+  return {"context": context, "batch": batch, "path": attn_impl, "step_ms": timing.median_s * 1e3,
+          "min_ms": timing.min_s * 1e3, "max_ms": timing.max_s * 1e3,
+          "tokens_per_s": batch / timing.median_s, "cache_mb": cache_bytes / 1e6,
+          "weights_mb": weight_bytes / 1e6, "bytes_per_step": ideal,
+          "xla_bytes_accessed": float(analysis.get("bytes accessed", 0.0)),
+          "xla_bytes_ratio": float(analysis.get("bytes accessed", 0.0)) / ideal,
+          "gflops_per_step": flops / 1e9, "achieved_gb_s": ideal / timing.median_s / 1e9,
+          "bandwidth_fraction": ideal / timing.median_s / ceilings.bandwidth,
+          "roofline_ms": roofline * 1e3, "bound": bound,
+          "roofline_fraction": roofline / timing.median_s, "compile_s": compile_s,
+          "repeats": repeats}
+
+
+def layout_probe(config: ModelConfig, batch: int, context: int, repeats: int) -> dict:
+  """Times the baseline layer's score einsum alone (T = 1) over its key cache in the library's
+  layout [B,S,G,K] and in head-major [B,G,S,K]: how much the cache layout costs the baseline.
+  A diagnostic of one einsum, not a decode step."""
+  g, h, k = config.kv_heads, config.num_heads, config.qk_head_dim
+  dtype = jnp.dtype(config.dtype)
+  keys = jax.random.normal(jax.random.key(1), (batch, context, g, k), dtype)  # [B,S,G,K]
+  head_major = jnp.transpose(keys, (0, 2, 1, 3))  # [B,G,S,K]
+  q = jax.random.normal(jax.random.key(2), (batch, 1, g, h // g, k), dtype)  # [B,T,G,J,K]
+  library = jax.jit(lambda q, c: einsum_f32("BTGJK,BSGK->BGJTS", q, c))
+  alternative = jax.jit(lambda q, c: einsum_f32("BTGJK,BGSK->BGJTS", q, c))
+  ms = {name: time_calls(lambda f=f, c=c: f(q, c), repeats).median_s * 1e3
+        for name, f, c in (("library", library, keys), ("head_major", alternative, head_major))}
+  return {"context": context, "kv_bytes": int(keys.nbytes), "library_ms": ms["library"],
+          "head_major_ms": ms["head_major"], "speedup": ms["library"] / ms["head_major"]}
+
+
+def run(args: argparse.Namespace) -> Report:
+  contexts = sorted(parse_ints(args.contexts, "--contexts"))
+  for name in ("batch", "layers", "repeats"):
+    if getattr(args, name) < 1:
+      raise ValueError(f"--{name} {getattr(args, name)} is invalid: must be >= 1")
+  ceilings = (measure_ceilings(args.dtype, copy_mib=8, matmul_n=128, repeats=2) if args.quick
+              else measure_ceilings(args.dtype))
+  base = base_config(args, max(contexts))
+  chosen = select_variants([v.name for v in VARIANTS], args.variants)
+  rows, choices, probes = [], {}, {}
+  for variant in (v for v in VARIANTS if v.name in chosen):
+    name, config = variant_config(base, variant)
+    params = Transformer(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    path = variant.attn_impl or DECODE_ATTN_IMPL
+    if variant.alternatives:  # the baseline's best code path, chosen at the longest context
+      paths = dict.fromkeys((path,) + variant.alternatives)  # ordered, without repeats
+      tried = {impl: measure_step(config, params, args.batch, contexts[-1], impl, args.repeats,
+                                  ceilings) for impl in paths}
+      path = min(tried, key=lambda impl: tried[impl]["step_ms"])
+      choices[name] = (path, {impl: r["step_ms"] for impl, r in tried.items()})
+      probes[name] = layout_probe(config, args.batch, contexts[-1], args.repeats)
+    for context in contexts:
+      if variant.alternatives and context == contexts[-1]:
+        row = tried[path]  # already measured
+      else:
+        row = measure_step(config, params, args.batch, context, path, args.repeats, ceilings)
+      rows.append({"variant": name, **row})
+    del params
+  return Report("decode", header_lines(args.dtype, args.command) + ceilings.lines(),
+                [steps_table(rows), summary_table(rows, contexts[-1], choices)]
+                + ([layout_table(probes)] if probes else []),
+                plot=lambda png: plot(rows, ceilings, png))
+
+
+STEP_COLUMNS = (("variant", "variant"), ("path", "attn_impl"), ("context", "context"),
+                ("step_ms", "step ms (median)"), ("min_ms", "min"), ("max_ms", "max"),
+                ("tokens_per_s", "tokens/s"), ("bytes_per_step", "bytes/step (cache + weights)"),
+                ("xla_bytes_ratio", "XLA bytes accessed / bytes"),
+                ("gflops_per_step", "GFLOP/step"), ("achieved_gb_s", "achieved GB/s"),
+                ("bandwidth_fraction", "of bandwidth"), ("roofline_ms", "roofline ms"),
+                ("bound", "bound"), ("roofline_fraction", "of roofline"),
+                ("compile_s", "compile s"))
+
+
+def steps_table(rows: list[dict]) -> Table:
+  return Table("Decode step against cached context", STEP_COLUMNS, rows, [
+      "bytes/step counts each cache and weight byte once; roofline = max(bytes / measured "
+      "bandwidth, XLA FLOPs / matmul FLOP/s); 'of roofline' = roofline time / measured time; "
+      "'of bandwidth' = achieved bytes/s / measured bandwidth."])
+
+
+def summary_table(rows: list[dict], context: int, choices: dict) -> Table:
+  at = {r["variant"]: r for r in rows if r["context"] == context}
+  mla = at.get("MLA absorbed")
+  out = []
+  for name, row in at.items():
+    summary = {"variant": name, "path": row["path"], "step_ms": row["step_ms"],
+               "bandwidth_fraction": row["bandwidth_fraction"],
+               "xla_bytes_ratio": row["xla_bytes_ratio"], "bound": row["bound"],
+               "alternatives": ", ".join(f"{impl} {ms:,.2f} ms"
+                                         for impl, ms in choices[name][1].items())
+               if name in choices else "-"}
+    if mla is not None:
+      summary["vs_absorbed"] = row["step_ms"] / mla["step_ms"]
+      summary["vs_mla_fraction"] = row["bandwidth_fraction"] / mla["bandwidth_fraction"]
+    out.append(summary)
+  notes = []
+  if mla is not None and "MLA naive" in at:
+    naive = at["MLA naive"]["step_ms"] / mla["step_ms"]
+    notes.append(f"At {context:,} cached tokens the naive MLA step (re-expanding the whole latent) "
+                 f"takes {naive:,.2f}x the absorbed step.")
+  notes.append("Baselines: every attention path the layer accepts was timed at this context and "
+               "the fastest kept (last column). Where a variant's share of the bandwidth is "
+               "low, 'XLA bytes accessed / bytes' shows how many times its compiled step moves "
+               "the cache + weights.")
+  columns = (("variant", "variant"), ("path", "attn_impl kept"), ("step_ms", "step ms"),
+             ("vs_absorbed", "x MLA absorbed time"), ("bandwidth_fraction", "of bandwidth"),
+             ("vs_mla_fraction", "x MLA's bandwidth share"),
+             ("xla_bytes_ratio", "XLA bytes accessed / bytes"), ("bound", "bound"),
+             ("alternatives", "paths measured (step ms)"))
+  return Table(f"At the longest context ({context:,} tokens)", columns, out, notes)
+
+
+def layout_table(probes: dict) -> Table:
+  rows = [{"variant": name, **probe} for name, probe in probes.items()]
+  columns = (("variant", "baseline"), ("context", "context"), ("kv_bytes", "key cache bytes"),
+             ("library_ms", "scores einsum ms, cache [B,S,G,K] (the library's)"),
+             ("head_major_ms", "same, cache [B,G,S,K]"), ("speedup", "x faster head-major"))
+  return Table("Baseline key-cache layout: the score einsum alone", columns, rows, [
+      "The baselines' cache is [B,S,G,K] (cache.KVCache); XLA's dot over it with G in the "
+      "middle is the measured reason a baseline step falls short of the bandwidth. Head-major "
+      "[B,G,S,K] is the faster layout for this einsum; the library does not offer it yet."])
+
+
+def plot(rows: list[dict], ceilings: Ceilings, path: Path) -> None:
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  for name in dict.fromkeys(r["variant"] for r in rows):
+    points = [(r["bytes_per_step"], r["step_ms"]) for r in rows if r["variant"] == name]
+    ax.plot(*zip(*points), "o-", label=name)
+  span = np.geomspace(min(r["bytes_per_step"] for r in rows),
+                      max(r["bytes_per_step"] for r in rows), 50)
+  ax.plot(span, span / ceilings.bandwidth * 1e3, "k--",
+          label=f"bytes / measured bandwidth ({ceilings.bandwidth / 1e9:.1f} GB/s)")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("bytes per step: cache + weights (log)")
+  ax.set_ylabel("step time, ms (median; log)")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
