@@ -17,6 +17,7 @@ import yaml
 
 ATTENTION_KINDS = ("mla", "mha", "gqa", "mqa")
 DTYPES = ("float32", "bfloat16", "float16")
+CACHE_DTYPES = ("float32", "bfloat16")  # model.cache_dtype; null = model.dtype
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -164,6 +165,10 @@ class ModelConfig:
   norm_topk_prob: bool = False
   routed_scaling_factor: float = 1.0
   aux_loss_alpha: float = 0.0  # expert-level balance loss weight in training
+  # Decode cache: how its values are stored (null = dtype), and the flash-decoding block size in
+  # cache slots (layers/flash_decode.py; 256 measured best on a 2-core CPU, see README).
+  cache_dtype: Optional[str] = None
+  decode_block_size: int = 256
 
   def __post_init__(self):
     _check_fields(self, "model.")
@@ -183,6 +188,10 @@ class ModelConfig:
       object.__setattr__(self, "rope_scaling", YarnScaling.from_mapping(self.rope_scaling))
     self._check_attention()
     self._check_moe()
+    if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+      _fail("model.cache_dtype", self.cache_dtype,
+            f"allowed: {', '.join(CACHE_DTYPES)}, or null for model.dtype")
+    _positive("model.decode_block_size", self.decode_block_size)
 
   def _check_moe(self) -> None:
     e = self.n_routed_experts
@@ -247,6 +256,11 @@ class ModelConfig:
     if self.num_kv_heads is not None:
       return self.num_kv_heads
     return 1 if self.attention == "mqa" else self.num_heads
+
+  @property
+  def kv_cache_dtype(self) -> str:
+    """The decode cache's value dtype: cache_dtype, or dtype when it is null."""
+    return self.dtype if self.cache_dtype is None else self.cache_dtype
 
   @property
   def softmax_scale(self) -> float:

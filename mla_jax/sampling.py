@@ -1,5 +1,5 @@
 """Autoregressive generation: one jitted prefill (naive path) and one compiled decode loop
-(lax.scan over absorbed-path steps, cache donated), with greedy, temperature, top-k and top-p
+(lax.scan over flash-decoding steps, cache donated), with greedy, temperature, top-k and top-p
 sampling. `generate` makes no host round trip per token; `stream` does, to print as it goes.
 """
 
@@ -95,10 +95,11 @@ def _prefill(params, prompt: jax.Array, lengths: jax.Array, key: jax.Array, *, m
 
 def decode_token(model: Transformer, params, token: jax.Array, cache: Cache, key: jax.Array,
                  sampler: Sampler) -> tuple[jax.Array, Cache]:
-  """One decode step on the absorbed path: token [B] -> next token [B], cache one longer.
-  Traced once per compiled generation loop (tests count it)."""
+  """One decode step on the flash-decoding path (blocked, absorbed, up to the longest sequence):
+  token [B] -> next token [B], cache one longer. Traced once per compiled generation loop (tests
+  count it)."""
   logits, cache = model.apply({"params": params}, token[:, None], cache=cache,
-                              attn_impl="absorbed")  # [B,1,V]
+                              attn_impl="flash")  # [B,1,V]
   return sampler(logits[:, 0], key), cache
 
 
@@ -106,7 +107,7 @@ def decode_token(model: Transformer, params, token: jax.Array, cache: Cache, key
                    donate_argnames=("cache",))
 def _decode_loop(params, first: jax.Array, cache: Cache, keys: jax.Array, *, model: Transformer,
                  sampler: Sampler, eos_id: Optional[int], pad_id: int) -> tuple[jax.Array, Cache]:
-  """Feeds each sampled token back through one absorbed-path step: tokens [B, 1 + len(keys)],
+  """Feeds each sampled token back through one flash-decoding step: tokens [B, 1 + len(keys)],
   and the cache, returned so the donated input buffers are updated in place."""
 
   def finished(token: jax.Array) -> jax.Array:

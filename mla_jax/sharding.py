@@ -169,6 +169,17 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
 
 
+def sequence_split() -> Optional[dict[str, tuple[str, ...]]]:
+  """Under a mesh that splits the cache's sequence axis ('cache_seq') over more than one device:
+  the mesh axes of the cache's batch and sequence, for flash-decoding's split over S
+  (layers/flash_decode.split_over_sequence); None otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  seq = RULES["cache_seq"] or ()
+  if mesh.empty or math.prod(mesh.shape[a] for a in seq) == 1:
+    return None
+  return {"batch_axes": RULES["cache_batch"], "seq_axes": seq}
+
+
 def shard(tree: Any, mesh: Mesh) -> Any:
   """Places a parameter or cache tree on the mesh as the tables say."""
   return jax.device_put(tree, tree_shardings(tree, mesh))
