@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import mla_jax
-from mla_jax.config import Config, ModelConfig, load_config
+from mla_jax.config import CACHE_DTYPES, Config, ModelConfig, load_config
 
 
 def abstract_params(config: ModelConfig):
@@ -162,8 +162,10 @@ def _generate(args: argparse.Namespace) -> int:
   model_config = read_workdir_config(args.checkpoint).model  # cheap: validate before loading
   check_sampling(model_config.vocab_size, **options)
   cache_length(max(len(p) for p in prompts), args.max_new_tokens, model_config.max_seq_len)
+  if args.cache_dtype is not None:  # checked (e.g. int8 with a baseline) before loading weights
+    model_config = dataclasses.replace(model_config, cache_dtype=args.cache_dtype)
   config, params = load_trained(args.checkpoint)
-  model = Transformer(config.model)
+  model = Transformer(dataclasses.replace(config.model, cache_dtype=model_config.cache_dtype))
   if len(prompts) == 1:
     _stream_one(model, params, tokenizer, texts[0], prompts[0], options, args.seed)
   else:
@@ -255,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--top-k", type=int, default=None)
   gen.add_argument("--top-p", type=float, default=None)
   gen.add_argument("--seed", type=int, default=0)
+  gen.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
+                   help="decode cache storage (default: model.cache_dtype, else model.dtype); "
+                        "int8/int4 quantize MLA's latent")
   gen.set_defaults(run=_generate)
   convert = commands.add_parser("convert", help="a Hugging Face DeepseekV2/V3 directory -> workdir")
   convert.add_argument("--from-hf", required=True, metavar="DIR",

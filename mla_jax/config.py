@@ -17,7 +17,7 @@ import yaml
 
 ATTENTION_KINDS = ("mla", "mha", "gqa", "mqa")
 DTYPES = ("float32", "bfloat16", "float16")
-CACHE_DTYPES = ("float32", "bfloat16")  # model.cache_dtype; null = model.dtype
+CACHE_DTYPES = ("float32", "bfloat16", "int8", "int4")  # model.cache_dtype; null = model.dtype
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -191,6 +191,12 @@ class ModelConfig:
     if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
       _fail("model.cache_dtype", self.cache_dtype,
             f"allowed: {', '.join(CACHE_DTYPES)}, or null for model.dtype")
+    if self.cache_dtype in ("int8", "int4") and self.attention != "mla":
+      _fail("model.cache_dtype", self.cache_dtype, "int8/int4 quantize MLA's latent: use "
+            f"float32 or bfloat16 with attention={self.attention}")
+    if self.cache_dtype == "int4" and self.kv_lora_rank % 2:
+      _fail("model.cache_dtype", self.cache_dtype,
+            f"int4 packs two values per byte: needs an even kv_lora_rank, not {self.kv_lora_rank}")
     _positive("model.decode_block_size", self.decode_block_size)
 
   def _check_moe(self) -> None:

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mla_jax.cache import KVCache
+from mla_jax.cache import KVCache, load_float
 from mla_jax.config import ModelConfig
 from mla_jax.layers.flash_decode import (grouped_decode_partials, normalize,
                                          split_over_sequence)
@@ -74,7 +74,8 @@ class MultiHeadAttention(nn.Module):
                                   **split)
       out = out.astype(dtype)  # [B,T,G,J,V]
     else:
-      keys, mask = reference_context(new, new_cache, lengths, num_tokens, positions, dtype)
+      cached = None if new_cache is None else jax.tree_util.tree_map(load_float, new_cache)
+      keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
       scores = einsum_f32("BTGJK,BSGK->BGJTS", q, keys.k)
       scores = scores.reshape(b, h, t, -1)  # [B,H,T,S], head = g * (H/G) + j
       probs = masked_softmax(scores * cfg.softmax_scale, mask).reshape(b, g, h // g, t, -1)

@@ -18,7 +18,7 @@ from typing import Optional, TypeVar
 import jax
 import jax.numpy as jnp
 
-from mla_jax.cache import load_float, slot_mask, value_dtype, write_tokens
+from mla_jax.cache import slot_mask, write_tokens
 
 ATTN_IMPLS = ("naive", "absorbed", "flash", "auto")
 Entries = TypeVar("Entries")  # a LatentCache or KVCache, of [B,T,...] or [B,S,...] arrays
@@ -64,9 +64,10 @@ def reference_context(new: Entries, updated: Optional[Entries], lengths: Optiona
                       ) -> tuple[Entries, jax.Array]:
   """For the reference paths: (keys/values to attend to as `dtype`, mask [B,T,S] or [1,T,T]).
 
-  new: this step's entries [B,T,...]; updated: the cache after write_cache, or None for no cache;
-  lengths [B]: tokens cached before this step; num_tokens [B]: real tokens among the T new ones.
-  Slots that hold no token come back zeroed, in a whole-cache copy.
+  new: this step's entries [B,T,...]; updated: the cache after write_cache as float values
+  (dequantized, widened), or None for no cache; lengths [B]: tokens cached before this step;
+  num_tokens [B]: real tokens among the T new ones. Slots that hold no token come back zeroed,
+  in a whole-cache copy.
   """
   t = positions.shape[1]
   if updated is None:
@@ -77,8 +78,7 @@ def reference_context(new: Entries, updated: Optional[Entries], lengths: Optiona
 
   def visible(buf: jax.Array) -> jax.Array:  # [B,S,...] as dtype, unused slots zeroed
     keep = holds_token.reshape(holds_token.shape + (1,) * (buf.ndim - 2))
-    values = buf if value_dtype(buf.dtype) == buf.dtype else load_float(buf, jnp.float32)
-    return jnp.where(keep, values, jnp.zeros((), values.dtype)).astype(dtype)
+    return jnp.where(keep, buf, jnp.zeros((), buf.dtype)).astype(dtype)
 
   # Causal alone suffices: a real query's position is below its sequence's new length.
   causal = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]  # [B,T,S]

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mla_jax.cache import LatentCache
+from mla_jax.cache import LatentCache, encode_latent, latent_values
 from mla_jax.config import ModelConfig
 from mla_jax.layers.flash_decode import mla_decode_partials, normalize, split_over_sequence
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
@@ -35,6 +35,7 @@ from mla_jax.layers.norms import RMSNorm
 from mla_jax.layers.params import weight
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.layers.rope import apply_rope, rope_cos_sin
+from mla_jax.quantization import dequantize
 from mla_jax.sharding import sequence_split
 
 
@@ -79,7 +80,7 @@ class MultiHeadLatentAttention(nn.Module):
     self._record(q_nope=q_nope, q_rope=q_rope, c_kv=c_kv, k_rope=k_rope)
 
     new = LatentCache(c_kv=c_kv, k_rope=k_rope)
-    new_cache = None if cache is None else write_cache(new, cache, lengths)
+    new_cache = None if cache is None else write_cache(encode_latent(new, cache), cache, lengths)
     w_kv_b = weight(self, "kv_b_proj", (c, h, n + v))  # [C,H,N+V]
     w_uk, w_uv = w_kv_b[..., :n], w_kv_b[..., n:]  # [C,H,N], [C,H,V]
 
@@ -90,7 +91,8 @@ class MultiHeadLatentAttention(nn.Module):
       out = jnp.einsum("BTHC,CHV->BTHV", out_lat, w_uv)
       self._record(q_lat=q_lat, out_lat=out_lat)
     else:
-      keys, mask = reference_context(new, new_cache, lengths, num_tokens, positions, dtype)
+      cached = None if new_cache is None else latent_values(new_cache)
+      keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
       c_all, k_rope_all = keys.c_kv, keys.k_rope  # [B,S,C], [B,S,R]
       rope_scores = einsum_f32("BTHR,BSR->BHTS", q_rope, k_rope_all)
       if impl == "naive":
@@ -119,13 +121,16 @@ class MultiHeadLatentAttention(nn.Module):
     cfg = self.config
     b, t = positions.shape
     kv_lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths + num_tokens
+    latent, dequantize_block = keys.c_kv, None
+    if keys.quantized:  # dequantized inside the loop, one block at a time
+      latent = {"values": keys.c_kv, "scale": keys.c_kv_scale}
+      dequantize_block = lambda block: dequantize(block["values"], block["scale"])
     partials = functools.partial(mla_decode_partials, scale=cfg.softmax_scale,
-                                 block_size=cfg.decode_block_size)
+                                 block_size=cfg.decode_block_size, dequantize=dequantize_block)
     split = sequence_split() if lengths is not None else None
     if split is None:
-      return normalize(*partials(q_lat, q_rope, keys.c_kv, keys.k_rope, kv_lengths,
-                                 positions)[1:])
-    return split_over_sequence(partials, (q_lat, q_rope), (keys.c_kv, keys.k_rope), kv_lengths,
+      return normalize(*partials(q_lat, q_rope, latent, keys.k_rope, kv_lengths, positions)[1:])
+    return split_over_sequence(partials, (q_lat, q_rope), (latent, keys.k_rope), kv_lengths,
                                positions, **split)
 
   def _record(self, **tensors: jax.Array) -> None:

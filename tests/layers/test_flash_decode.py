@@ -252,4 +252,4 @@ def test_decode_step_writes_in_place_and_copies_no_cache(cache_dtype):
   # No array of the cache's shape in float32 anywhere in the program (a widened copy).
   assert f"f32[2,{s},512]" not in compiled.as_text() or cache_dtype == "float32"
   reference, _, _ = _compiled_step(cfg, 2, s, "absorbed")
-  assert reference.memory_analysis().temp_size_in_bytes > kv_b_proj + 0.9 * latent  # replaced
+  assert reference.memory_analysis().temp_size_in_bytes > kv_b_proj + 0.5 * latent  # replaced
