@@ -50,6 +50,8 @@ def value_dtype(stored) -> jnp.dtype:
 def store_float(x: jax.Array, stored) -> jax.Array:
   """x rounded to the cache's value dtype, in its storage dtype (bfloat16 as uint16 bits)."""
   stored = jnp.dtype(stored)
+  if x.dtype == stored:  # already in storage form (e.g. encoded by encode_latent)
+    return x
   if stored == BF16_BITS:
     return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), BF16_BITS)
   return x.astype(stored)
