@@ -117,7 +117,8 @@ def test_int8_step_reads_at_most_0_6_of_the_bf16_steps_cache_bytes():
 
 
 @pytest.mark.slow
-def test_trained_model_generates_and_predicts_the_same_through_int8_and_int4_caches(tmp_path):
+def test_trained_model_generates_and_predicts_the_same_through_int8_and_int4_caches(tmp_path,
+                                                                                    capsys):
   """The README's main model (configs/tiny.yaml, byte-level, Python stdlib), trained here for
   300 of its 1,000 steps: greedy generations through an int8 cache agree with the bfloat16
   cache's on >= 95% of tokens over a fixed prompt set, and the validation perplexity through an
@@ -142,7 +143,8 @@ def test_trained_model_generates_and_predicts_the_same_through_int8_and_int4_cac
   new = [(tokens["int8"][b, len(p):len(p) + 48], tokens["bfloat16"][b, len(p):len(p) + 48])
          for b, p in enumerate(prompts)]
   agreement = np.mean(np.concatenate([a == b for a, b in new]))
-  print(f"int8 vs bfloat16 cache, greedy tokens equal: {agreement:.1%}")
+  with capsys.disabled():
+    print(f"int8 vs bfloat16 cache, greedy tokens equal: {agreement:.1%}")
   assert agreement >= 0.95
 
   corpus = load_corpus(config.data, min_tokens=129)
@@ -156,6 +158,15 @@ def test_trained_model_generates_and_predicts_the_same_through_int8_and_int4_cac
       logp = jax.nn.log_softmax(logits, -1)
       losses.append(-np.mean(np.take_along_axis(np.asarray(logp), targets[..., None], -1)))
     perplexity[kind] = float(np.exp(np.mean(losses)))
-  print("validation perplexity by cache dtype:", perplexity)
+  with capsys.disabled():
+    print("validation perplexity by cache dtype:", perplexity)
   assert perplexity["int4"] <= 1.02 * perplexity["bfloat16"]
   assert perplexity["int8"] <= 1.005 * perplexity["bfloat16"]
+
+  # And from the command line, greedy through an int8 cache prints what generate returns.
+  from mla_jax.cli import main
+  assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "def ",
+               "--max-new-tokens", "48", "--temperature", "0", "--cache-dtype", "int8"]) == 0
+  printed = capsys.readouterr().out.rstrip("\n")
+  expected = tokenizer.decode(tokens["int8"][0, :4 + 48])
+  assert len(printed) > 4 and (expected.startswith(printed) or printed.startswith(expected))
