@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import mla_jax
-from mla_jax.config import Config, ModelConfig, load_config_args, presets
+from mla_jax.config import CACHE_DTYPES, Config, ModelConfig, load_config_args, presets
 from mla_jax.interrupts import INTERRUPTS, exit_code
 
 
@@ -171,9 +171,11 @@ def _generate(args: argparse.Namespace) -> int:
                  top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.EOS)
   check_sampling(model_config.vocab_size, **options)
   cache_length(max(len(p) for p in prompts), args.max_new_tokens, model_config.max_seq_len)
+  if args.cache_dtype is not None:  # checked (e.g. int8 with a baseline) before loading weights
+    model_config = dataclasses.replace(model_config, cache_dtype=args.cache_dtype)
   config, params, step = load_checkpoint(args.checkpoint)
   print(f"loaded step {step} of {args.checkpoint}", file=sys.stderr)
-  model = Transformer(config.model)
+  model = Transformer(dataclasses.replace(config.model, cache_dtype=model_config.cache_dtype))
   if len(prompts) == 1:
     _stream_one(model, params, tokenizer, texts[0], prompts[0], options, args.seed)
   else:
@@ -387,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--top-p", type=float, default=None,
                    help="sample among the most likely tokens holding this probability mass")
   gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+  gen.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
+                   help="decode cache storage (default: model.cache_dtype, else model.dtype); "
+                        "int8/int4 quantize MLA's latent")
 
   convert = _command(commands, "convert", _convert,
                      help="a Hugging Face DeepseekV2/V3 directory -> workdir")

@@ -47,6 +47,7 @@ def parse_yaml(text: str) -> Any:
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("dispatch", "dense")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+CACHE_DTYPES = ("float32", "bfloat16", "int8", "int4")  # model.cache_dtype; null = model.dtype
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -210,6 +211,10 @@ class ModelConfig:
   # parameter layout differs (mla_jax.model.stack_layers / unstack_layers convert); a decode
   # step pays a copy of the cache per step under scan, so inference keeps it off.
   scan_layers: bool = False
+  # Decode cache: how its values are stored (null = dtype), and the flash-decoding block size in
+  # cache slots (layers/flash_decode.py; 256 measured best on a 2-core CPU, see README).
+  cache_dtype: Optional[str] = None
+  decode_block_size: int = 256
 
   def __post_init__(self):
     _check_fields(self, "model.")
@@ -229,6 +234,16 @@ class ModelConfig:
       object.__setattr__(self, "rope_scaling", YarnScaling.from_mapping(self.rope_scaling))
     self._check_attention()
     self._check_moe()
+    if self.cache_dtype is not None and self.cache_dtype not in CACHE_DTYPES:
+      _fail("model.cache_dtype", self.cache_dtype,
+            f"allowed: {', '.join(CACHE_DTYPES)}, or null for model.dtype")
+    if self.cache_dtype in ("int8", "int4") and self.attention != "mla":
+      _fail("model.cache_dtype", self.cache_dtype, "int8/int4 quantize MLA's latent: use "
+            f"float32 or bfloat16 with attention={self.attention}")
+    if self.cache_dtype == "int4" and self.kv_lora_rank % 2:
+      _fail("model.cache_dtype", self.cache_dtype,
+            f"int4 packs two values per byte: needs an even kv_lora_rank, not {self.kv_lora_rank}")
+    _positive("model.decode_block_size", self.decode_block_size)
 
   def _check_moe(self) -> None:
     if self.moe_impl not in MOE_IMPLS:
@@ -299,6 +314,11 @@ class ModelConfig:
     if self.num_kv_heads is not None:
       return self.num_kv_heads
     return 1 if self.attention == "mqa" else self.num_heads
+
+  @property
+  def kv_cache_dtype(self) -> str:
+    """The decode cache's value dtype: cache_dtype, or dtype when it is null."""
+    return self.dtype if self.cache_dtype is None else self.cache_dtype
 
   @property
   def softmax_scale(self) -> float:
@@ -451,12 +471,14 @@ class Config:
             "workdir": self.workdir, "seed": self.seed}
 
   def run_fields(self) -> dict[str, Any]:
-    """The fields that define what a checkpoint of this run holds: the model, the data, the seed
-    and the optimisation (warmup resolved). Logging, evaluation, checkpoint cadence, sampling,
+    """The fields that define what a checkpoint of this run holds: the model (less how it is
+    executed: moe_impl, cache_dtype, decode_block_size), the data, the seed and the optimisation
+    (warmup resolved). Logging, evaluation, checkpoint cadence, sampling,
     the mesh and the workdir may change when a run resumes; these may not."""
     train = {name: getattr(self.train, name) for name in _RUN_TRAIN_FIELDS}
     train["warmup_steps"] = self.train.warmup
-    return {"model": self.model.to_dict(), "train": train, "data": dataclasses.asdict(self.data),
+    model = {k: v for k, v in self.model.to_dict().items() if k not in _EXECUTION_MODEL_FIELDS}
+    return {"model": model, "train": train, "data": dataclasses.asdict(self.data),
             "seed": self.seed}
 
   def run_id(self) -> str:
@@ -471,6 +493,8 @@ class Config:
     return dataclasses.replace(self, workdir=f"runs/{name}-{self.run_id()}")
 
 
+# How a model is executed, not what its parameters are: the same checkpoint serves any of these.
+_EXECUTION_MODEL_FIELDS = ("moe_impl", "cache_dtype", "decode_block_size")
 _RUN_TRAIN_FIELDS = ("steps", "batch_size", "seq_len", "learning_rate", "min_learning_rate",
                      "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "mesh": MeshConfig}

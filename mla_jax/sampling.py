@@ -1,5 +1,5 @@
 """Autoregressive generation: one jitted prefill (naive path) and one compiled decode loop
-(lax.scan over absorbed-path steps, cache donated), with greedy, temperature, top-k and top-p
+(lax.scan over flash-decoding steps, cache donated), with greedy, temperature, top-k and top-p
 sampling. `generate` makes no host round trip per token; `stream` does, to print as it goes.
 """
 
@@ -141,13 +141,14 @@ def _prefill(params, prompt: jax.Array, lengths: jax.Array, key: jax.Array, *, m
   return sampler(last, key), cache
 
 
-DECODE_ATTN_IMPL = "absorbed"  # the attention path generate's decode steps use
+DECODE_ATTN_IMPL = "flash"  # the attention path generate's decode steps use
 
 
 def decode_token(model: Transformer, params, token: jax.Array, cache: Cache, key: jax.Array,
                  sampler: Sampler, attn_impl: str = DECODE_ATTN_IMPL) -> tuple[jax.Array, Cache]:
-  """One decode step (generate's path unless attn_impl says otherwise, e.g. 'naive' for the
-  benchmark): token [B] -> next token [B], cache one longer.
+  """One decode step, by default generate's flash-decoding path (blocked, absorbed, up to the
+  longest sequence; attn_impl='absorbed' or 'naive' for the references the benchmark compares):
+  token [B] -> next token [B], cache one longer.
   Traced once per compiled generation loop (tests count it)."""
   logits, cache = model.apply({"params": params}, token[:, None], cache=cache,
                               attn_impl=attn_impl)  # [B,1,V]
@@ -158,7 +159,7 @@ def decode_token(model: Transformer, params, token: jax.Array, cache: Cache, key
                    donate_argnames=("cache",))
 def _decode_loop(params, first: jax.Array, cache: Cache, keys: jax.Array, *, model: Transformer,
                  sampler: Sampler, eos_id: Optional[int], pad_id: int) -> tuple[jax.Array, Cache]:
-  """Feeds each sampled token back through one absorbed-path step: tokens [B, 1 + len(keys)],
+  """Feeds each sampled token back through one flash-decoding step: tokens [B, 1 + len(keys)],
   and the cache, returned so the donated input buffers are updated in place."""
 
   def finished(token: jax.Array) -> jax.Array:

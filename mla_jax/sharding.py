@@ -69,6 +69,7 @@ PARAM_AXES: dict[str, tuple[Optional[str], ...]] = {
 CACHE_AXES: dict[str, tuple[Optional[str], ...]] = {
     "c_kv": ("cache_batch", "cache_seq", "kv_lora"),
     "k_rope": ("cache_batch", "cache_seq", "head_dim"),
+    "c_kv_scale": ("cache_batch", "cache_seq", None),  # int8/int4 latents: one scale per token
     "k": ("cache_batch", "cache_seq", "kv_heads", "head_dim"),
     "v": ("cache_batch", "cache_seq", "kv_heads", "head_dim"),
     "lengths": ("cache_batch",),
@@ -174,6 +175,17 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
   if jax.sharding.get_abstract_mesh().empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+
+
+def sequence_split() -> Optional[dict[str, tuple[str, ...]]]:
+  """Under a mesh that splits the cache's sequence axis ('cache_seq') over more than one device:
+  the mesh axes of the cache's batch and sequence, for flash-decoding's split over S
+  (layers/flash_decode.split_over_sequence); None otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  seq = RULES["cache_seq"] or ()
+  if mesh.empty or math.prod(mesh.shape[a] for a in seq) == 1:
+    return None
+  return {"batch_axes": RULES["cache_batch"], "seq_axes": seq}
 
 
 def shard(tree: Any, mesh: Mesh) -> Any:

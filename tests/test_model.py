@@ -148,7 +148,8 @@ def test_bf16_model_with_bf16_cache_tracks_float32():
   ref, _ = model.apply({"params": params}, tokens)
   model16 = mla_jax.Transformer(variant(cfg, dtype="bfloat16"))
   cache = mla_jax.init_cache(model16.config, 2, 16)
-  assert cache.layers[0].c_kv.dtype == jnp.bfloat16
+  assert cache.layers[0].dtype == jnp.bfloat16  # stored as its uint16 bit patterns
+  assert cache.layers[0].c_kv.dtype == jnp.uint16 and cache.layers[0].c_kv.itemsize == 2
   prefix, cache = model16.apply({"params": params}, tokens[:, :6], cache=cache)
   steps = [prefix]
   for i in range(6, 10):

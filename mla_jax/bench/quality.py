@@ -56,7 +56,8 @@ def run_config(args: argparse.Namespace, model, seed: int, workdir: str) -> Conf
   if args.quick:
     tc = dataclasses.replace(tc, batch_size=8, seq_len=16, eval_batches=1)
     model = dataclasses.replace(model, num_layers=1) if model.num_layers != 1 else model
-  tc = dataclasses.replace(tc, steps=args.steps, warmup_steps=min(tc.warmup_steps, args.steps - 1),
+  warmup = None if tc.warmup_steps is None else min(tc.warmup_steps, args.steps - 1)  # None: a tenth
+  tc = dataclasses.replace(tc, steps=args.steps, warmup_steps=warmup,
                            eval_every=args.steps, checkpoint_every=args.steps,
                            keep_checkpoints=1, log_every=args.steps)
   data = base.data if args.data is None else DataConfig(path=args.data,

@@ -7,26 +7,31 @@ cached tensors differ: G key/value heads of N + R and V features instead of one 
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mla_jax.cache import KVCache
+from mla_jax.cache import KVCache, load_float
 from mla_jax.config import ModelConfig
-from mla_jax.layers.masking import (attention_context, masked_softmax, query_positions,
-                                    resolve_attn_impl)
+from mla_jax.layers.flash_decode import (grouped_decode_partials, normalize,
+                                         split_over_sequence)
+from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
+                                    resolve_attn_impl, write_cache)
 from mla_jax.layers.params import weight
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.layers.rope import apply_rope, rope_cos_sin
+from mla_jax.sharding import sequence_split
 
 
 class MultiHeadAttention(nn.Module):
   """x [B,T,D] -> (y [B,T,D], updated KVCache or None); G = config.kv_heads key/value heads.
 
-  attn_impl is accepted for a uniform signature; there is no latent to absorb into, so every
-  value runs the one standard path.
+  attn_impl: 'flash' (the default with a cache, via 'auto') walks the K/V cache in blocks with
+  the same flash-decoding loop as MLA, so comparisons stay fair; 'naive' and 'absorbed' (no
+  latent to absorb into: the same thing here) run the plain einsum path over the whole cache.
   """
 
   config: ModelConfig
@@ -39,7 +44,7 @@ class MultiHeadAttention(nn.Module):
     b, t, d = x.shape
     h, g, n, v = cfg.num_heads, cfg.kv_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
     k_dim = cfg.qk_head_dim
-    resolve_attn_impl(attn_impl, t, cache is not None)  # validates the name
+    impl = resolve_attn_impl(attn_impl, t, cache is not None)
     dtype = jnp.dtype(cfg.dtype)
     x = x.astype(dtype)
     positions, num_tokens = query_positions(b, t, cache is not None, lengths, num_tokens)  # [B,T]
@@ -53,13 +58,27 @@ class MultiHeadAttention(nn.Module):
     k = with_rope(jnp.einsum("BTD,DGK->BTGK", x, weight(self, "k_proj", (d, g, k_dim))))
     val = jnp.einsum("BTD,DGV->BTGV", x, weight(self, "v_proj", (d, g, v)))
 
-    new_cache, keys, mask = attention_context(KVCache(k=k, v=val), cache, lengths, num_tokens,
-                                              positions)
-    k_all, v_all = keys.k.astype(dtype), keys.v.astype(dtype)  # [B,S,G,K], [B,S,G,V]
+    new = KVCache(k=k, v=val)
+    new_cache = None if cache is None else write_cache(new, cache, lengths)
     q = q.reshape(b, t, g, h // g, k_dim)  # query heads grouped under their key/value head
-    scores = einsum_f32("BTGJK,BSGK->BGJTS", q, k_all)
-    scores = scores.reshape(b, h, t, -1)  # [B,H,T,S], head = g * (H/G) + j
-    probs = masked_softmax(scores * cfg.softmax_scale, mask).reshape(b, g, h // g, t, -1)
-    out = einsum_f32("BGJTS,BSGV->BTGJV", probs.astype(dtype), v_all).astype(dtype)
+    if impl == "flash":
+      keys = new if cache is None else new_cache
+      kv_lengths = jnp.full((b,), t, jnp.int32) if cache is None else lengths + num_tokens
+      partials = functools.partial(grouped_decode_partials, scale=cfg.softmax_scale,
+                                   block_size=cfg.decode_block_size)
+      split = None if cache is None else sequence_split()
+      if split is None:
+        out = normalize(*partials(q, keys.k, keys.v, kv_lengths, positions)[1:])
+      else:
+        out = split_over_sequence(partials, (q,), (keys.k, keys.v), kv_lengths, positions,
+                                  **split)
+      out = out.astype(dtype)  # [B,T,G,J,V]
+    else:
+      cached = None if new_cache is None else jax.tree_util.tree_map(load_float, new_cache)
+      keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
+      scores = einsum_f32("BTGJK,BSGK->BGJTS", q, keys.k)
+      scores = scores.reshape(b, h, t, -1)  # [B,H,T,S], head = g * (H/G) + j
+      probs = masked_softmax(scores * cfg.softmax_scale, mask).reshape(b, g, h // g, t, -1)
+      out = einsum_f32("BGJTS,BSGV->BTGJV", probs.astype(dtype), keys.v).astype(dtype)
     y = jnp.einsum("BTHV,HVD->BTD", out.reshape(b, t, h, v), weight(self, "o_proj", (h, v, d)))
     return y, new_cache

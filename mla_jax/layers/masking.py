@@ -2,8 +2,13 @@
 
 Without a cache: plain causal attention over the T new tokens. With a cache: the new tokens go at
 slots lengths[b] .., query t sits at absolute position lengths[b] + t and sees slots <= its
-position that hold real tokens. Slots that hold none are also zeroed before use, so a NaN left in
-an unused slot cannot leak through 0 * NaN in the probability-weighted sum.
+position that hold real tokens.
+
+Two ways to attend over a cache. The flash-decoding path (layers/flash_decode.py) walks the cache
+block by block and stops at the longest sequence. The reference paths ('naive', 'absorbed') read
+the whole cache through `reference_context`, which zeroes the slots that hold no token (so a NaN
+left there cannot leak through 0 * NaN) in a whole-cache copy: simple and obviously right, the
+yardstick the flash path is tested against, and not what a decode step should cost.
 """
 
 from __future__ import annotations
@@ -15,20 +20,23 @@ import jax.numpy as jnp
 
 from mla_jax.cache import slot_mask, write_tokens
 
-ATTN_IMPLS = ("naive", "absorbed", "auto")
+ATTN_IMPLS = ("naive", "absorbed", "flash", "auto")
 Entries = TypeVar("Entries")  # a LatentCache or KVCache, of [B,T,...] or [B,S,...] arrays
 
 
 def resolve_attn_impl(attn_impl: str, num_new_tokens: int, has_cache: bool) -> str:
-  """'auto' is naive for training and prefill (T > 1), absorbed for one-token decode steps.
+  """'auto' is 'naive' without a cache (training), 'flash' with one (decode steps, and prefill
+  or chunked prefill into a cache: the blocked absorbed path reads only the filled slots).
 
+  'naive' and 'absorbed' are the plain einsum paths over the whole cache, kept as references.
   Decided from static shapes, never from array values, so it costs no retrace under jit.
   """
+  del num_new_tokens  # every T takes the same path; kept so call sites state what they know
   if attn_impl not in ATTN_IMPLS:
     raise ValueError(f"attn_impl={attn_impl!r} is invalid: allowed {', '.join(ATTN_IMPLS)}")
   if attn_impl != "auto":
     return attn_impl
-  return "absorbed" if has_cache and num_new_tokens == 1 else "naive"
+  return "flash" if has_cache else "naive"
 
 
 def query_positions(batch: int, num_new: int, has_cache: bool, lengths: Optional[jax.Array],
@@ -45,29 +53,36 @@ def query_positions(batch: int, num_new: int, has_cache: bool, lengths: Optional
   return lengths[:, None].astype(jnp.int32) + offsets, num_tokens
 
 
-def attention_context(new: Entries, cache: Optional[Entries], lengths: Optional[jax.Array],
-                      num_tokens: Optional[jax.Array], positions: jax.Array
-                      ) -> tuple[Optional[Entries], Entries, jax.Array]:
-  """Returns (updated cache or None, keys/values to attend to, mask [B,T,S]).
+def write_cache(new: Entries, cache: Entries, lengths: jax.Array) -> Entries:
+  """The cache with this step's entries [B,T,...] written at slots lengths[b] .. (in place when
+  the cache buffer is donated)."""
+  return jax.tree_util.tree_map(lambda buf, x: write_tokens(buf, x, lengths), cache, new)
 
-  new: this step's entries [B,T,...]; cache: entries [B,S,...]; lengths [B]: tokens already
-  cached; num_tokens [B]: how many of the T new tokens are real (the rest is right padding).
+
+def reference_context(new: Entries, updated: Optional[Entries], lengths: Optional[jax.Array],
+                      num_tokens: Optional[jax.Array], positions: jax.Array, dtype
+                      ) -> tuple[Entries, jax.Array]:
+  """For the reference paths: (keys/values to attend to as `dtype`, mask [B,T,S] or [1,T,T]).
+
+  new: this step's entries [B,T,...]; updated: the cache after write_cache as float values
+  (dequantized, widened), or None for no cache; lengths [B]: tokens cached before this step;
+  num_tokens [B]: real tokens among the T new ones. Slots that hold no token come back zeroed,
+  in a whole-cache copy.
   """
   t = positions.shape[1]
-  if cache is None:
+  if updated is None:
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T,S=T]
-    return None, new, causal[None]  # [1,T,T]
-  updated = jax.tree_util.tree_map(lambda buf, x: write_tokens(buf, x, lengths), cache, new)
-  max_len = jax.tree_util.tree_leaves(cache)[0].shape[1]
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), new), causal[None]  # [1,T,T]
+  max_len = jax.tree_util.tree_leaves(updated)[0].shape[1]
   holds_token = slot_mask(lengths + num_tokens, max_len)  # [B,S]
 
-  def visible(buf: jax.Array) -> jax.Array:  # [B,S,...], unused slots zeroed
+  def visible(buf: jax.Array) -> jax.Array:  # [B,S,...] as dtype, unused slots zeroed
     keep = holds_token.reshape(holds_token.shape + (1,) * (buf.ndim - 2))
-    return jnp.where(keep, buf, jnp.zeros((), buf.dtype))
+    return jnp.where(keep, buf, jnp.zeros((), buf.dtype)).astype(dtype)
 
   # Causal alone suffices: a real query's position is below its sequence's new length.
   causal = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]  # [B,T,S]
-  return updated, jax.tree_util.tree_map(visible, updated), causal
+  return jax.tree_util.tree_map(visible, updated), causal
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:

@@ -7,29 +7,36 @@ halves of kv_b_proj:
   naive     k_nope = c_kv W_UK, v = c_kv W_UV per head, then ordinary attention (cheap when T ~ S:
             training and prefill);
   absorbed  q_lat = q_nope W_UK^T attends over c_kv itself, W_UV is applied after the weighted sum
-            (decode: the cache is read once as [B,S,C], never expanded to per-head keys).
+            (the cache is read as [B,S,C], never expanded to per-head keys);
+  flash     the absorbed math as flash-decoding (layers/flash_decode.py): the cache walked in
+            blocks with an online softmax, each block read once, stopping at the longest
+            sequence; the default with a cache ('auto'). 'absorbed' stays as its reference.
 
-Both give the same numbers up to float rounding. The rope term q_rope . k_rope is shared: it adds
+All give the same numbers up to float rounding. The rope term q_rope . k_rope is shared: it adds
 to the scores exactly as concatenating [k_nope, k_rope] per head would, without broadcasting
 k_rope over heads.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mla_jax.cache import LatentCache
+from mla_jax.cache import LatentCache, encode_latent, latent_values
 from mla_jax.config import ModelConfig
-from mla_jax.layers.masking import (attention_context, masked_softmax, query_positions,
-                                    resolve_attn_impl)
+from mla_jax.layers.flash_decode import mla_decode_partials, normalize, split_over_sequence
+from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
+                                    resolve_attn_impl, write_cache)
 from mla_jax.layers.norms import RMSNorm
 from mla_jax.layers.params import weight
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.layers.rope import apply_rope, rope_cos_sin
+from mla_jax.quantization import dequantize
+from mla_jax.sharding import sequence_split
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -73,32 +80,59 @@ class MultiHeadLatentAttention(nn.Module):
     k_rope = apply_rope(kv_a[:, :, None, c:], cos, sin, cfg.rope_interleave)[:, :, 0]  # [B,T,R]
     self._record(q_nope=q_nope, q_rope=q_rope, c_kv=c_kv, k_rope=k_rope)
 
-    new_cache, keys, mask = attention_context(
-        LatentCache(c_kv=c_kv, k_rope=k_rope), cache, lengths, num_tokens, positions)
-    c_all = keys.c_kv.astype(dtype)  # [B,S,C]
-    k_rope_all = keys.k_rope.astype(dtype)  # [B,S,R]
+    new = LatentCache(c_kv=c_kv, k_rope=k_rope)
+    new_cache = None if cache is None else write_cache(encode_latent(new, cache), cache, lengths)
     w_kv_b = weight(self, "kv_b_proj", (c, h, n + v))  # [C,H,N+V]
     w_uk, w_uv = w_kv_b[..., :n], w_kv_b[..., n:]  # [C,H,N], [C,H,V]
 
-    rope_scores = einsum_f32("BTHR,BSR->BHTS", q_rope, k_rope_all)
-    if impl == "naive":
-      k_nope = jnp.einsum("BSC,CHN->BSHN", c_all, w_uk)
-      values = jnp.einsum("BSC,CHV->BSHV", c_all, w_uv)
-      nope_scores = einsum_f32("BTHN,BSHN->BHTS", q_nope, k_nope)
-      probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
-      out = einsum_f32("BHTS,BSHV->BTHV", probs.astype(dtype), values).astype(dtype)
-      self._record(k_nope=k_nope, values=values)
-    else:
+    if impl == "flash":
       q_lat = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
-      nope_scores = einsum_f32("BTHC,BSC->BHTS", q_lat, c_all)
-      probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
-      out_lat = einsum_f32("BHTS,BSC->BTHC", probs.astype(dtype), c_all).astype(dtype)
+      out_lat = self._flash(q_lat, q_rope, new if cache is None else new_cache, lengths,
+                            num_tokens, positions).astype(dtype)  # [B,T,H,C]
       out = jnp.einsum("BTHC,CHV->BTHV", out_lat, w_uv)
       self._record(q_lat=q_lat, out_lat=out_lat)
+    else:
+      cached = None if new_cache is None else latent_values(new_cache)
+      keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
+      c_all, k_rope_all = keys.c_kv, keys.k_rope  # [B,S,C], [B,S,R]
+      rope_scores = einsum_f32("BTHR,BSR->BHTS", q_rope, k_rope_all)
+      if impl == "naive":
+        k_nope = jnp.einsum("BSC,CHN->BSHN", c_all, w_uk)
+        values = jnp.einsum("BSC,CHV->BSHV", c_all, w_uv)
+        nope_scores = einsum_f32("BTHN,BSHN->BHTS", q_nope, k_nope)
+        probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
+        out = einsum_f32("BHTS,BSHV->BTHV", probs.astype(dtype), values).astype(dtype)
+        self._record(k_nope=k_nope, values=values)
+      else:
+        q_lat = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
+        nope_scores = einsum_f32("BTHC,BSC->BHTS", q_lat, c_all)
+        probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
+        out_lat = einsum_f32("BHTS,BSC->BTHC", probs.astype(dtype), c_all).astype(dtype)
+        out = jnp.einsum("BTHC,CHV->BTHV", out_lat, w_uv)
+        self._record(q_lat=q_lat, out_lat=out_lat)
+      self._record(probs=probs)
 
     y = jnp.einsum("BTHV,HVD->BTD", out, weight(self, "o_proj", (h, v, d)))
-    self._record(probs=probs, attn_out=out)
+    self._record(attn_out=out)
     return y, new_cache
+
+  def _flash(self, q_lat, q_rope, keys: LatentCache, lengths, num_tokens, positions) -> jax.Array:
+    """Flash-decoding over `keys` (the updated cache, or without one the new entries): out_lat
+    [B,T,H,C] float32. A cache split over the mesh's sequence axis is walked shard by shard."""
+    cfg = self.config
+    b, t = positions.shape
+    kv_lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths + num_tokens
+    latent, dequantize_block = keys.c_kv, None
+    if keys.quantized:  # dequantized inside the loop, one block at a time
+      latent = {"values": keys.c_kv, "scale": keys.c_kv_scale}
+      dequantize_block = lambda block: dequantize(block["values"], block["scale"])
+    partials = functools.partial(mla_decode_partials, scale=cfg.softmax_scale,
+                                 block_size=cfg.decode_block_size, dequantize=dequantize_block)
+    split = sequence_split() if lengths is not None else None
+    if split is None:
+      return normalize(*partials(q_lat, q_rope, latent, keys.k_rope, kv_lengths, positions)[1:])
+    return split_over_sequence(partials, (q_lat, q_rope), (latent, keys.k_rope), kv_lengths,
+                               positions, **split)
 
   def _record(self, **tensors: jax.Array) -> None:
     """Sows intermediates for inspection (apply with mutable=['intermediates']); free otherwise."""

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("suite,expected", [
-    ("decode", ["MLA absorbed", "MLA naive", "MHA", "GQA-2", "MQA"]),
+    ("decode", ["MLA flash", "MLA absorbed", "MLA naive", "MHA", "GQA-2", "MQA"]),
     ("throughput", ["MLA", "MHA", "GQA-2", "MQA"]),
     ("train", ["MLA", "MHA", "GQA-2", "MQA"]),
     ("quality", ["MLA", "MHA", "GQA-2", "MQA"]),

@@ -5,7 +5,7 @@ import pytest
 from mla_jax.sampling import DECODE_ATTN_IMPL
 from tests.bench.helpers import check_header, rows, run_suite
 
-VARIANTS = "MLA absorbed,MLA naive,GQA-8"
+VARIANTS = "MLA flash,MLA absorbed,MLA naive,GQA-8"
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +16,11 @@ def decode(tmp_path_factory):
 def test_rows_and_bytes_per_step(decode):
   steps = rows(decode)
   assert [(r["variant"], r["context"]) for r in steps] == [
-      ("MLA absorbed", 32), ("MLA naive", 32), ("GQA-2", 32)]
-  absorbed, naive, gqa = steps
-  assert absorbed["path"] == DECODE_ATTN_IMPL and naive["path"] == "naive"
+      ("MLA flash", 32), ("MLA absorbed", 32), ("MLA naive", 32), ("GQA-2", 32)]
+  flash, absorbed, naive, gqa = steps
+  assert flash["path"] == DECODE_ATTN_IMPL == "flash"
+  assert absorbed["path"] == "absorbed" and naive["path"] == "naive"
+  assert flash["bytes_per_step"] == absorbed["bytes_per_step"]  # same cache, same weights
   # The quick model: 1 layer, latent 32 + rope 8 (MLA); 2 KV heads of keys 16 + 8 and values 16.
   assert absorbed["cache_mb"] * 1e6 == pytest.approx(32 * (32 + 8) * 4)
   assert gqa["cache_mb"] * 1e6 == pytest.approx(32 * 2 * (24 + 16) * 4)
@@ -37,15 +39,15 @@ def test_rows_and_bytes_per_step(decode):
 def test_summary_names_the_kept_path_and_the_ratio(decode):
   summary = {r["variant"]: r for r in rows(decode, 1)}
   gqa = summary["GQA-2"]
-  assert "absorbed" in gqa["alternatives"] and "naive" in gqa["alternatives"]
-  assert gqa["path"] in ("absorbed", "naive")
-  assert summary["MLA absorbed"]["vs_absorbed"] == 1.0
-  assert summary["MLA naive"]["vs_absorbed"] == pytest.approx(
-      summary["MLA naive"]["step_ms"] / summary["MLA absorbed"]["step_ms"])
+  assert all(path in gqa["alternatives"] for path in ("flash", "absorbed", "naive"))
+  assert gqa["path"] in ("flash", "absorbed", "naive")
+  assert summary["MLA flash"]["vs_mla"] == 1.0
+  assert summary["MLA naive"]["vs_mla"] == pytest.approx(
+      summary["MLA naive"]["step_ms"] / summary["MLA flash"]["step_ms"])
   assert "naive MLA step (re-expanding the whole latent) takes" in decode["markdown"]
   assert decode["header"][4].startswith("measured bandwidth: ")
   check_header(decode, "decode")
   (probe,) = rows(decode, 2)  # the baseline's key-cache layout, measured at the same context
   assert (probe["variant"], probe["context"], probe["kv_bytes"]) == ("GQA-2", 32, 32 * 2 * 24 * 4)
   assert probe["speedup"] == pytest.approx(probe["library_ms"] / probe["head_major_ms"])
-  assert "--variants 'MLA absorbed,MLA naive,GQA-8'" in decode["header"][3]
+  assert "--variants 'MLA flash,MLA absorbed,MLA naive,GQA-8'" in decode["header"][3]

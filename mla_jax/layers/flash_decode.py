@@ -1,0 +1,201 @@
+"""Flash-decoding: attention over a cache read once, block by block, up to the longest sequence.
+
+The cache is walked along S in blocks of `block_size` slots. Each block is read once and serves
+both the scores and the weighted sum, through an online softmax (Milakov & Gimelshein 2018;
+FlashAttention, Dao et al. 2022; flash-decoding, Dao et al. 2023): per query and head a running
+max m, running sum l and running weighted value acc, all float32:
+
+  m' = max(m, max_s score_s)        l' = l e^(m - m') + sum_s e^(score_s - m')
+  acc' = acc e^(m - m') + sum_s e^(score_s - m') value_s          output = acc / l
+
+The loop is a `lax.while_loop` whose trip count ceil(max_b kv_lengths[b] / block_size) is a
+traced value, so a step costs what the batch's longest sequence holds, not the cache's max_len.
+Blocks are views (`lax.dynamic_slice`): no copy, zeroed or widened, of the whole cache is ever
+made. Slots at or past a sequence's length are zeroed inside the block (so a NaN there cannot
+leak through 0 * NaN) and masked out of the softmax. A block size that does not divide S is
+handled by clamping the last block's start and masking the slots the previous block already
+covered.
+
+Split over S (the cache's `sequence` mesh axis): each shard runs the same loop over its own slots
+and returns its (m, l, acc); `combine_partials` merges them exactly.
+
+`mla_decode_attention` is the signature a Pallas kernel (FlashMLA-style, GPU/TPU) can implement
+later; `grouped_decode_attention` is the same loop for the MHA/GQA/MQA baselines' K/V cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mla_jax.cache import load_float
+from mla_jax.layers.precision import einsum_f32
+
+# Chosen by measurement on a 2-core AMD EPYC (jax 0.10.2, CPU): see README "Decode at the
+# roofline". Large enough that the per-iteration overhead of the loop is amortised, small enough
+# that a block of the latent ([B, block, C] floats) stays in the core's L2 cache.
+DEFAULT_BLOCK_SIZE = 256
+
+Partials = tuple[jax.Array, jax.Array, jax.Array]  # (m [...], l [...], acc [..., V]) float32
+
+
+def _check_block_size(block_size: int) -> None:
+  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+    raise ValueError(f"block_size={block_size!r} is invalid: must be a positive integer "
+                     "(model.decode_block_size)")
+
+
+def blocked_online_softmax(scores_fn: Callable[[Any], jax.Array],
+                           values_fn: Callable[[jax.Array, Any], jax.Array], cache: Any,
+                           kv_lengths: jax.Array, positions: jax.Array, *, block_size: int,
+                           acc_shape: tuple[int, ...]) -> Partials:
+  """The flash-decoding loop, generic over what a cache block holds.
+
+  cache: a pytree of [B,S,...] arrays (any dtypes, e.g. a quantized latent and its scales).
+  kv_lengths [B] int: slots 0 .. kv_lengths[b]-1 of row b hold tokens; no other slot is read
+  into a result. positions [B,T] int: query t of row b sees slots <= positions[b,t] (causal).
+  scores_fn(block) -> float32 scores [B,T,*heads,blk], already scaled; values_fn(probs, block) ->
+  float32 [B,T,*heads,V], the probability-weighted sum of the block's values.
+  acc_shape: [B,T,*heads,V]. Returns the partials (m, l [B,T,*heads], acc [B,T,*heads,V]); a
+  query that saw no slot has m = -inf, l = 0, acc = 0.
+  """
+  _check_block_size(block_size)
+  s = jax.tree_util.tree_leaves(cache)[0].shape[1]
+  blk = min(block_size, s)
+  num_blocks = (jnp.max(kv_lengths) + blk - 1) // blk  # traced: the early stop
+  m0 = jnp.full(acc_shape[:-1], -jnp.inf, jnp.float32)
+  carry0 = (jnp.int32(0), m0, jnp.zeros(acc_shape[:-1], jnp.float32),
+            jnp.zeros(acc_shape, jnp.float32))
+
+  def body(carry):
+    i, m, l, acc = carry
+    first = i * blk  # the first slot this block is responsible for
+    start = jnp.minimum(first, s - blk)  # the last block is clamped to end at S ...
+    slot = start + jnp.arange(blk)  # [blk]
+    holds = (slot[None, :] >= first) & (slot[None, :] < kv_lengths[:, None])  # ... [B,blk]
+
+    def read(x: jax.Array) -> jax.Array:  # [B,blk,...] with empty slots zeroed (NaN-safe)
+      block = jax.lax.dynamic_slice_in_dim(x, start, blk, axis=1)
+      keep = holds.reshape(holds.shape + (1,) * (x.ndim - 2))
+      return jnp.where(keep, block, jnp.zeros((), x.dtype))
+
+    block = jax.tree_util.tree_map(read, cache)
+    scores = scores_fn(block)  # [B,T,*heads,blk] float32
+    visible = holds[:, None, :] & (slot[None, None, :] <= positions[:, :, None])  # [B,T,blk]
+    visible = visible.reshape(visible.shape[:2] + (1,) * (scores.ndim - 3) + (blk,))
+    scores = jnp.where(visible, scores, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all masked so far: exp(-inf) = 0
+    probs = jnp.exp(scores - m_safe[..., None])  # [B,T,*heads,blk]
+    correction = jnp.exp(m - m_safe)
+    l = l * correction + jnp.sum(probs, axis=-1)
+    acc = acc * correction[..., None] + values_fn(probs, block)
+    return i + 1, m_new, l, acc
+
+  _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < num_blocks, body, carry0)
+  return m, l, acc
+
+
+def combine_partials(m: jax.Array, l: jax.Array, acc: jax.Array, axis_name: str) -> jax.Array:
+  """Exact merge of per-shard partials over a mesh axis (inside shard_map): acc / l, float32."""
+  m_all = jax.lax.pmax(m, axis_name)
+  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+  weight = jnp.exp(m - m_safe)  # 0 for a shard that saw nothing
+  l_all = jax.lax.psum(l * weight, axis_name)
+  acc_all = jax.lax.psum(acc * weight[..., None], axis_name)
+  return normalize(l_all, acc_all)
+
+
+def normalize(l: jax.Array, acc: jax.Array) -> jax.Array:
+  """acc / l; 0 for a query that saw no slot (a padding row), never NaN."""
+  return acc / jnp.where(l > 0, l, 1.0)[..., None]
+
+
+def mla_decode_attention(q_lat: jax.Array, q_rope: jax.Array, c_kv: Any, k_rope: jax.Array,
+                         kv_lengths: jax.Array, positions: jax.Array, *, scale: float,
+                         block_size: int = DEFAULT_BLOCK_SIZE,
+                         dequantize: Optional[Callable[[Any], jax.Array]] = None) -> jax.Array:
+  """Absorbed MLA attention over the latent cache: out_lat [B,T,H,C] float32.
+
+  q_lat [B,T,H,C] = q_nope W_UK^T; q_rope [B,T,H,R]; c_kv [B,S,C] (or, with `dequantize`, any
+  pytree of [B,S,...] arrays that `dequantize(block)` turns into a float latent block [B,blk,C]);
+  k_rope [B,S,R]; kv_lengths [B]; positions [B,T] (see blocked_online_softmax); scale: the
+  softmax scale (config.softmax_scale). out_lat is softmax(q_lat c^T + q_rope k_rope^T) c, to be
+  multiplied by W_UV. Raises ValueError for a block_size that is not a positive integer.
+  """
+  return normalize(*mla_decode_partials(q_lat, q_rope, c_kv, k_rope, kv_lengths, positions,
+                                        scale=scale, block_size=block_size,
+                                        dequantize=dequantize)[1:])
+
+
+def mla_decode_partials(q_lat: jax.Array, q_rope: jax.Array, c_kv: Any, k_rope: jax.Array,
+                        kv_lengths: jax.Array, positions: jax.Array, *, scale: float,
+                        block_size: int = DEFAULT_BLOCK_SIZE,
+                        dequantize: Optional[Callable[[Any], jax.Array]] = None) -> Partials:
+  """mla_decode_attention before its final division: (m, l [B,T,H], acc [B,T,H,C]), for
+  merging shards of S with combine_partials."""
+  q_lat = q_lat.astype(jnp.float32) * scale  # [B,T,H,C]; scaled once, not per block
+  q_rope = q_rope.astype(jnp.float32) * scale  # [B,T,H,R]
+  latent = (lambda block: load_float(block["c_kv"])) if dequantize is None else (
+      lambda block: dequantize(block["c_kv"]))
+
+  def scores(block):  # one read of the block serves both terms
+    return (einsum_f32("BTHC,BSC->BTHS", q_lat, latent(block))
+            + einsum_f32("BTHR,BSR->BTHS", q_rope, load_float(block["k_rope"])))
+
+  def values(probs, block):
+    return einsum_f32("BTHS,BSC->BTHC", probs, latent(block))
+
+  return blocked_online_softmax(scores, values, {"c_kv": c_kv, "k_rope": k_rope}, kv_lengths,
+                                positions, block_size=block_size, acc_shape=q_lat.shape)
+
+
+def grouped_decode_partials(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
+                            positions: jax.Array, *, scale: float,
+                            block_size: int = DEFAULT_BLOCK_SIZE) -> Partials:
+  """MHA/GQA/MQA attention over a K/V cache, same loop: partials (m, l [B,T,G,J], acc
+  [B,T,G,J,V]); normalize(l, acc) is the output.
+
+  q [B,T,G,J,K] (J = H/G query heads per key/value head); k [B,S,G,K]; v [B,S,G,V].
+  """
+  q = q.astype(jnp.float32) * scale
+
+  def scores(block):
+    return einsum_f32("BTGJK,BSGK->BTGJS", q, load_float(block["k"]))
+
+  def values(probs, block):
+    return einsum_f32("BTGJS,BSGV->BTGJV", probs, load_float(block["v"]))
+
+  return blocked_online_softmax(scores, values, {"k": k, "v": v}, kv_lengths, positions,
+                                block_size=block_size, acc_shape=q.shape[:-1] + v.shape[-1:])
+
+
+def split_over_sequence(partials_fn: Callable[..., Partials], queries: tuple, cache: tuple,
+                        kv_lengths: jax.Array, positions: jax.Array, *, batch_axes, seq_axes
+                        ) -> jax.Array:
+  """Runs `partials_fn(*queries, *cache, kv_lengths, positions)` on each shard of S and merges.
+
+  For a cache whose S is split over mesh axes `seq_axes` (and B over `batch_axes`) under the
+  current mesh: each device walks only its own slots (its kv_lengths and positions shifted by its
+  shard's first slot) and the (m, l, acc) triples are combined exactly. queries: [B,T,...] arrays;
+  cache: [B,S,...] arrays. Returns normalize(...) of the whole: [B,T,...,V] float32.
+  """
+  seq_axes = tuple(seq_axes)
+  q_spec = lambda x: P(batch_axes, *([None] * (x.ndim - 1)))
+  c_spec = lambda x: P(batch_axes, seq_axes, *([None] * (x.ndim - 2)))
+
+  def local(queries, cache, kv_lengths, positions):
+    s_local = jax.tree_util.tree_leaves(cache)[0].shape[1]
+    first = jax.lax.axis_index(seq_axes) * s_local  # this shard's first slot
+    own = jnp.clip(kv_lengths - first, 0, s_local)
+    m, l, acc = partials_fn(*queries, *cache, own, positions - first)
+    return combine_partials(m, l, acc, seq_axes)
+
+  out_spec = P(batch_axes, *([None] * (queries[0].ndim - 1)))
+  return jax.shard_map(
+      local, in_specs=(jax.tree_util.tree_map(q_spec, queries),
+                       jax.tree_util.tree_map(c_spec, cache), P(batch_axes), P(batch_axes, None)),
+      out_specs=out_spec, check_vma=False)(queries, cache, kv_lengths, positions)
