@@ -10,6 +10,7 @@ its traceback.
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ KERNEL = "mla-jax-test-python"
 CELL_TIMEOUT_S = 600  # a guard against a hung cell; the notebooks take about a minute each on CPU
 # Set by tests/conftest.py for the test process; a user's kernel has neither.
 TEST_ONLY_ENV = ("XLA_FLAGS", "JAX_PLATFORMS")
+ANSI_COLOURS = re.compile(r"\x1b\[[0-9;]*m")  # IPython colours its tracebacks
 
 
 def test_colab_folder_holds_the_three_notebooks():
@@ -63,7 +65,10 @@ def test_notebook_runs_on_cpu_as_committed(path, kernel_spec, tmp_path):
   env = {k: v for k, v in os.environ.items() if k not in TEST_ONLY_ENV}
   client = nbclient.NotebookClient(notebook, kernel_name=kernel_spec, timeout=CELL_TIMEOUT_S,
                                    resources={"metadata": {"path": str(workdir)}})
-  client.execute(env=env)  # raises CellExecutionError naming the failing cell
+  try:
+    client.execute(env=env)
+  except nbclient.exceptions.CellExecutionError as error:  # quotes the cell and its traceback
+    pytest.fail(f"{path.name}: {ANSI_COLOURS.sub('', str(error))}", pytrace=False)
 
   code_cells = [c for c in notebook.cells if c.cell_type == "code"]
   assert all(c.execution_count is not None for c in code_cells)  # every cell ran
