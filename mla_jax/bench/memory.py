@@ -8,7 +8,10 @@ elements per token as MHA 2 n_h d_h l, GQA 2 n_g d_h l, MQA 2 d_h l, MLA (d_c + 
 d_h = 128 for keys and values alike; the baselines here are built with exactly that head width
 (keys of qk_nope_head_dim + qk_rope_head_dim = d_h, values of v_head_dim = d_h), so each row can
 be checked against its formula. The paper's 93.3% is DeepSeek-V2 against DeepSeek 67B with the
-cache stored at about 6 bits per element: shown as its own row.
+cache stored at about 6 bits per element: shown as its own (computed) row. Beside it, each preset's
+MLA cache as this library stores it quantized (`model.cache_dtype` int8 / int4: the latent c_kv
+quantized with one float32 scale per token, k_rope kept in bfloat16; mla_jax/cache.py), with its
+exact bytes from the same init_cache structure, scales included.
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ from pathlib import Path
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mla_jax.bench.common import Report, Table, display_path, header_lines
-from mla_jax.cache import init_cache
+from mla_jax.cache import LatentCache, init_cache
 from mla_jax.config import ModelConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -31,6 +35,7 @@ PRESETS = (("DeepSeek-V2", "deepseek_v2.yaml"), ("DeepSeek-V2-Lite", "deepseek_v
 GQA_KV_HEADS = 8
 PAPER_BITS = 6  # DeepSeek-V2 stores its KV cache at ~6 bits per element on average (Sec. 3.2.3)
 PAPER_REDUCTION = 0.933
+QUANTIZED = ("int8", "int4")  # model.cache_dtype values that quantize MLA's latent
 
 # DeepSeek LLM 67B (arXiv:2401.02954, Table 2): 95 layers, hidden 8192, 64 query heads, GQA with
 # 8 key/value heads of 128, bfloat16. RoPE covers all 128 key features there; this code's
@@ -48,16 +53,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "deepseek_v3.yaml (default: the repository's configs/)")
 
 
+def cached_values(layer) -> int:
+  """Cached values in one layer's cache (shapes only): the paper's 'elements'. A quantized
+  latent counts its values (int4: two per stored byte), not its per-token scales, which are
+  bytes of metadata (counted in bytes, not in elements)."""
+  if isinstance(layer, LatentCache):
+    latent = int(np.prod(layer.c_kv.shape)) * (2 if layer.dtype == jnp.int4 else 1)
+    return latent + int(np.prod(layer.k_rope.shape))
+  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(layer))
+
+
 def cache_per_token(config: ModelConfig) -> tuple[int, int, int, int]:
   """(elements per token per layer, bytes per token per layer, elements per token, bytes per
-  token) of init_cache(config), from shapes alone. The [B] length vector is per sequence, not
-  per token, and not counted."""
+  token) of init_cache(config) in its kv_cache_dtype, from shapes alone. Bytes are every stored
+  array (latent, scales, RoPE key; or K and V). The [B] length vector is per sequence, not per
+  token, and not counted."""
   batch, slots = 1, 1
   cache = jax.eval_shape(lambda: init_cache(config, batch, slots))
-  per_layer = [jax.tree_util.tree_leaves(layer) for layer in cache.layers]
-  elements = [sum(int(np.prod(x.shape)) for x in leaves) // (batch * slots) for leaves in per_layer]
-  nbytes = [sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves) // (batch * slots)
-            for leaves in per_layer]
+  elements = [cached_values(layer) // (batch * slots) for layer in cache.layers]
+  nbytes = [sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(layer))
+            // (batch * slots) for layer in cache.layers]
   return elements[0], nbytes[0], sum(elements), sum(nbytes)
 
 
@@ -94,11 +109,18 @@ def _row(model: str, label: str, config: ModelConfig, reference_bytes: Optional[
   if bits is not None:  # the same elements stored at `bits` per element
     bytes_layer, nbytes = elements_layer * bits / 8, elements * bits / 8
   formula, expected = table1_formula(config)
-  if config.attention == "mla":
+  kind = config.kv_cache_dtype
+  if config.attention == "mla" and kind in QUANTIZED:
+    shape = (f"c_kv {config.kv_lora_rank} + scale 1 + k_rope {config.qk_rope_head_dim}")
+    precision = f"{kind} c_kv, float32 scale, bfloat16 k_rope"
+  elif config.attention == "mla":
     shape = f"c_kv {config.kv_lora_rank} + k_rope {config.qk_rope_head_dim}"
+    precision = kind
   else:
     shape = f"{config.kv_heads} x (k {config.qk_head_dim} + v {config.v_head_dim})"
-  precision = f"{bits} bits" if bits is not None else config.dtype
+    precision = kind
+  if bits is not None:
+    precision = f"{bits} bits"
   row = {"model": model, "attention": label, "cached": shape, "precision": precision,
          "layers": config.num_layers, "elements_per_token_per_layer": elements_layer,
          "bytes_per_token_per_layer": bytes_layer, "elements_per_token": elements,
@@ -126,6 +148,9 @@ def rows(configs_dir: Path) -> list[dict]:
     for attention, label in (("mha", "MHA"), ("gqa", f"GQA-{GQA_KV_HEADS}"), ("mqa", "MQA")):
       out.append(_row(name, label, baseline(mla, attention, head_dim), base["bytes_per_token"]))
     out.append(_row(name, "MLA", mla, base["bytes_per_token"]))
+    for kind in QUANTIZED:  # the caches this library stores quantized
+      out.append(_row(name, "MLA", dataclasses.replace(mla, cache_dtype=kind),
+                      base["bytes_per_token"]))
     out.append(_row(name, "MLA", mla, base["bytes_per_token"], bits=PAPER_BITS))
   return out
 
@@ -141,19 +166,27 @@ COLUMNS = (("model", "model"), ("attention", "attention"), ("cached", "cached pe
 
 def run(args: argparse.Namespace) -> Report:
   table_rows = rows(Path(args.configs))
-  v2 = next(r for r in table_rows if r["model"] == "DeepSeek-V2" and r["attention"] == "MLA"
-            and r["precision"] == f"{PAPER_BITS} bits")
+  v2 = {r["precision"].split()[0]: r for r in table_rows
+        if r["model"] == "DeepSeek-V2" and r["attention"] == "MLA"}
   notes = [
       "Counted from `jax.eval_shape(init_cache(config, 1, 1))`: exactly what decoding allocates. "
       "Baselines (MHA, GQA with 8 KV heads, MQA and DeepSeek 67B) use keys and values of "
-      "d_h = 128, as in the paper's Table 1; every row equals its Table 1 formula.",
-      f"DeepSeek-V2 MLA stored at ~{PAPER_BITS} bits per element: {v2['reduction']} smaller than "
-      f"DeepSeek 67B's bf16 GQA cache (paper: {PAPER_REDUCTION:.1%}). The {PAPER_BITS}-bit rows "
-      "are the paper's average precision applied to the same elements, not a cache this code "
-      "stores.",
+      "d_h = 128, as in the paper's Table 1; every row's elements equal its Table 1 formula.",
+      f"DeepSeek-V2 MLA stored at ~{PAPER_BITS} bits per element: {v2[str(PAPER_BITS)]['reduction']}"
+      f" smaller than DeepSeek 67B's bf16 GQA cache (paper: {PAPER_REDUCTION:.1%}). The "
+      f"{PAPER_BITS}-bit rows are the paper's average precision applied to the same elements, not "
+      "a cache this code stores.",
+      "The int8 and int4 rows are caches this code stores (`model.cache_dtype`, `mla-jax generate "
+      "--cache-dtype`): per layer and token the latent's C values at 1 byte (int8) or 1/2 byte "
+      "(int4, two per byte), one float32 scale (4 bytes) and the R RoPE-key values in bfloat16 "
+      "(2 bytes): L (C + 4 + 2R) and L (C/2 + 4 + 2R) bytes. DeepSeek-V2: "
+      f"int8 {v2['int8']['bytes_per_token']:,} bytes ({v2['int8']['reduction']} smaller), "
+      f"int4 {v2['int4']['bytes_per_token']:,} bytes ({v2['int4']['reduction']} smaller than "
+      "DeepSeek 67B).",
   ]
   table = Table("KV cache per token", COLUMNS, table_rows, notes)
-  return Report("memory", header_lines("bfloat16 (as each preset), 6-bit rows computed",
+  return Report("memory", header_lines("bfloat16 (as each preset), int8/int4 rows as stored by "
+                                       "model.cache_dtype, 6-bit rows computed",
                                        args.command), [table],
                 plot=lambda path: plot(table_rows, path))
 
@@ -161,8 +194,12 @@ def run(args: argparse.Namespace) -> Report:
 def plot(table_rows: list[dict], path: Path) -> None:
   import matplotlib.pyplot as plt
 
-  labels = [f"{r['model']} {r['attention']}" + (f" ({r['precision']})" if "bits" in
-                                                  r["precision"] else "") for r in table_rows]
+  def label(row: dict) -> str:  # a preset's own dtype unsaid; int8 / int4 / 6 bits named
+    stored = row["precision"].split(",")[0].replace(" c_kv", "")
+    return f"{row['model']} {row['attention']}" + (f" ({stored})" if stored in QUANTIZED or
+                                                   "bits" in stored else "")
+
+  labels = [label(r) for r in table_rows]
   values = [r["bytes_per_token"] for r in table_rows]
   colors = ["tab:red" if r["attention"] == "MLA" else "tab:gray" for r in table_rows]
   fig, ax = plt.subplots(figsize=(8, 0.32 * len(labels) + 1.2))
