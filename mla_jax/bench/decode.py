@@ -13,6 +13,13 @@ bandwidth (the faster of a copy and a read), FLOPs / measured matmul FLOP/s); ac
 = bytes / median step time.
 XLA's own "bytes accessed" is shown beside the ideal bytes: a ratio well above 1 means the
 compiled step copies or re-reads the cache (the measured reason when a variant falls short).
+
+The cache's float dtype is --dtype; "MLA flash int8" / "MLA flash int4" store the latent quantized
+(`model.cache_dtype`: c_kv int8 or packed int4 + one float32 scale per token, k_rope bfloat16),
+and their bytes count exactly those arrays. Bytes count the filled part of the cache only (the
+slots holding tokens), which is what the flash step reads: the held-tokens check (--held-check T,S)
+times the step on a cache of S slots holding T tokens against one of T slots holding T, the cost
+of an oversized cache (issue 12: at most 1.5x for 2,048 tokens in 32,768 slots).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 
 from mla_jax.bench.common import (Ceilings, Report, Table, default_dtype, header_lines,
                                   measure_ceilings, parse_ints, select_variants, time_calls)
-from mla_jax.cache import Cache, init_cache
+from mla_jax.cache import Cache, KVCache, LatentCache, encode_latent, init_cache, store_float
 from mla_jax.config import ModelConfig, load_config
 from mla_jax.layers.masking import ATTN_IMPLS
 from mla_jax.layers.precision import einsum_f32
@@ -55,7 +62,9 @@ class Variant:
 
 _ALL_PATHS = tuple(i for i in ATTN_IMPLS if i != "auto")
 VARIANTS = (
-    Variant("MLA flash"),  # generate's path: flash-decoding over the latent
+    Variant("MLA flash"),  # generate's path: flash-decoding over the latent (--dtype cache)
+    Variant("MLA flash int8", (("cache_dtype", "int8"),)),  # the same path, quantized latent
+    Variant("MLA flash int4", (("cache_dtype", "int4"),)),
     Variant("MLA absorbed", attn_impl="absorbed"),  # the plain-einsum reference, whole cache
     Variant("MLA naive", attn_impl="naive"),  # re-expands the whole cached latent every step
     Variant("MHA", (("attention", "mha"),), alternatives=_ALL_PATHS),
@@ -63,6 +72,7 @@ VARIANTS = (
     Variant("MQA", (("attention", "mqa"),), alternatives=_ALL_PATHS),
 )
 CONTEXTS, QUICK_CONTEXTS = "1024,2048,4096,8192,16384,32768", "32"
+HELD_CHECK, QUICK_HELD_CHECK = "2048,32768", "16,64"  # T tokens held, S slots
 QUICK_VARIANT_KV_HEADS = 2  # the quick model has 4 heads: GQA-8 becomes GQA-2
 
 
@@ -78,12 +88,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--variants", default=None,
                       help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)} "
                            "(default: all)")
+  parser.add_argument("--held-check", default=None, metavar="T,S",
+                      help="also time each MLA flash variant's step on a cache of S slots "
+                           "holding T tokens against one of T slots holding T, and report the "
+                           f"ratio (default: {HELD_CHECK}; --quick: {QUICK_HELD_CHECK}; 'none' "
+                           "skips it)")
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
   """Fills the defaults that depend on --quick and the backend (before the command is printed)."""
   args.dtype = args.dtype or default_dtype()
   args.contexts = args.contexts or (QUICK_CONTEXTS if args.quick else CONTEXTS)
+  args.held_check = args.held_check or (QUICK_HELD_CHECK if args.quick else HELD_CHECK)
+
+
+def parse_held_check(text: str) -> Optional[tuple[int, int]]:
+  """'2048,32768' -> (tokens held T, slots S) with T < S; 'none' -> None."""
+  if str(text).strip().lower() == "none":
+    return None
+  values = parse_ints(text, "--held-check")
+  if len(values) != 2 or values[0] >= values[1]:
+    raise ValueError(f"--held-check {text!r} is invalid: expected T,S (tokens held, cache slots) "
+                     "with T < S, e.g. 2048,32768, or 'none'")
+  return values[0], values[1]
 
 
 def base_config(args: argparse.Namespace, max_len: int) -> ModelConfig:
@@ -111,14 +138,27 @@ def variant_config(base: ModelConfig, variant: Variant) -> tuple[str, ModelConfi
 
 
 def filled_cache(config: ModelConfig, batch: int, max_len: int, length: int, seed: int) -> Cache:
-  """A cache of max_len slots whose first `length` hold random entries (allocated once, as
-  random values: no zeroed copy first)."""
-  shapes = jax.eval_shape(lambda: init_cache(config, batch, max_len))
-  leaves, treedef = jax.tree_util.tree_flatten(shapes.layers)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  filled = [jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves)]
-  return Cache(layers=jax.tree_util.tree_unflatten(treedef, filled),
-               lengths=jnp.full((batch,), length, jnp.int32))
+  """A cache of max_len slots, every slot random and the first `length` counted as held: random
+  float32 entries put in the cache's own storage by the library's encoders (bfloat16 bits, or a
+  quantized latent with its scales), with no zeroed copy first."""
+  empty = jax.eval_shape(lambda: init_cache(config, batch, max_len))
+  keys = iter(jax.random.split(jax.random.key(seed), 2 * config.num_layers))
+
+  def normal(shape) -> jax.Array:
+    return jax.random.normal(next(keys), shape, jnp.float32)
+
+  layers = []
+  for like in empty.layers:
+    if isinstance(like, LatentCache):
+      new = encode_latent(LatentCache(c_kv=normal((batch, max_len, config.kv_lora_rank)),
+                                      k_rope=normal(like.k_rope.shape)), like)  # [B,S,C], [B,S,R]
+      layers.append(LatentCache(c_kv=store_float(new.c_kv, like.c_kv.dtype),
+                                k_rope=store_float(new.k_rope, like.k_rope.dtype),
+                                c_kv_scale=new.c_kv_scale))
+    else:
+      layers.append(KVCache(k=store_float(normal(like.k.shape), like.k.dtype),  # [B,S,G,K]
+                            v=store_float(normal(like.v.shape), like.v.dtype)))  # [B,S,G,V]
+  return Cache(layers=tuple(layers), lengths=jnp.full((batch,), length, jnp.int32))
 
 
 def nbytes(tree) -> int:
@@ -135,14 +175,18 @@ def cost(compiled) -> dict:
 
 
 def measure_step(config: ModelConfig, params, batch: int, context: int, attn_impl: str,
-                 repeats: int, ceilings: Ceilings) -> dict:
-  """Times decode_step at `context` cached tokens (the cache has `context` slots, filled to
-  context - steps run, so every step sees about `context` tokens)."""
+                 repeats: int, ceilings: Ceilings, slots: Optional[int] = None,
+                 option: str = "--contexts") -> dict:
+  """Times decode_step at `context` cached tokens: the cache has `slots` slots (default
+  `context`), filled to context - steps run, so every step sees about `context` tokens. Bytes
+  count the cache's first `context` slots (every stored array: latent, scales, RoPE key; or K
+  and V) and every weight once."""
   model = Transformer(config)
   calls = repeats + 2
+  slots = context if slots is None else slots
   if context <= calls:
-    raise ValueError(f"--contexts {context} is invalid: must exceed the {calls} steps timed")
-  cache = filled_cache(config, batch, context, context - calls, seed=context)
+    raise ValueError(f"{option} {context} is invalid: must exceed the {calls} steps timed")
+  cache = filled_cache(config, batch, slots, context - calls, seed=context)
   token, key = jnp.zeros((batch,), jnp.int32), jax.random.key(0)
   start = time.perf_counter()
   compiled = decode_step.lower(params, token, cache, key, model=model, sampler=Sampler(),
@@ -156,12 +200,14 @@ def measure_step(config: ModelConfig, params, batch: int, context: int, attn_imp
     return state["token"]
 
   timing = time_calls(one_step, repeats, warmup=2)
-  cache_bytes, weight_bytes = nbytes(state["cache"].layers), nbytes(params)
+  cache_bytes = nbytes(state["cache"].layers) * context // slots  # the filled part
+  weight_bytes = nbytes(params)
   ideal = cache_bytes + weight_bytes
   flops = float(analysis.get("flops", 0.0))
   roofline, bound = ceilings.roofline_s(ideal, flops)
   del state
-  return {"context": context, "batch": batch, "path": attn_impl, "step_ms": timing.median_s * 1e3,
+  return {"context": context, "slots": slots, "batch": batch, "path": attn_impl,
+          "cache_dtype": config.kv_cache_dtype, "step_ms": timing.median_s * 1e3,
           "min_ms": timing.min_s * 1e3, "max_ms": timing.max_s * 1e3,
           "tokens_per_s": batch / timing.median_s, "cache_mb": cache_bytes / 1e6,
           "weights_mb": weight_bytes / 1e6, "bytes_per_step": ideal,
@@ -196,11 +242,18 @@ def run(args: argparse.Namespace) -> Report:
   for name in ("batch", "layers", "repeats"):
     if getattr(args, name) < 1:
       raise ValueError(f"--{name} {getattr(args, name)} is invalid: must be >= 1")
+  held_check = parse_held_check(args.held_check)
+  calls = args.repeats + 2  # steps each point runs: the cache must hold more tokens than that
+  for option, tokens in [("--contexts", c) for c in contexts] + [
+      ("--held-check", t) for t in (held_check or ())[:1]]:
+    if tokens <= calls:
+      raise ValueError(f"{option} {tokens} is invalid: must exceed the {calls} steps timed "
+                       f"(--repeats {args.repeats} + 2 warm-up)")
   ceilings = (measure_ceilings(args.dtype, copy_mib=8, matmul_n=128, repeats=2) if args.quick
               else measure_ceilings(args.dtype))
-  base = base_config(args, max(contexts))
+  base = base_config(args, max(contexts + list(held_check or ())))
   chosen = select_variants([v.name for v in VARIANTS], args.variants)
-  rows, choices, probes = [], {}, {}
+  rows, choices, probes, held = [], {}, {}, []
   for variant in (v for v in VARIANTS if v.name in chosen):
     name, config = variant_config(base, variant)
     params = Transformer(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
@@ -218,14 +271,40 @@ def run(args: argparse.Namespace) -> Report:
       else:
         row = measure_step(config, params, args.batch, context, path, args.repeats, ceilings)
       rows.append({"variant": name, **row})
+    if held_check is not None and is_flash_mla(variant):
+      tokens, slots = held_check
+      held.append(held_row(name, *(
+          measure_step(config, params, args.batch, tokens, path, args.repeats, ceilings,
+                       slots=n, option="--held-check") for n in (tokens, slots))))
     del params
   return Report("decode", header_lines(args.dtype, args.command) + ceilings.lines(),
-                [steps_table(rows), summary_table(rows, contexts[-1], choices)]
-                + ([layout_table(probes)] if probes else []),
+                [steps_table(rows), summary_table(rows, contexts[-1], choices, args.dtype)]
+                + ([layout_table(probes)] if probes else [])
+                + ([held_table(held)] if held else []),
                 plot=lambda png: plot(rows, ceilings, png))
 
 
-STEP_COLUMNS = (("variant", "variant"), ("path", "attn_impl"), ("context", "context"),
+def is_flash_mla(variant: Variant) -> bool:
+  """generate's MLA decode path (any cache dtype): the variants the held-tokens check times."""
+  return variant.name.startswith("MLA flash")
+
+
+def held_row(name: str, exact: dict, oversized: dict) -> dict:
+  """One held-tokens row: the step on a cache of exactly T slots and on one of S > T slots,
+  both holding T tokens."""
+  return {"variant": name, "tokens": exact["context"], "slots": oversized["slots"],
+          "cache_dtype": exact["cache_dtype"], "bytes_per_step": exact["bytes_per_step"],
+          "exact_ms": exact["step_ms"], "exact_min_ms": exact["min_ms"],
+          "exact_max_ms": exact["max_ms"], "oversized_ms": oversized["step_ms"],
+          "oversized_min_ms": oversized["min_ms"], "oversized_max_ms": oversized["max_ms"],
+          "ratio": oversized["step_ms"] / exact["step_ms"],
+          "exact_xla_bytes": exact["xla_bytes_accessed"],
+          "oversized_xla_bytes": oversized["xla_bytes_accessed"],
+          "exact_compile_s": exact["compile_s"], "oversized_compile_s": oversized["compile_s"]}
+
+
+STEP_COLUMNS = (("variant", "variant"), ("path", "attn_impl"), ("cache_dtype", "cache"),
+                ("context", "context"),
                 ("step_ms", "step ms (median)"), ("min_ms", "min"), ("max_ms", "max"),
                 ("tokens_per_s", "tokens/s"), ("bytes_per_step", "bytes/step (cache + weights)"),
                 ("xla_bytes_ratio", "XLA bytes accessed / bytes"),
@@ -242,7 +321,7 @@ def steps_table(rows: list[dict]) -> Table:
       "'of bandwidth' = achieved bytes/s / measured bandwidth."])
 
 
-def summary_table(rows: list[dict], context: int, choices: dict) -> Table:
+def summary_table(rows: list[dict], context: int, choices: dict, dtype: str) -> Table:
   at = {r["variant"]: r for r in rows if r["context"] == context}
   mla = at.get("MLA flash")  # generate's path: every ratio is against it
   out = []
@@ -264,6 +343,15 @@ def summary_table(rows: list[dict], context: int, choices: dict) -> Table:
       ratio = at[name]["step_ms"] / mla["step_ms"]
       notes.append(f"At {context:,} cached tokens {what} takes {ratio:,.2f}x the absorbed "
                    "flash-decoding step that generate uses.")
+  for name in ("MLA flash int8", "MLA flash int4"):
+    if mla is not None and name in at:
+      quantized = at[name]
+      notes.append(
+          f"At {context:,} cached tokens the {quantized['cache_dtype']} cache's flash step takes "
+          f"{quantized['step_ms'] / mla['step_ms']:,.2f}x the {dtype} cache's; its cache bytes "
+          f"are {quantized['cache_mb'] / mla['cache_mb']:,.3f}x (latent + scales + bf16 RoPE "
+          "key), its XLA bytes accessed "
+          f"{quantized['xla_bytes_accessed'] / mla['xla_bytes_accessed']:,.3f}x.")
   notes.append("Baselines: every attention path the layer accepts was timed at this context and "
                "the fastest kept (last column). Where a variant's share of the bandwidth is "
                "low, 'XLA bytes accessed / bytes' shows how many times its compiled step moves "
@@ -285,6 +373,24 @@ def layout_table(probes: dict) -> Table:
       "The baselines' cache is [B,S,G,K] (cache.KVCache); XLA's dot over it with G in the "
       "middle is the measured reason a baseline step falls short of the bandwidth. Head-major "
       "[B,G,S,K] is the faster layout for this einsum; the library does not offer it yet."])
+
+
+HELD_COLUMNS = (("variant", "variant"), ("cache_dtype", "cache"), ("tokens", "tokens held T"),
+                ("slots", "slots S"), ("bytes_per_step", "bytes/step (filled cache + weights)"),
+                ("exact_ms", "step ms, T slots (median)"), ("exact_min_ms", "min"),
+                ("exact_max_ms", "max"), ("oversized_ms", "step ms, S slots (median)"),
+                ("oversized_min_ms", "min"), ("oversized_max_ms", "max"),
+                ("ratio", "x (S slots / T slots)"), ("exact_xla_bytes", "XLA bytes, T slots"),
+                ("oversized_xla_bytes", "XLA bytes, S slots"))
+
+
+def held_table(held: list[dict]) -> Table:
+  tokens, slots = held[0]["tokens"], held[0]["slots"]
+  return Table(f"A cache of {slots:,} slots holding {tokens:,} tokens", HELD_COLUMNS, held, [
+      f"The same flash step on a cache sized for {slots:,} tokens and on one sized for exactly "
+      f"the {tokens:,} it holds: the loop stops at the longest sequence, so the step should cost "
+      "what it holds, not its slots (issue 12: ratio <= 1.5). Each step timed as in the first "
+      "table; XLA bytes are its cost analysis of each compiled step, shown as reported."])
 
 
 def plot(rows: list[dict], ceilings: Ceilings, path: Path) -> None:

@@ -1,11 +1,22 @@
 """`bench decode --quick`: rows, bytes from shapes, FLOPs from XLA, the baselines' path choice."""
 
+import argparse
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+from mla_jax.bench.decode import base_config, filled_cache, parse_held_check
+from mla_jax.cache import init_cache, latent_values, load_float
 from mla_jax.sampling import DECODE_ATTN_IMPL
 from tests.bench.helpers import check_header, rows, run_suite
 
-VARIANTS = "MLA flash,MLA absorbed,MLA naive,GQA-8"
+VARIANTS = "MLA flash,MLA flash int8,MLA flash int4,MLA absorbed,MLA naive,GQA-8"
+# Bytes one token occupies in the quick model's one-layer cache (latent 32, RoPE key 8, float32
+# model): float32 latent + key; int8 / packed int4 latent + one float32 scale + bfloat16 key.
+TOKEN_BYTES = {"float32": (32 + 8) * 4, "int8": 32 + 4 + 8 * 2, "int4": 32 // 2 + 4 + 8 * 2}
 
 
 @pytest.fixture(scope="module")
@@ -16,14 +27,19 @@ def decode(tmp_path_factory):
 def test_rows_and_bytes_per_step(decode):
   steps = rows(decode)
   assert [(r["variant"], r["context"]) for r in steps] == [
-      ("MLA flash", 32), ("MLA absorbed", 32), ("MLA naive", 32), ("GQA-2", 32)]
-  flash, absorbed, naive, gqa = steps
-  assert flash["path"] == DECODE_ATTN_IMPL == "flash"
+      ("MLA flash", 32), ("MLA flash int8", 32), ("MLA flash int4", 32), ("MLA absorbed", 32),
+      ("MLA naive", 32), ("GQA-2", 32)]
+  flash, int8, int4, absorbed, naive, gqa = steps
+  assert flash["path"] == int8["path"] == int4["path"] == DECODE_ATTN_IMPL == "flash"
+  assert [r["cache_dtype"] for r in steps] == ["float32", "int8", "int4"] + ["float32"] * 3
   assert absorbed["path"] == "absorbed" and naive["path"] == "naive"
   assert flash["bytes_per_step"] == absorbed["bytes_per_step"]  # same cache, same weights
   # The quick model: 1 layer, latent 32 + rope 8 (MLA); 2 KV heads of keys 16 + 8 and values 16.
   assert absorbed["cache_mb"] * 1e6 == pytest.approx(32 * (32 + 8) * 4)
   assert gqa["cache_mb"] * 1e6 == pytest.approx(32 * 2 * (24 + 16) * 4)
+  for row in (flash, int8, int4):  # the quantized caches' real bytes: latent + scales + rope
+    assert row["cache_mb"] * 1e6 == pytest.approx(32 * TOKEN_BYTES[row["cache_dtype"]])
+    assert row["weights_mb"] == flash["weights_mb"]  # same model, only the cache differs
   for row in steps:
     assert row["bytes_per_step"] == pytest.approx((row["cache_mb"] + row["weights_mb"]) * 1e6)
     assert row["min_ms"] <= row["step_ms"] <= row["max_ms"]
@@ -34,6 +50,63 @@ def test_rows_and_bytes_per_step(decode):
     assert row["xla_bytes_accessed"] > 0 and row["gflops_per_step"] > 0
   # Re-expanding the latent is more work than attending over it: from XLA's own count.
   assert naive["gflops_per_step"] > absorbed["gflops_per_step"]
+
+
+def test_held_check_times_an_oversized_cache_against_an_exact_one(decode):
+  """--held-check 16,64 (the --quick default): each MLA flash variant's step on 64 slots holding
+  16 tokens against 16 slots holding 16; bytes count the 16 held tokens only."""
+  held = rows(decode, 3)
+  assert [(r["variant"], r["tokens"], r["slots"]) for r in held] == [
+      ("MLA flash", 16, 64), ("MLA flash int8", 16, 64), ("MLA flash int4", 16, 64)]
+  weights = {r["variant"]: r["weights_mb"] * 1e6 for r in rows(decode)}
+  for row in held:
+    assert row["bytes_per_step"] == pytest.approx(
+        weights[row["variant"]] + 16 * TOKEN_BYTES[row["cache_dtype"]])
+    assert row["ratio"] == pytest.approx(row["oversized_ms"] / row["exact_ms"])
+    assert row["exact_min_ms"] <= row["exact_ms"] <= row["exact_max_ms"]
+    assert row["oversized_min_ms"] <= row["oversized_ms"] <= row["oversized_max_ms"]
+    assert row["exact_xla_bytes"] > 0 and row["oversized_xla_bytes"] > 0
+  assert "### A cache of 64 slots holding 16 tokens" in decode["markdown"]
+  assert "int8 cache's flash step takes" in decode["markdown"]
+
+
+def test_held_check_option():
+  assert parse_held_check("none") is None and parse_held_check("2048,32768") == (2048, 32768)
+  for bad in ("64,16", "16,16", "16", "16,32,64", "a,b"):
+    with pytest.raises(ValueError, match="--held-check"):
+      parse_held_check(bad)
+
+
+def test_bad_held_check_is_one_clear_error_before_any_work(tmp_path, capsys):
+  from mla_jax.cli import main
+
+  assert main(["bench", "decode", "--quick", "--held-check", "4,64", "--out", str(tmp_path)]) == 2
+  assert capsys.readouterr().err.strip() == (
+      "mla-jax: error: --held-check 4 is invalid: must exceed the 7 steps timed "
+      "(--repeats 5 + 2 warm-up)")
+  assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("attention,dtype,kind", [
+    ("mla", "float32", None), ("mla", "bfloat16", None), ("mla", "float32", "int8"),
+    ("mla", "bfloat16", "int4"), ("gqa", "float32", None), ("gqa", "bfloat16", None)])
+def test_filled_cache_has_the_real_cache_structure(attention, dtype, kind):
+  """Random entries in the storage init_cache allocates (bfloat16 as bits, quantized latents
+  with their scales), every slot finite and not all zero."""
+  args = argparse.Namespace(quick=True, layers=2, dtype=dtype)
+  config = dataclasses.replace(base_config(args, 16), attention=attention, cache_dtype=kind,
+                               num_kv_heads=2 if attention == "gqa" else None)
+  cache = filled_cache(config, 2, 16, 5, seed=0)
+  like = jax.eval_shape(lambda: init_cache(config, 2, 16))
+  assert jax.tree_util.tree_structure(cache) == jax.tree_util.tree_structure(like)
+  for got, want in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(like)):
+    assert (got.shape, got.dtype) == (want.shape, want.dtype)
+  np.testing.assert_array_equal(cache.lengths, [5, 5])
+  for layer in cache.layers:
+    values = (jax.tree_util.tree_leaves(latent_values(layer)) if attention == "mla"
+              else [load_float(layer.k), load_float(layer.v)])
+    for x in values:
+      assert bool(jnp.all(jnp.isfinite(x))) and float(jnp.std(x)) > 0.5
 
 
 def test_summary_names_the_kept_path_and_the_ratio(decode):
@@ -50,4 +123,4 @@ def test_summary_names_the_kept_path_and_the_ratio(decode):
   (probe,) = rows(decode, 2)  # the baseline's key-cache layout, measured at the same context
   assert (probe["variant"], probe["context"], probe["kv_bytes"]) == ("GQA-2", 32, 32 * 2 * 24 * 4)
   assert probe["speedup"] == pytest.approx(probe["library_ms"] / probe["head_major_ms"])
-  assert "--variants 'MLA flash,MLA absorbed,MLA naive,GQA-8'" in decode["header"][3]
+  assert f"--variants '{VARIANTS}' --held-check 16,64" in decode["header"][3]
