@@ -5,6 +5,9 @@ more sequences share the same memory. Here each attention gets the largest batch
 (`init_cache` of `--context` slots per sequence, exact bytes from its shapes) fits `--budget`,
 and then generates through `mla_jax.generate` itself (one prefill, then the compiled decode loop).
 Same model shapes as `bench decode` (DeepSeek-V2-Lite attention, one layer by default).
+"MLA int8" / "MLA int4" store the latent quantized (`model.cache_dtype`: c_kv int8 or packed int4
++ one float32 scale per token, k_rope bfloat16): smaller sequences, so a larger batch at the
+same budget; "MLA" and the baselines cache in --dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from mla_jax.sampling import generate
 PAPER_RATIO = 5.76
 VARIANTS = (
     Variant("MLA"),
+    Variant("MLA int8", (("cache_dtype", "int8"),)),
+    Variant("MLA int4", (("cache_dtype", "int4"),)),
     Variant("MHA", (("attention", "mha"),)),
     Variant("GQA-8", (("attention", "gqa"), ("num_kv_heads", 8))),
     Variant("MQA", (("attention", "mqa"),)),
@@ -96,7 +101,8 @@ def run(args: argparse.Namespace) -> Report:
     timing = time_calls(lambda: generate(model, params, prompts, max_new_tokens=new_tokens,
                                          lengths=full),
                         args.repeats)
-    rows.append({"variant": name, "bytes_per_sequence": per_sequence,
+    rows.append({"variant": name, "cache_dtype": config.kv_cache_dtype,
+                 "bytes_per_sequence": per_sequence,
                  "batch_fits": int(fits), "batch": int(batch),
                  "cache_bytes": int(batch * per_sequence), "new_tokens": new_tokens,
                  "seconds": timing.median_s, "min_s": timing.min_s, "max_s": timing.max_s,
@@ -115,13 +121,21 @@ def run(args: argparse.Namespace) -> Report:
         "on 8 H800 GPUs, DeepSeek-V2 (MLA, ~6-bit cache, MoE) against DeepSeek 67B (dense, GQA), "
         "with the whole model's weights in the same memory: a different comparison than this "
         "model's.")
+  for name in ("MLA int8", "MLA int4"):
+    if mla is not None and name in by_name:
+      quantized = by_name[name]
+      notes.append(f"{name}: {quantized['bytes_per_sequence'] / mla['bytes_per_sequence']:,.3f}x "
+                   f"the bytes per sequence of the {args.dtype} MLA cache, batch "
+                   f"{quantized['batch']:,} vs {mla['batch']:,}, "
+                   f"{quantized['tokens_per_s'] / mla['tokens_per_s']:,.2f}x its tokens/s.")
   notes.append("tokens/s = batch x new tokens / wall time of one `generate` call (prefill of "
                f"{args.prompt_tokens} prompt tokens included; compilation excluded: the first "
                "call is timed apart).")
   capped = [r["variant"] for r in rows if r["batch"] < r["batch_fits"]]
   if capped:
     notes.append(f"--max-batch {args.max_batch} capped: {', '.join(capped)}.")
-  columns = (("variant", "attention"), ("bytes_per_sequence", "cache bytes / sequence"),
+  columns = (("variant", "attention"), ("cache_dtype", "cache"),
+             ("bytes_per_sequence", "cache bytes / sequence"),
              ("batch", "batch"), ("cache_bytes", "cache bytes used"),
              ("new_tokens", "new tokens / sequence"), ("seconds", "generate s (median)"),
              ("min_s", "min"), ("max_s", "max"), ("tokens_per_s", "generated tokens/s"),
@@ -138,7 +152,7 @@ def plot(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
   fig, ax = plt.subplots(figsize=(6.5, 4))
   names = [r["variant"] for r in rows]
   values = [r["tokens_per_s"] for r in rows]
-  ax.bar(names, values, color=["tab:red" if n == "MLA" else "tab:gray" for n in names])
+  ax.bar(names, values, color=["tab:red" if n.startswith("MLA") else "tab:gray" for n in names])
   for i, r in enumerate(rows):
     ratio = "" if r["vs_mha"] is None else f"\n{r['vs_mha']:.2f}x MHA"
     ax.text(i, r["tokens_per_s"], f"batch {r['batch']:,}{ratio}", ha="center", va="bottom",

@@ -8,8 +8,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("suite,expected", [
-    ("decode", ["MLA flash", "MLA absorbed", "MLA naive", "MHA", "GQA-2", "MQA"]),
-    ("throughput", ["MLA", "MHA", "GQA-2", "MQA"]),
+    ("decode", ["MLA flash", "MLA flash int8", "MLA flash int4", "MLA absorbed", "MLA naive",
+                "MHA", "GQA-2", "MQA"]),
+    ("throughput", ["MLA", "MLA int8", "MLA int4", "MHA", "GQA-2", "MQA"]),
     ("train", ["MLA", "MHA", "GQA-2", "MQA"]),
     ("quality", ["MLA", "MHA", "GQA-2", "MQA"]),
 ])
