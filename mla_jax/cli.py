@@ -304,11 +304,11 @@ def _convert(args: argparse.Namespace) -> int:
   if source.is_file():
     raise ValueError(f"--from-hf {args.from_hf!r} is a file; expected the model's directory "
                      "(config.json and *.safetensors)")
-  dtype = args.dtype
+  dtype, why = args.dtype, "--dtype"
   if dtype == "auto":
     dtype, why = checkpoint_dtype(source)
-    print(f"dtype: {dtype} ({why})", file=sys.stderr)
   out = convert_hf(args.from_hf, args.out, dtype=dtype)
+  print(f"dtype: {dtype} ({why})", file=sys.stderr)  # said once the conversion succeeded
   print(f"wrote {out}: run `mla-jax generate --checkpoint {out} --prompt ...`")
   return 0
 

@@ -384,11 +384,11 @@ def test_convert_then_generate_with_the_checkpoints_tokenizer(v3_with_mtp, tmp_p
   converted = run("convert", "--from-hf", str(source), "--out", str(out))
   assert converted.returncode == 0, converted.stderr
   assert converted.stderr.splitlines() == [
-      "dtype: float32 (config.json names no torch_dtype)",  # --dtype auto says what it chose
       "note: skipped the multi-token-prediction layer model.layers.2.* (44 tensors: a decoder "
       "layer plus embed_tokens.weight, enorm.weight, hnorm.weight, eh_proj.weight, "
       "shared_head.norm.weight, shared_head.head.weight): mla-jax predicts one token per step "
-      "and does not use it"]
+      "and does not use it",
+      "dtype: float32 (config.json names no torch_dtype)"]  # --dtype auto says what it chose
   again = run("convert", "--from-hf", str(source), "--out", str(out))
   assert again.returncode == 2 and "already holds checkpoints" in again.stderr
   result = run("generate", "--checkpoint", str(out), "--prompt", "abc", "--max-new-tokens", "12",

@@ -195,6 +195,7 @@ def _losses(workdir):
   return [(r["step"], r["loss"]) for r in read_metrics(workdir) if "loss" in r]
 
 
+@pytest.mark.slow  # 40 s of CLI training; test_sharded_training_step_equals_one_device covers it
 def test_cli_tensor_parallel_losses_equal_one_device(tmp_path):
   one = subprocess.run(_train_args(tmp_path / "one"), env=_env(1), capture_output=True,
                        text=True, timeout=300)
@@ -241,6 +242,7 @@ def test_two_processes_match_one_process(tmp_path):
   assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["3", "6"]
 
 
+@pytest.mark.slow  # 40 s; the expert-parallel dispatch itself is checked in tests/layers/test_moe.py
 def test_moe_training_step_splits_experts_over_tensor_and_equals_one_device():
   moe = ["model.n_routed_experts=4", "model.num_experts_per_tok=2", "model.n_shared_experts=1",
          "model.moe_intermediate_size=16", "model.first_k_dense_replace=1",
