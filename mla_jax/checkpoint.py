@@ -18,6 +18,26 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
+def check_writable_directory(path: str | Path, name: str) -> None:
+  """Refuses (ValueError naming `name`, e.g. 'workdir' or '--out') a directory path that cannot be
+  created or written: an existing file, a file among its parents, or a parent without write
+  permission. Called before any expensive work, so a run never fails at its first save."""
+  path = Path(path).expanduser()
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"{name}={str(path)!r} is a file; give a directory path (new or existing)")
+  parent = path
+  while not parent.exists():
+    parent = parent.parent
+  if not parent.is_dir():
+    raise ValueError(f"{name}={str(path)!r} cannot be created: {str(parent)!r} is a file, not a "
+                     "directory")
+  import os
+
+  if not os.access(parent, os.W_OK | os.X_OK):
+    raise ValueError(f"{name}={str(path)!r} cannot be written: no write permission in "
+                     f"{str(parent)!r}; choose another directory")
+
+
 class CheckpointError(ValueError):
   """A checkpoint on disk that cannot be read (damaged or incomplete files)."""
 

@@ -289,6 +289,9 @@ def checkpoint_dtype(directory: str | Path) -> tuple[str, str]:
     from mla_jax.hf import read_json  # names the file when it is not JSON
 
     hf = read_json(config_file)
+    if not isinstance(hf, dict):
+      raise ValueError(f"{config_file} must hold a JSON object (the model's config), got "
+                       f"{type(hf).__name__}; download it again")
     declared = hf.get("torch_dtype") or hf.get("dtype")
     if declared == "bfloat16":
       return "bfloat16", "the checkpoint's torch_dtype"
@@ -301,6 +304,9 @@ def _convert(args: argparse.Namespace) -> int:
   from mla_jax.hf import convert_hf
 
   source = Path(args.from_hf).expanduser()
+  if not source.exists():
+    raise ValueError(f"--from-hf {args.from_hf!r} does not exist; give the local directory of a "
+                     "Hugging Face DeepseekV2/V3 model (config.json and *.safetensors)")
   if source.is_file():
     raise ValueError(f"--from-hf {args.from_hf!r} is a file; expected the model's directory "
                      "(config.json and *.safetensors)")
@@ -437,6 +443,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
       return 141  # 128 + SIGPIPE, as a shell reports it
+    except OSError as err:  # the file system said no (permissions, a full disk, ...): one line
+      print(f"mla-jax: error: {err}", file=sys.stderr)
+      return 2
 
 
 if __name__ == "__main__":

@@ -61,7 +61,8 @@ def _did_you_mean(name: str, candidates: list[str]) -> str:
 
 
 def _check_type(field: str, value: Any, annotation: Any) -> Any:
-  """Checks one YAML/Python value against a field's annotation; returns it (ints widen to float)."""
+  """Checks one YAML/Python value against a field's annotation; returns it (ints widen to float,
+  integral floats such as 1e3 narrow to int)."""
   optional = typing.get_origin(annotation) is typing.Union
   if optional:
     if value is None:
@@ -72,6 +73,8 @@ def _check_type(field: str, value: Any, annotation: Any) -> Any:
       _fail(field, value, "expected true or false")
     return value
   if annotation is int:
+    if isinstance(value, float) and value.is_integer():  # 1e3 and 2E4 are integers written short
+      return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
       _fail(field, value, "expected an integer" + (" or null" if optional else ""))
     return value

@@ -595,10 +595,11 @@ def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32",
 
   import yaml
 
-  from mla_jax.checkpoint import Checkpoints
+  from mla_jax.checkpoint import Checkpoints, check_writable_directory
   from mla_jax.config import Config, TrainConfig
 
   workdir = Path(workdir)
+  check_writable_directory(workdir, "--out")
   if (workdir / "checkpoints").exists():
     raise ValueError(f"--out {str(workdir)!r} already holds checkpoints; choose a new directory")
   model, params = load_hf(source, dtype=dtype, log=log)  # every check happens before writing

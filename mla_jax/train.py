@@ -31,7 +31,7 @@ import optax
 import yaml
 from jax.sharding import NamedSharding, PartitionSpec
 
-from mla_jax.checkpoint import Checkpoints
+from mla_jax.checkpoint import Checkpoints, check_writable_directory
 from mla_jax.config import (DEFAULT_NAME, Config, MeshConfig, TrainConfig, config_from_dict,
                              differing_fields, read_yaml)
 from mla_jax.interrupts import INTERRUPTS
@@ -377,7 +377,9 @@ def check_memory(config: Config, compiled: Any, devices: list,
     raise ValueError(
         f"the train step needs {figures}, more than the {_gib(limit)} per device available "
         f"({what}); lower train.batch_size (now {tc.batch_size}) or train.seq_len (now "
-        f"{tc.seq_len}), or split the state over more devices with mesh.fsdp / mesh.tensor")
+        f"{tc.seq_len}), split the state over more devices with mesh.fsdp / mesh.tensor"
+        + (", or recompute activations in the backward pass with train.remat=full (most "
+           "effective with model.scan_layers=true)" if tc.remat == "none" else ""))
   return f"train step memory: {figures}; {_gib(limit)} available per device ({what})"
 
 
@@ -409,6 +411,7 @@ def _train(config: Config, log: Callable[[str], None], progress: bool) -> dict:
   if not main_process:
     log, progress = (lambda _: None), False
   workdir = Path(config.workdir)
+  check_writable_directory(workdir, "workdir")
   resume_step = check_workdir(config)
   summary = {"start_step": resume_step or 0, "final_step": resume_step or 0, "interrupted": None,
              "already_complete": False, "main_process": main_process,

@@ -215,3 +215,31 @@ def test_overrides_may_follow_options(capsys):
     with pytest.raises(SystemExit):
       main(["train", "tiny", "--distributed", extra])
     assert f"unrecognized arguments: {extra}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["workdir_is_a_file", "workdir_under_a_file", "out_is_a_file",
+                                  "from_hf_missing", "config_json_not_an_object"])
+def test_paths_that_cannot_work_are_refused_in_one_line_before_any_work(case, tmp_path, capsys):
+  """Found by a new user: these raised FileExistsError/NotADirectoryError/AttributeError
+  tracebacks, some only after the data was read and the step compiled."""
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text("[1, 2]")
+  argv, expected = {
+      "workdir_is_a_file": (["train", "train.steps=2", f"workdir={a_file}"],
+                            f"workdir='{a_file}' is a file; give a directory path"),
+      "workdir_under_a_file": (["train", "train.steps=2", f"workdir={a_file}/sub"],
+                               f"workdir='{a_file}/sub' cannot be created: '{a_file}' is a file"),
+      "out_is_a_file": (["convert", "--from-hf", str(hf), "--out", str(a_file), "--dtype",
+                         "float32"], f"--out='{a_file}' is a file"),
+      "from_hf_missing": (["convert", "--from-hf", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "o")], "does not exist"),
+      "config_json_not_an_object": (["convert", "--from-hf", str(hf), "--out", str(tmp_path / "o")],
+                                    "must hold a JSON object"),
+  }[case]
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and err.startswith("mla-jax: error: ") and expected in err, err
+  assert not (tmp_path / "o").exists()

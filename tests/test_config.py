@@ -110,7 +110,7 @@ INVALID = [
     ("model.num_kv_heads", dict(attention="gqa", num_heads=4, num_kv_heads=None)),
     ("model.rope_interleave", dict(rope_interleave="yes")),
     ("model.num_heads", dict(num_heads=True)),
-    ("model.hidden_size", dict(hidden_size=64.0)),
+    ("model.hidden_size", dict(hidden_size=64.5)),
     ("model.rope_scaling", dict(rope_scaling=[4.0])),
     ("model.rope_scaling.type", dict(rope_scaling={**YARN, "type": "linear"})),
     ("model.rope_scaling.factor", dict(rope_scaling={**YARN, "factor": 0.5})),
@@ -200,8 +200,8 @@ def test_scientific_notation_is_a_number(tmp_path, text, value):
 def test_integers_stay_integers_and_strings_stay_strings():
   config = load_config(None, "train.steps=1_000", "train.sample_prompt=1e3x", "seed=7")
   assert config.train.steps == 1000 and config.train.sample_prompt == "1e3x" and config.seed == 7
-  with pytest.raises(ValueError, match=r"train\.steps=1000\.0 is invalid: expected an integer"):
-    load_config(None, "train.steps=1e3")
+  with pytest.raises(ValueError, match=r"train\.steps=1000\.5 is invalid: expected an integer"):
+    load_config(None, "train.steps=1.0005e3")  # integral values in any notation are integers
 
 
 # Issue 9, item 1: the default workdir is the config's name and a hash of what defines the run.
@@ -252,3 +252,18 @@ def test_yaml_file_unknown_key_suggests(tmp_path):
   bad.write_text("train:\n  learning_rat: 0.1\n")
   with pytest.raises(ValueError, match=r"did you mean 'train\.learning_rate'"):
     load_config(bad)
+
+
+@pytest.mark.parametrize("text", ["1e3", "1E3", "1.0e3", "1000"])
+def test_integer_fields_accept_scientific_notation(text):
+  """`train.steps=1e3` is 1000 (an int), as in YAML `steps: 1e3`; 1.5e0 is still refused."""
+  steps = mla_jax.load_config(None, f"train.steps={text}").train.steps
+  assert steps == 1000 and type(steps) is int
+  with pytest.raises(ValueError, match=r"train.steps=1.5 is invalid: expected an integer"):
+    mla_jax.load_config(None, "train.steps=1.5e0")
+
+
+def test_the_small_preset_can_be_shortened_with_one_override():
+  """Its warmup follows the default rule, so train.steps alone shortens it (issue 9, item 2)."""
+  config = mla_jax.load_config("small", "train.steps=50")
+  assert config.train.warmup == 5

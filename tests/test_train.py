@@ -252,7 +252,8 @@ def test_memory_check_refuses_with_figures_and_knobs():
     train_module.check_memory(config, compiled, devices, available=(needed["total"] - 1, "tiny"))
   message = str(err.value)
   assert message.startswith("the train step needs ") and "from XLA's memory analysis" in message
-  for knob in ("train.batch_size (now 8)", "train.seq_len (now 32)", "mesh.fsdp", "mesh.tensor"):
+  for knob in ("train.batch_size (now 8)", "train.seq_len (now 32)", "mesh.fsdp", "mesh.tensor",
+               "train.remat=full"):
     assert knob in message
   limit, what = train_module.device_memory_available(devices)
   assert what.endswith("shared by 8 CPU device(s)") and 0 < limit * 8 <= 2**50
