@@ -315,7 +315,11 @@ def _convert(args: argparse.Namespace) -> int:
     dtype, why = checkpoint_dtype(source)
   out = convert_hf(args.from_hf, args.out, dtype=dtype)
   print(f"dtype: {dtype} ({why})", file=sys.stderr)  # said once the conversion succeeded
-  print(f"wrote {out}: run `mla-jax generate --checkpoint {out} --prompt ...`")
+  if (Path(out) / "tokenizer.json").is_file():
+    print(f"wrote {out}: run `mla-jax generate --checkpoint {out} --prompt ...`")
+  else:  # text prompts are refused until the model's tokenizer is there
+    print(f"wrote {out}: copy the model's tokenizer.json into it, then run `mla-jax generate "
+          f"--checkpoint {out} --prompt ...` (or generate from token ids with mla_jax.generate)")
   return 0
 
 

@@ -41,7 +41,7 @@ class Interrupts:
 
   def __init__(self):
     self.requested: Optional[str] = None  # the signal's name, once one arrived while deferred
-    self.stage = "before training started; nothing was saved"  # said by an immediate exit
+    self.stage = "before training started; no checkpoint was saved"  # said by an immediate exit
     self._deferred = False
     self._installed = False
     self._lock = threading.Lock()

@@ -418,7 +418,7 @@ def _train(config: Config, log: Callable[[str], None], progress: bool) -> dict:
              "multi_process": jax.process_count() > 1, "workdir": str(workdir)}
   if resume_step is not None and resume_step >= tc.steps:
     return {**summary, "already_complete": True}
-  INTERRUPTS.set_stage("before training started; nothing was saved" if resume_step is None else
+  INTERRUPTS.set_stage("before training started; no checkpoint was saved" if resume_step is None else
                        f"before training resumed; the workdir still holds step {resume_step}")
   log(f"workdir: {workdir} ({'new run' if resume_step is None else 'resuming'}; "
       f"run id {config.run_id()})")

@@ -1,6 +1,7 @@
 """Sharded training and decoding on 8 fake CPU devices: equal to one device, and laid out as the
 rules table says."""
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -124,8 +125,11 @@ def test_indivisible_dimensions_name_the_mesh_axis():
     _trainer("mesh.data=2", "mesh.fsdp=4", "train.batch_size=4")
 
 
-def test_sharded_latent_cache_decode_equals_unsharded():
-  cfg = load_config(None, *MODEL, *TRAIN).model
+@pytest.mark.parametrize("cache_dtype", [None, "int8", "int4"])
+def test_sharded_latent_cache_decode_equals_unsharded(cache_dtype):
+  """Also for the quantized caches: codes, per-token scales and the RoPE key all sharded over
+  data x sequence, each step equal to the same quantized cache on one device."""
+  cfg = dataclasses.replace(load_config(None, *MODEL, *TRAIN).model, cache_dtype=cache_dtype)
   model = mla_jax.Transformer(cfg)
   batch, max_len, prompt_len, steps = 2, 32, 8, 16
   tokens = jax.random.randint(jax.random.key(0), (batch, prompt_len + steps), 0, cfg.vocab_size)
@@ -154,10 +158,13 @@ def test_sharded_latent_cache_decode_equals_unsharded():
   for cache in caches:  # after every step: the declared layout, unchanged
     for layer in cache.layers:
       assert layer.c_kv.sharding == latent and layer.k_rope.sharding == latent
+      if cache_dtype is not None:
+        assert layer.c_kv_scale.sharding == latent
     assert cache.lengths.sharding == NamedSharding(mesh, P("data"))
   c_kv = final.layers[0].c_kv
   assert {s.data.nbytes for s in c_kv.addressable_shards} == {c_kv.nbytes // 8}  # 2 x 4 ways
-  assert {s.data.shape for s in c_kv.addressable_shards} == {(1, max_len // 4, cfg.kv_lora_rank)}
+  width = cfg.kv_lora_rank // 2 if cache_dtype == "int4" else cfg.kv_lora_rank  # int4: 2 per byte
+  assert {s.data.shape for s in c_kv.addressable_shards} == {(1, max_len // 4, width)}
   np.testing.assert_array_equal(final.lengths, plain_cache.lengths)
 
 

@@ -164,7 +164,7 @@ def test_sigint_before_training_is_one_line_and_exit_130(tmp_path, moment):
     process.kill()
   assert process.returncode == 128 + signal.SIGINT, (process.returncode, err)  # not 139, not < 0
   assert err.strip().splitlines() == [
-      "mla-jax: stopped by SIGINT before training started; nothing was saved"], err
+      "mla-jax: stopped by SIGINT before training started; no checkpoint was saved"], err
   assert "compiled the train step" not in out  # it really was stopped before the loop
   assert not (workdir / "checkpoints").exists() and not (workdir / "config.yaml").exists()
 
