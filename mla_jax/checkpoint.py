@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -31,8 +32,6 @@ def check_writable_directory(path: str | Path, name: str) -> None:
   if not parent.is_dir():
     raise ValueError(f"{name}={str(path)!r} cannot be created: {str(parent)!r} is a file, not a "
                      "directory")
-  import os
-
   if not os.access(parent, os.W_OK | os.X_OK):
     raise ValueError(f"{name}={str(path)!r} cannot be written: no write permission in "
                      f"{str(parent)!r}; choose another directory")
