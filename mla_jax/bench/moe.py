@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import os
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -23,7 +25,7 @@ import optax
 
 from mla_jax.config import ModelConfig
 from mla_jax.layers.moe import DeepSeekMoE
-from mla_jax.model import Transformer
+from mla_jax.model import Transformer, first_scanned_layer
 from mla_jax.train import loss_fn
 
 Row = dict[str, Any]
@@ -158,26 +160,53 @@ V2_LITE_LAYOUT = ModelConfig(vocab_size=1024, hidden_size=128, num_layers=27, nu
                              moe_intermediate_size=32, first_k_dense_replace=1, max_seq_len=256)
 
 
-def scan_compile_rows(config: ModelConfig = V2_LITE_LAYOUT, batch: int = 2,
-                      seq_len: int = 64) -> list[Row]:
-  """Seconds to lower and compile a training gradient (loss and grads), unrolled vs scanned."""
+def llvm_kernel_count(lowered: jax.stages.Lowered) -> int | None:
+  """Number of LLVM modules (one per fusion kernel, after XLA's deduplication of identical
+  ones) XLA's CPU backend generates for a lowered program, counted from a dump of a second
+  compile (`xla_dump_to`); its compile time grows with this count. None when the backend dumps
+  no LLVM IR (not XLA:CPU)."""
+  with tempfile.TemporaryDirectory() as directory:
+    lowered.compile(compiler_options={"xla_dump_to": directory})
+    count = sum(name.endswith(".ir-no-opt.ll") for name in os.listdir(directory))
+  return count or None
+
+
+def _compile_row(cfg: ModelConfig, batch: int, seq_len: int, grad: bool, remat: str) -> Row:
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-  rows = []
-  for scan in (False, True):
-    cfg = dataclasses.replace(config, scan_layers=scan)
-    model = Transformer(cfg)
-    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    grad = jax.jit(jax.value_and_grad(lambda p, x, model=model: loss_fn(model, p, x, x)))
-    start = time.perf_counter()
-    lowered = grad.lower(params, tokens)
-    lower_s = time.perf_counter() - start
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start - lower_s
-    rows.append({"suite": "train", "row": "scan_compile", "scan_layers": scan,
-                 "num_layers": cfg.num_layers, "lower_s": lower_s, "compile_s": compile_s,
-                 "total_s": lower_s + compile_s,
-                 "hlo_chars": len(compiled.as_text())})
+  model = Transformer(cfg, remat=remat)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  loss = lambda p, x, model=model: loss_fn(model, p, x, x)  # noqa: E731
+  fn = jax.jit(jax.value_and_grad(loss) if grad else loss)
+  start = time.perf_counter()
+  lowered = fn.lower(params, tokens)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+  return {"suite": "train", "row": "scan_compile", "scan_layers": cfg.scan_layers,
+          "num_layers": cfg.num_layers, "grad": grad, "remat": remat, "lower_s": lower_s,
+          "compile_s": compile_s, "total_s": lower_s + compile_s,
+          "hlo_chars": len(compiled.as_text()), "llvm_kernels": llvm_kernel_count(lowered)}
+
+
+def scan_compile_rows(config: ModelConfig = V2_LITE_LAYOUT, batch: int = 2, seq_len: int = 64,
+                      grad: bool = True, remat: str = "none") -> list[Row]:
+  """Seconds to lower and compile a training gradient (loss and grads; the loss alone with
+  grad=False), unrolled vs scanned, and the LLVM kernels XLA:CPU generates for each.
+
+  A third row, `floor`, compiles the unrolled model cut to the layers a scanned program holds
+  anyway: the dense first_k_dense_replace layers plus one repeated block. However the scan is
+  built, its program contains that much, so floor / unrolled bounds scanned / unrolled below.
+  """
+  floor_layers = first_scanned_layer(config) + 1
+  rows = [_compile_row(dataclasses.replace(config, scan_layers=scan), batch, seq_len, grad, remat)
+          for scan in (False, True)]
   rows[1]["scan_over_unrolled"] = rows[1]["total_s"] / rows[0]["total_s"]
+  if floor_layers < config.num_layers:
+    floor = _compile_row(dataclasses.replace(config, scan_layers=False, num_layers=floor_layers),
+                         batch, seq_len, grad, remat)
+    floor["floor"] = True
+    floor["floor_over_unrolled"] = floor["total_s"] / rows[0]["total_s"]
+    rows.append(floor)
   return rows
 
 
