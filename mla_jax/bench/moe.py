@@ -9,10 +9,12 @@ program (fwd+bwd counted as XLA counts it), compared with the FLOPs the active p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import statistics
 import os
+import re
 import sys
 import tempfile
 import time
@@ -160,15 +162,21 @@ V2_LITE_LAYOUT = ModelConfig(vocab_size=1024, hidden_size=128, num_layers=27, nu
                              moe_intermediate_size=32, first_k_dense_replace=1, max_seq_len=256)
 
 
-def llvm_kernel_count(lowered: jax.stages.Lowered) -> int | None:
-  """Number of LLVM modules (one per fusion kernel, after XLA's deduplication of identical
-  ones) XLA's CPU backend generates for a lowered program, counted from a dump of a second
-  compile (`xla_dump_to`); its compile time grows with this count. None when the backend dumps
-  no LLVM IR (not XLA:CPU)."""
+def llvm_kernels(lowered: jax.stages.Lowered) -> collections.Counter:
+  """The LLVM modules XLA's CPU backend generates for a lowered program, one per distinct
+  fusion kernel (identical ones are compiled once), counted by kind from a dump of a second
+  compile (`xla_dump_to`): the fusion's name without its number, which XLA builds from the
+  fused ops (e.g. `bitcast_dynamic-update-slice_fusion`, `wrapped_broadcast`). XLA:CPU's compile
+  time grows with their number. Empty when the backend dumps no LLVM IR (not XLA:CPU)."""
+  kinds: collections.Counter = collections.Counter()
   with tempfile.TemporaryDirectory() as directory:
     lowered.compile(compiler_options={"xla_dump_to": directory})
-    count = sum(name.endswith(".ir-no-opt.ll") for name in os.listdir(directory))
-  return count or None
+    for name in os.listdir(directory):
+      if name.endswith(".ir-no-opt.ll"):  # module_0008.jit_f.<kernel>[.N][_kernel_module].ir-..
+        kernel = name.split(".", 2)[2][:-len(".ir-no-opt.ll")]
+        kernel = kernel.replace("_kernel_module", "").replace("__compute_module_", "")
+        kinds[re.sub(r"(\.\d+)+$", "", kernel)] += 1
+  return kinds
 
 
 def _compile_row(cfg: ModelConfig, batch: int, seq_len: int, grad: bool, remat: str) -> Row:
@@ -182,10 +190,12 @@ def _compile_row(cfg: ModelConfig, batch: int, seq_len: int, grad: bool, remat: 
   lower_s = time.perf_counter() - start
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start - lower_s
+  kinds = llvm_kernels(lowered)
   return {"suite": "train", "row": "scan_compile", "scan_layers": cfg.scan_layers,
           "num_layers": cfg.num_layers, "grad": grad, "remat": remat, "lower_s": lower_s,
           "compile_s": compile_s, "total_s": lower_s + compile_s,
-          "hlo_chars": len(compiled.as_text()), "llvm_kernels": llvm_kernel_count(lowered)}
+          "hlo_chars": len(compiled.as_text()), "llvm_kernels": sum(kinds.values()) or None,
+          "llvm_kernel_kinds": dict(kinds.most_common())}
 
 
 def scan_compile_rows(config: ModelConfig = V2_LITE_LAYOUT, batch: int = 2, seq_len: int = 64,
