@@ -9,10 +9,14 @@ program (fwd+bwd counted as XLA counts it), compared with the FLOPs the active p
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import statistics
+import os
+import re
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -23,7 +27,7 @@ import optax
 
 from mla_jax.config import ModelConfig
 from mla_jax.layers.moe import DeepSeekMoE
-from mla_jax.model import Transformer
+from mla_jax.model import Transformer, first_scanned_layer
 from mla_jax.train import loss_fn
 
 Row = dict[str, Any]
@@ -158,26 +162,61 @@ V2_LITE_LAYOUT = ModelConfig(vocab_size=1024, hidden_size=128, num_layers=27, nu
                              moe_intermediate_size=32, first_k_dense_replace=1, max_seq_len=256)
 
 
-def scan_compile_rows(config: ModelConfig = V2_LITE_LAYOUT, batch: int = 2,
-                      seq_len: int = 64) -> list[Row]:
-  """Seconds to lower and compile a training gradient (loss and grads), unrolled vs scanned."""
+def llvm_kernels(lowered: jax.stages.Lowered) -> collections.Counter:
+  """The LLVM modules XLA's CPU backend generates for a lowered program, one per distinct
+  fusion kernel (identical ones are compiled once), counted by kind from a dump of a second
+  compile (`xla_dump_to`): the fusion's name without its number, which XLA builds from the
+  fused ops (e.g. `bitcast_dynamic-update-slice_fusion`, `wrapped_broadcast`). XLA:CPU's compile
+  time grows with their number. Empty when the backend dumps no LLVM IR (not XLA:CPU)."""
+  kinds: collections.Counter = collections.Counter()
+  with tempfile.TemporaryDirectory() as directory:
+    lowered.compile(compiler_options={"xla_dump_to": directory})
+    for name in os.listdir(directory):
+      if name.endswith(".ir-no-opt.ll"):  # module_0008.jit_f.<kernel>[.N][_kernel_module].ir-..
+        kernel = name.split(".", 2)[2][:-len(".ir-no-opt.ll")]
+        kernel = kernel.replace("_kernel_module", "").replace("__compute_module_", "")
+        kinds[re.sub(r"(\.\d+)+$", "", kernel)] += 1
+  return kinds
+
+
+def _compile_row(cfg: ModelConfig, batch: int, seq_len: int, grad: bool, remat: str) -> Row:
   tokens = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
-  rows = []
-  for scan in (False, True):
-    cfg = dataclasses.replace(config, scan_layers=scan)
-    model = Transformer(cfg)
-    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
-    grad = jax.jit(jax.value_and_grad(lambda p, x, model=model: loss_fn(model, p, x, x)))
-    start = time.perf_counter()
-    lowered = grad.lower(params, tokens)
-    lower_s = time.perf_counter() - start
-    compiled = lowered.compile()
-    compile_s = time.perf_counter() - start - lower_s
-    rows.append({"suite": "train", "row": "scan_compile", "scan_layers": scan,
-                 "num_layers": cfg.num_layers, "lower_s": lower_s, "compile_s": compile_s,
-                 "total_s": lower_s + compile_s,
-                 "hlo_chars": len(compiled.as_text())})
+  model = Transformer(cfg, remat=remat)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  loss = lambda p, x, model=model: loss_fn(model, p, x, x)  # noqa: E731
+  fn = jax.jit(jax.value_and_grad(loss) if grad else loss)
+  start = time.perf_counter()
+  lowered = fn.lower(params, tokens)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lower_s
+  kinds = llvm_kernels(lowered)
+  return {"suite": "train", "row": "scan_compile", "scan_layers": cfg.scan_layers,
+          "num_layers": cfg.num_layers, "grad": grad, "remat": remat, "lower_s": lower_s,
+          "compile_s": compile_s, "total_s": lower_s + compile_s,
+          "hlo_chars": len(compiled.as_text()), "llvm_kernels": sum(kinds.values()) or None,
+          "llvm_kernel_kinds": dict(kinds.most_common())}
+
+
+def scan_compile_rows(config: ModelConfig = V2_LITE_LAYOUT, batch: int = 2, seq_len: int = 64,
+                      grad: bool = True, remat: str = "none") -> list[Row]:
+  """Seconds to lower and compile a training gradient (loss and grads; the loss alone with
+  grad=False), unrolled vs scanned, and the LLVM kernels XLA:CPU generates for each.
+
+  A third row, `floor`, compiles the unrolled model cut to the layers a scanned program holds
+  anyway: the dense first_k_dense_replace layers plus one repeated block. However the scan is
+  built, its program contains that much, so floor / unrolled bounds scanned / unrolled below.
+  """
+  floor_layers = first_scanned_layer(config) + 1
+  rows = [_compile_row(dataclasses.replace(config, scan_layers=scan), batch, seq_len, grad, remat)
+          for scan in (False, True)]
   rows[1]["scan_over_unrolled"] = rows[1]["total_s"] / rows[0]["total_s"]
+  if floor_layers < config.num_layers:
+    floor = _compile_row(dataclasses.replace(config, scan_layers=False, num_layers=floor_layers),
+                         batch, seq_len, grad, remat)
+    floor["floor"] = True
+    floor["floor_over_unrolled"] = floor["total_s"] / rows[0]["total_s"]
+    rows.append(floor)
   return rows
 
 
