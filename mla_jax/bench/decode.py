@@ -39,6 +39,7 @@ from mla_jax.bench.common import (Ceilings, Report, Table, default_dtype, header
 from mla_jax.cache import Cache, KVCache, LatentCache, encode_latent, init_cache, store_float
 from mla_jax.config import ModelConfig, load_config
 from mla_jax.layers.masking import ATTN_IMPLS
+from mla_jax.layers.mla import absorbed_weights
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.model import Transformer
 from mla_jax.sampling import DECODE_ATTN_IMPL, Sampler, decode_step
@@ -174,6 +175,18 @@ def cost(compiled) -> dict:
   return dict(analysis or {})
 
 
+def whole_loop_cost(config: ModelConfig, params, token, cache, key, absorbed,
+                    attn_impl: str) -> dict:
+  """XLA's cost analysis of the flash step, every block counted: XLA counts a while loop's body
+  once, whatever its trip count, so the step is compiled again with one block spanning the
+  cache (decode_block_size = slots: the loop runs once) and that program's FLOPs and bytes are
+  reported. Same code and same per-slot work as the step timed; only the block size differs."""
+  one_block = dataclasses.replace(config, decode_block_size=jax.tree_util.tree_leaves(
+      cache.layers)[0].shape[1])
+  return cost(decode_step.lower(params, token, cache, key, absorbed, model=Transformer(one_block),
+                                sampler=Sampler(), attn_impl=attn_impl).compile())
+
+
 def measure_step(config: ModelConfig, params, batch: int, context: int, attn_impl: str,
                  repeats: int, ceilings: Ceilings, slots: Optional[int] = None,
                  option: str = "--contexts") -> dict:
@@ -188,15 +201,19 @@ def measure_step(config: ModelConfig, params, batch: int, context: int, attn_imp
     raise ValueError(f"{option} {context} is invalid: must exceed the {calls} steps timed")
   cache = filled_cache(config, batch, slots, context - calls, seed=context)
   token, key = jnp.zeros((batch,), jnp.int32), jax.random.key(0)
+  absorbed = jax.jit(absorbed_weights, static_argnums=0)(config, params)  # once, as generate
   start = time.perf_counter()
-  compiled = decode_step.lower(params, token, cache, key, model=model, sampler=Sampler(),
-                               attn_impl=attn_impl).compile()
+  compiled = decode_step.lower(params, token, cache, key, absorbed, model=model,
+                               sampler=Sampler(), attn_impl=attn_impl).compile()
   compile_s = time.perf_counter() - start
   analysis = cost(compiled)
+  if attn_impl == "flash" and slots == context:
+    analysis = whole_loop_cost(config, params, token, cache, key, absorbed, attn_impl)
   state = {"token": token, "cache": cache}
 
   def one_step():
-    state["token"], state["cache"] = compiled(params, state["token"], state["cache"], key)
+    state["token"], state["cache"] = compiled(params, state["token"], state["cache"], key,
+                                              absorbed)
     return state["token"]
 
   timing = time_calls(one_step, repeats, warmup=2)
