@@ -38,6 +38,7 @@ from mla_jax.bench.common import (Ceilings, Report, Table, default_dtype, header
                                   measure_ceilings, parse_ints, select_variants, time_calls)
 from mla_jax.cache import Cache, KVCache, LatentCache, encode_latent, init_cache, store_float
 from mla_jax.config import ModelConfig, load_config
+from mla_jax.layers.flash_decode import DEFAULT_BLOCK_SIZE
 from mla_jax.layers.masking import ATTN_IMPLS
 from mla_jax.layers.mla import absorbed_weights
 from mla_jax.layers.precision import einsum_f32
@@ -90,6 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--variants", default=None,
                       help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)} "
                            "(default: all)")
+  parser.add_argument("--block-sizes", default="none", metavar="N,N,...",
+                      help="also time the MLA flash step (--dtype cache) at the longest context "
+                           "with each model.decode_block_size listed, e.g. 64,128,256,512,1024 "
+                           "(default: %(default)s)")
   parser.add_argument("--held-check", default=None, metavar="T,S",
                       help="also time each MLA flash variant's step on a cache of S slots "
                            "holding T tokens against one of T slots holding T, and report the "
@@ -203,6 +208,7 @@ def measure_step(config: ModelConfig, params, batch: int, context: int, attn_imp
   cache = filled_cache(config, batch, slots, context - calls, seed=context)
   token, key = jnp.zeros((batch,), jnp.int32), jax.random.key(0)
   absorbed = jax.jit(absorbed_weights, static_argnums=0)(config, params)  # once, as generate
+  jax.clear_caches()  # a program compiled earlier (e.g. by whole_loop_cost) is compiled again
   start = time.perf_counter()
   compiled = decode_step.lower(params, token, cache, key, absorbed, model=model,
                                sampler=Sampler(), attn_impl=attn_impl).compile()
@@ -261,6 +267,8 @@ def run(args: argparse.Namespace) -> Report:
     if getattr(args, name) < 1:
       raise ValueError(f"--{name} {getattr(args, name)} is invalid: must be >= 1")
   held_check = parse_held_check(args.held_check)
+  block_sizes = ([] if str(args.block_sizes).strip().lower() == "none"
+                 else sorted(set(parse_ints(args.block_sizes, "--block-sizes"))))
   calls = args.repeats + 2  # steps each point runs: the cache must hold more tokens than that
   for option, tokens in [("--contexts", c) for c in contexts] + [
       ("--held-check", t) for t in (held_check or ())[:1]]:
@@ -298,11 +306,37 @@ def run(args: argparse.Namespace) -> Report:
           measure_step(config, params, args.batch, tokens, path, args.repeats, ceilings,
                        slots=n, option="--held-check") for n in (tokens, slots))))
     del params
+  blocks = block_rows(base, args.batch, contexts[-1], block_sizes, args.repeats, ceilings)
   return Report("decode", header_lines(args.dtype, args.command) + ceilings.lines(),
                 [steps_table(rows), summary_table(rows, contexts[-1], choices, args.dtype)]
                 + ([layout_table(probes)] if probes else [])
-                + ([held_table(held)] if held else []),
+                + ([held_table(held)] if held else [])
+                + ([block_table(blocks)] if blocks else []),
                 plot=lambda png: plot(rows, ceilings, png))
+
+
+def block_rows(base: ModelConfig, batch: int, context: int, block_sizes: list[int],
+               repeats: int, ceilings: Ceilings) -> list[dict]:
+  """The MLA flash step at `context` for each decode_block_size (how the default was chosen)."""
+  rows = []
+  params = None
+  for block in block_sizes:
+    config = dataclasses.replace(base, decode_block_size=block)
+    if params is None:
+      params = Transformer(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    rows.append({"block": block, **measure_step(config, params, batch, context, "flash",
+                                                repeats, ceilings)})
+  return rows
+
+
+def block_table(rows: list[dict]) -> Table:
+  best = min(rows, key=lambda r: r["step_ms"])
+  columns = (("block", "decode_block_size"), ("context", "context"), ("batch", "batch"),
+             ("step_ms", "step ms (median)"), ("min_ms", "min"), ("max_ms", "max"),
+             ("roofline_fraction", "of roofline"), ("compile_s", "compile s"))
+  return Table("MLA flash step by block size", columns, rows, [
+      f"The fastest here: decode_block_size {best['block']:,} ({best['step_ms']:,.2f} ms); the "
+      f"library's default is {DEFAULT_BLOCK_SIZE}."])
 
 
 def is_flash_mla(variant: Variant) -> bool:
