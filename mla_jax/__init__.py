@@ -20,7 +20,7 @@ _PUBLIC = {  # name -> the module that defines it
     "YarnScaling": "mla_jax.config", "load_config": "mla_jax.config",
     "load_hf": "mla_jax.hf",
     "MultiHeadAttention": "mla_jax.layers.attention",
-    "MultiHeadLatentAttention": "mla_jax.layers.mla",
+    "MultiHeadLatentAttention": "mla_jax.layers.mla", "absorbed_weights": "mla_jax.layers.mla",
     "SwiGLU": "mla_jax.layers.mlp",
     "DeepSeekMoE": "mla_jax.layers.moe",
     "RMSNorm": "mla_jax.layers.norms",

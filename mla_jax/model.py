@@ -165,8 +165,8 @@ class Transformer(nn.Module):
     cfg = self.config
     count = cfg.num_layers - start
     stacked = None if caches is None else jax.tree_util.tree_map(lambda *c: jnp.stack(c), *caches)
-    scan = nn.scan(block, variable_axes={"params": 0, "losses": 0}, split_rngs={"params": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast), length=count)
+    scan = nn.scan(block, variable_axes={"params": 0, "losses": 0, "absorbed": 0},
+                   split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast), length=count)
     x, stacked = scan(cfg, start, attn_impl, name="layers")(x, stacked, lengths, num_tokens)
     if stacked is None:
       return x, [None] * count

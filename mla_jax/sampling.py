@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax.cache import Cache, init_cache
+from mla_jax.layers.mla import absorbed_weights
 from mla_jax.model import Transformer
 
 
@@ -145,12 +146,15 @@ DECODE_ATTN_IMPL = "flash"  # the attention path generate's decode steps use
 
 
 def decode_token(model: Transformer, params, token: jax.Array, cache: Cache, key: jax.Array,
-                 sampler: Sampler, attn_impl: str = DECODE_ATTN_IMPL) -> tuple[jax.Array, Cache]:
+                 sampler: Sampler, attn_impl: str = DECODE_ATTN_IMPL,
+                 absorbed: Optional[dict] = None) -> tuple[jax.Array, Cache]:
   """One decode step, by default generate's flash-decoding path (blocked, absorbed, up to the
   longest sequence; attn_impl='absorbed' or 'naive' for the references the benchmark compares):
-  token [B] -> next token [B], cache one longer.
+  token [B] -> next token [B], cache one longer. absorbed: absorbed_weights(config, params),
+  made once (None: each step transposes W_UK and W_UV out of kv_b_proj).
   Traced once per compiled generation loop (tests count it)."""
-  logits, cache = model.apply({"params": params}, token[:, None], cache=cache,
+  variables = {"params": params} if absorbed is None else {"params": params, "absorbed": absorbed}
+  logits, cache = model.apply(variables, token[:, None], cache=cache,
                               attn_impl=attn_impl)  # [B,1,V]
   return sampler(logits[:, 0], key), cache
 
@@ -162,12 +166,14 @@ def _decode_loop(params, first: jax.Array, cache: Cache, keys: jax.Array, *, mod
   """Feeds each sampled token back through one flash-decoding step: tokens [B, 1 + len(keys)],
   and the cache, returned so the donated input buffers are updated in place."""
 
+  absorbed = absorbed_weights(model.config, params)  # once per call, outside the loop
+
   def finished(token: jax.Array) -> jax.Array:
     return jnp.zeros(token.shape, bool) if eos_id is None else token == eos_id
 
   def step(carry, key):
     cache, token, done = carry  # token [B]: the last one sampled; done [B]: EOS already out
-    nxt, cache = decode_token(model, params, token, cache, key, sampler)
+    nxt, cache = decode_token(model, params, token, cache, key, sampler, absorbed=absorbed)
     nxt = jnp.where(done, pad_id, nxt)
     return (cache, nxt, done | finished(nxt)), nxt
 
@@ -177,11 +183,13 @@ def _decode_loop(params, first: jax.Array, cache: Cache, keys: jax.Array, *, mod
 
 @functools.partial(jax.jit, static_argnames=("model", "sampler", "attn_impl"),
                    donate_argnames=("cache",))
-def decode_step(params, token: jax.Array, cache: Cache, key: jax.Array, *, model: Transformer,
-                sampler: Sampler, attn_impl: str = DECODE_ATTN_IMPL) -> tuple[jax.Array, Cache]:
+def decode_step(params, token: jax.Array, cache: Cache, key: jax.Array,
+                absorbed: Optional[dict] = None, *, model: Transformer, sampler: Sampler,
+                attn_impl: str = DECODE_ATTN_IMPL) -> tuple[jax.Array, Cache]:
   """decode_token compiled alone, cache donated: for host-loop streaming, and the step that
-  `mla-jax bench decode` times (the same traced function generate's loop runs)."""
-  return decode_token(model, params, token, cache, key, sampler, attn_impl)
+  `mla-jax bench decode` times (the same traced function generate's loop runs). Pass absorbed =
+  absorbed_weights(model.config, params), made once, as generate's loop does."""
+  return decode_token(model, params, token, cache, key, sampler, attn_impl, absorbed)
 
 
 def stream(model: Transformer, params, prompt: Sequence[int], *, max_new_tokens: int,
@@ -202,7 +210,8 @@ def stream(model: Transformer, params, prompt: Sequence[int], *, max_new_tokens:
   prefill = _prefill.lower(params, prompt_ids, lengths, keys[0], model=model, max_len=max_len,
                            sampler=sampler).compile()
   first_token, cache_shape = prefill.out_info
-  step = decode_step.lower(params, first_token, cache_shape, keys[0], model=model,
+  absorbed = jax.jit(absorbed_weights, static_argnums=0)(cfg, params)
+  step = decode_step.lower(params, first_token, cache_shape, keys[0], absorbed, model=model,
                            sampler=sampler).compile()
 
   def tokens() -> Iterator[int]:
@@ -212,7 +221,7 @@ def stream(model: Transformer, params, prompt: Sequence[int], *, max_new_tokens:
       yield value
       if value == eos_id or i + 1 == max_new_tokens:
         return
-      token, cache = step(params, token, cache, keys[i + 1])
+      token, cache = step(params, token, cache, keys[i + 1], absorbed)
 
   return tokens()
 

@@ -53,6 +53,8 @@ PARAM_AXES: dict[str, tuple[Optional[str], ...]] = {
     "q_b_proj": ("q_lora", "heads", "head_dim"),
     "kv_a_proj_with_mqa": ("embed", "kv_lora"),
     "kv_b_proj": ("kv_lora", "heads", "head_dim"),
+    "w_uk": ("heads", "head_dim", "kv_lora"),  # absorbed_weights: kv_b_proj's halves, head-major
+    "w_uv": ("heads", "kv_lora", "head_dim"),
     "o_proj": ("heads", "head_dim", "embed"),
     "k_proj": ("embed", "kv_heads", "head_dim"),
     "v_proj": ("embed", "kv_heads", "head_dim"),
@@ -193,21 +195,32 @@ def shard(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, tree_shardings(tree, mesh))
 
 
-def sharded_cached_apply(model, mesh: Mesh, params: Any, cache: Any, attn_impl: str = "auto"):
+def sharded_cached_apply(model, mesh: Mesh, params: Any, cache: Any, attn_impl: str = "auto",
+                         absorbed: Any = None):
   """`model.apply` with a cache, jitted for params and cache laid out on `mesh` by the tables:
   tokens [B,T] and logits follow the cache's batch sharding, the cache is donated and comes back
-  with the sharding it went in with, so a decode loop keeps it in place step after step."""
+  with the sharding it went in with, so a decode loop keeps it in place step after step.
+  absorbed: absorbed_weights(config, params) (laid out like kv_b_proj over heads); with it the
+  returned function is run(params, token_ids, cache, absorbed), and the absorbed and flash paths
+  read W_UK and W_UV without transposing them each call."""
   param_shardings, cache_shardings = tree_shardings(params, mesh), tree_shardings(cache, mesh)
   tokens = NamedSharding(mesh, logical_to_spec(("cache_batch", None)))
   logits = NamedSharding(mesh, logical_to_spec(("cache_batch", None, "vocab")))
-  apply = jax.jit(
-      lambda p, t, c: model.apply({"params": p}, t, cache=c, attn_impl=attn_impl),
-      in_shardings=(param_shardings, tokens, cache_shardings),
-      out_shardings=(logits, cache_shardings), donate_argnums=(2,))
+  if absorbed is None:
+    apply = jax.jit(
+        lambda p, t, c: model.apply({"params": p}, t, cache=c, attn_impl=attn_impl),
+        in_shardings=(param_shardings, tokens, cache_shardings),
+        out_shardings=(logits, cache_shardings), donate_argnums=(2,))
+  else:
+    apply = jax.jit(
+        lambda p, t, c, a: model.apply({"params": p, "absorbed": a}, t, cache=c,
+                                       attn_impl=attn_impl),
+        in_shardings=(param_shardings, tokens, cache_shardings, tree_shardings(absorbed, mesh)),
+        out_shardings=(logits, cache_shardings), donate_argnums=(2,))
 
-  def run(params, token_ids, cache):  # [B,T] int32 -> (logits [B,T,V], cache)
+  def run(params, token_ids, cache, *absorbed):  # [B,T] int32 -> (logits [B,T,V], cache)
     with jax.set_mesh(mesh):
-      return apply(params, token_ids, cache)
+      return apply(params, token_ids, cache, *absorbed)
 
   return run
 

@@ -14,6 +14,7 @@ under-counted here, so the decode rows name their attn_impl (the plain einsum pa
 
 from __future__ import annotations
 
+import functools
 import argparse
 import dataclasses
 from pathlib import Path
@@ -27,6 +28,7 @@ from mla_jax.bench.decode import base_config, cost, nbytes
 from mla_jax.cache import init_cache
 from mla_jax.config import ModelConfig
 from mla_jax.model import Transformer
+from mla_jax.layers.mla import absorbed_weights
 from mla_jax.sampling import Sampler, decode_step
 from mla_jax.train import compute_grads
 
@@ -83,8 +85,9 @@ class Programs:
 
   def decode(self, slots: int, attn_impl: str) -> dict:
     token = jax.ShapeDtypeStruct((self.batch,), jnp.int32)
+    absorbed = jax.eval_shape(functools.partial(absorbed_weights, self.config), self.params)
     return cost(decode_step.lower(self.params, token, self.cache(slots), jax.random.key(0),
-                                  model=self.model, sampler=Sampler(),
+                                  absorbed, model=self.model, sampler=Sampler(),
                                   attn_impl=attn_impl).compile())
 
   def step_bytes(self, slots: int) -> int:

@@ -38,7 +38,9 @@ from mla_jax.bench.common import (Ceilings, Report, Table, default_dtype, header
                                   measure_ceilings, parse_ints, select_variants, time_calls)
 from mla_jax.cache import Cache, KVCache, LatentCache, encode_latent, init_cache, store_float
 from mla_jax.config import ModelConfig, load_config
+from mla_jax.layers.flash_decode import DEFAULT_BLOCK_SIZE
 from mla_jax.layers.masking import ATTN_IMPLS
+from mla_jax.layers.mla import absorbed_weights
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.model import Transformer
 from mla_jax.sampling import DECODE_ATTN_IMPL, Sampler, decode_step
@@ -63,6 +65,7 @@ class Variant:
 _ALL_PATHS = tuple(i for i in ATTN_IMPLS if i != "auto")
 VARIANTS = (
     Variant("MLA flash"),  # generate's path: flash-decoding over the latent (--dtype cache)
+    Variant("MLA flash bf16", (("cache_dtype", "bfloat16"),)),  # --dtype weights, bf16 cache
     Variant("MLA flash int8", (("cache_dtype", "int8"),)),  # the same path, quantized latent
     Variant("MLA flash int4", (("cache_dtype", "int4"),)),
     Variant("MLA absorbed", attn_impl="absorbed"),  # the plain-einsum reference, whole cache
@@ -88,6 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--variants", default=None,
                       help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)} "
                            "(default: all)")
+  parser.add_argument("--block-sizes", default="none", metavar="N,N,...",
+                      help="also time the MLA flash step (--dtype cache) at the longest context "
+                           "with each model.decode_block_size listed, e.g. 64,128,256,512,1024 "
+                           "(default: %(default)s)")
   parser.add_argument("--held-check", default=None, metavar="T,S",
                       help="also time each MLA flash variant's step on a cache of S slots "
                            "holding T tokens against one of T slots holding T, and report the "
@@ -174,6 +181,18 @@ def cost(compiled) -> dict:
   return dict(analysis or {})
 
 
+def whole_loop_cost(config: ModelConfig, params, token, cache, key, absorbed,
+                    attn_impl: str) -> dict:
+  """XLA's cost analysis of the flash step, every block counted: XLA counts a while loop's body
+  once, whatever its trip count, so the step is compiled again with one block spanning the
+  cache (decode_block_size = slots: the loop runs once) and that program's FLOPs and bytes are
+  reported. Same code and same per-slot work as the step timed; only the block size differs."""
+  one_block = dataclasses.replace(config, decode_block_size=jax.tree_util.tree_leaves(
+      cache.layers)[0].shape[1])
+  return cost(decode_step.lower(params, token, cache, key, absorbed, model=Transformer(one_block),
+                                sampler=Sampler(), attn_impl=attn_impl).compile())
+
+
 def measure_step(config: ModelConfig, params, batch: int, context: int, attn_impl: str,
                  repeats: int, ceilings: Ceilings, slots: Optional[int] = None,
                  option: str = "--contexts") -> dict:
@@ -188,15 +207,20 @@ def measure_step(config: ModelConfig, params, batch: int, context: int, attn_imp
     raise ValueError(f"{option} {context} is invalid: must exceed the {calls} steps timed")
   cache = filled_cache(config, batch, slots, context - calls, seed=context)
   token, key = jnp.zeros((batch,), jnp.int32), jax.random.key(0)
+  absorbed = jax.jit(absorbed_weights, static_argnums=0)(config, params)  # once, as generate
+  jax.clear_caches()  # a program compiled earlier (e.g. by whole_loop_cost) is compiled again
   start = time.perf_counter()
-  compiled = decode_step.lower(params, token, cache, key, model=model, sampler=Sampler(),
-                               attn_impl=attn_impl).compile()
+  compiled = decode_step.lower(params, token, cache, key, absorbed, model=model,
+                               sampler=Sampler(), attn_impl=attn_impl).compile()
   compile_s = time.perf_counter() - start
   analysis = cost(compiled)
+  if attn_impl == "flash" and slots == context:
+    analysis = whole_loop_cost(config, params, token, cache, key, absorbed, attn_impl)
   state = {"token": token, "cache": cache}
 
   def one_step():
-    state["token"], state["cache"] = compiled(params, state["token"], state["cache"], key)
+    state["token"], state["cache"] = compiled(params, state["token"], state["cache"], key,
+                                              absorbed)
     return state["token"]
 
   timing = time_calls(one_step, repeats, warmup=2)
@@ -243,6 +267,8 @@ def run(args: argparse.Namespace) -> Report:
     if getattr(args, name) < 1:
       raise ValueError(f"--{name} {getattr(args, name)} is invalid: must be >= 1")
   held_check = parse_held_check(args.held_check)
+  block_sizes = ([] if str(args.block_sizes).strip().lower() == "none"
+                 else sorted(set(parse_ints(args.block_sizes, "--block-sizes"))))
   calls = args.repeats + 2  # steps each point runs: the cache must hold more tokens than that
   for option, tokens in [("--contexts", c) for c in contexts] + [
       ("--held-check", t) for t in (held_check or ())[:1]]:
@@ -253,9 +279,12 @@ def run(args: argparse.Namespace) -> Report:
               else measure_ceilings(args.dtype))
   base = base_config(args, max(contexts + list(held_check or ())))
   chosen = select_variants([v.name for v in VARIANTS], args.variants)
-  rows, choices, probes, held = [], {}, {}, []
+  rows, choices, probes, held, seen = [], {}, {}, [], {}
   for variant in (v for v in VARIANTS if v.name in chosen):
     name, config = variant_config(base, variant)
+    if (config, variant.attn_impl) in seen:  # e.g. "MLA flash bf16" under --dtype bfloat16
+      continue
+    seen[(config, variant.attn_impl)] = name
     params = Transformer(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     path = variant.attn_impl or DECODE_ATTN_IMPL
     if variant.alternatives:  # the baseline's best code path, chosen at the longest context
@@ -277,11 +306,37 @@ def run(args: argparse.Namespace) -> Report:
           measure_step(config, params, args.batch, tokens, path, args.repeats, ceilings,
                        slots=n, option="--held-check") for n in (tokens, slots))))
     del params
+  blocks = block_rows(base, args.batch, contexts[-1], block_sizes, args.repeats, ceilings)
   return Report("decode", header_lines(args.dtype, args.command) + ceilings.lines(),
                 [steps_table(rows), summary_table(rows, contexts[-1], choices, args.dtype)]
                 + ([layout_table(probes)] if probes else [])
-                + ([held_table(held)] if held else []),
+                + ([held_table(held)] if held else [])
+                + ([block_table(blocks)] if blocks else []),
                 plot=lambda png: plot(rows, ceilings, png))
+
+
+def block_rows(base: ModelConfig, batch: int, context: int, block_sizes: list[int],
+               repeats: int, ceilings: Ceilings) -> list[dict]:
+  """The MLA flash step at `context` for each decode_block_size (how the default was chosen)."""
+  rows = []
+  params = None
+  for block in block_sizes:
+    config = dataclasses.replace(base, decode_block_size=block)
+    if params is None:
+      params = Transformer(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    rows.append({"block": block, **measure_step(config, params, batch, context, "flash",
+                                                repeats, ceilings)})
+  return rows
+
+
+def block_table(rows: list[dict]) -> Table:
+  best = min(rows, key=lambda r: r["step_ms"])
+  columns = (("block", "decode_block_size"), ("context", "context"), ("batch", "batch"),
+             ("step_ms", "step ms (median)"), ("min_ms", "min"), ("max_ms", "max"),
+             ("roofline_fraction", "of roofline"), ("compile_s", "compile s"))
+  return Table("MLA flash step by block size", columns, rows, [
+      f"The fastest here: decode_block_size {best['block']:,} ({best['step_ms']:,.2f} ms); the "
+      f"library's default is {DEFAULT_BLOCK_SIZE}."])
 
 
 def is_flash_mla(variant: Variant) -> bool:
@@ -318,7 +373,9 @@ def steps_table(rows: list[dict]) -> Table:
   return Table("Decode step against cached context", STEP_COLUMNS, rows, [
       "bytes/step counts each cache and weight byte once; roofline = max(bytes / measured "
       "bandwidth, XLA FLOPs / matmul FLOP/s); 'of roofline' = roofline time / measured time; "
-      "'of bandwidth' = achieved bytes/s / measured bandwidth."])
+      "'of bandwidth' = achieved bytes/s / measured bandwidth. XLA counts a while loop's body "
+      "once, so a flash row's FLOPs and XLA bytes come from the same step compiled with one "
+      "block spanning the cache (every block counted)."])
 
 
 def summary_table(rows: list[dict], context: int, choices: dict, dtype: str) -> Table:
@@ -343,14 +400,13 @@ def summary_table(rows: list[dict], context: int, choices: dict, dtype: str) -> 
       ratio = at[name]["step_ms"] / mla["step_ms"]
       notes.append(f"At {context:,} cached tokens {what} takes {ratio:,.2f}x the absorbed "
                    "flash-decoding step that generate uses.")
-  for name in ("MLA flash int8", "MLA flash int4"):
+  for name in ("MLA flash bf16", "MLA flash int8", "MLA flash int4"):
     if mla is not None and name in at:
       quantized = at[name]
       notes.append(
           f"At {context:,} cached tokens the {quantized['cache_dtype']} cache's flash step takes "
           f"{quantized['step_ms'] / mla['step_ms']:,.2f}x the {dtype} cache's; its cache bytes "
-          f"are {quantized['cache_mb'] / mla['cache_mb']:,.3f}x (latent + scales + bf16 RoPE "
-          "key), its XLA bytes accessed "
+          f"are {quantized['cache_mb'] / mla['cache_mb']:,.3f}x, its XLA bytes accessed "
           f"{quantized['xla_bytes_accessed'] / mla['xla_bytes_accessed']:,.3f}x.")
   notes.append("Baselines: every attention path the layer accepts was timed at this context and "
                "the fastest kept (last column). Where a variant's share of the bandwidth is "

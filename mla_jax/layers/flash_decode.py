@@ -50,17 +50,21 @@ def _check_block_size(block_size: int) -> None:
 
 def blocked_online_softmax(scores_fn: Callable[[Any], jax.Array],
                            values_fn: Callable[[jax.Array, Any], jax.Array], cache: Any,
-                           kv_lengths: jax.Array, positions: jax.Array, *, block_size: int,
+                           kv_lengths: jax.Array, query_positions: jax.Array, *, block_size: int,
                            acc_shape: tuple[int, ...]) -> Partials:
   """The flash-decoding loop, generic over what a cache block holds.
 
   cache: a pytree of [B,S,...] arrays (any dtypes, e.g. a quantized latent and its scales).
   kv_lengths [B] int: slots 0 .. kv_lengths[b]-1 of row b hold tokens; no other slot is read
-  into a result. positions [B,T] int: query t of row b sees slots <= positions[b,t] (causal).
-  scores_fn(block) -> float32 scores [B,T,*heads,blk], already scaled; values_fn(probs, block) ->
-  float32 [B,T,*heads,V], the probability-weighted sum of the block's values.
-  acc_shape: [B,T,*heads,V]. Returns the partials (m, l [B,T,*heads], acc [B,T,*heads,V]); a
-  query that saw no slot has m = -inf, l = 0, acc = 0.
+  into a result. query_positions: int, broadcastable to acc_shape[:-1]: each query sees the slots
+  <= its position (causal). scores_fn(block) -> float32 scores acc_shape[:-1] + [blk], already
+  scaled; values_fn(probs, block) -> float32 acc_shape, the probability-weighted sum of the
+  block's values. acc_shape: [B, *queries, V]. Returns the partials (m, l [B,*queries],
+  acc [B,*queries,V]); a query that saw no slot has m = -inf, l = 0, acc = 0.
+
+  Callers flatten their query axes (time x heads) into as few as the dots need: on XLA:CPU a
+  [B,T,H,C] x [B,blk,C] score dot is compiled with a transposed copy of every block, which cost
+  more than the dot itself; [B,T*H,C] x [B,blk,C] reads the block as it lies.
   """
   _check_block_size(block_size)
   s = jax.tree_util.tree_leaves(cache)[0].shape[1]
@@ -69,6 +73,8 @@ def blocked_online_softmax(scores_fn: Callable[[Any], jax.Array],
   m0 = jnp.full(acc_shape[:-1], -jnp.inf, jnp.float32)
   carry0 = (jnp.int32(0), m0, jnp.zeros(acc_shape[:-1], jnp.float32),
             jnp.zeros(acc_shape, jnp.float32))
+  b = kv_lengths.shape[0]
+  between = (1,) * (len(acc_shape) - 2)  # the query axes, for broadcasting a [B,blk] mask
 
   def body(carry):
     i, m, l, acc = carry
@@ -83,13 +89,12 @@ def blocked_online_softmax(scores_fn: Callable[[Any], jax.Array],
       return jnp.where(keep, block, jnp.zeros((), x.dtype))
 
     block = jax.tree_util.tree_map(read, cache)
-    scores = scores_fn(block)  # [B,T,*heads,blk] float32
-    visible = holds[:, None, :] & (slot[None, None, :] <= positions[:, :, None])  # [B,T,blk]
-    visible = visible.reshape(visible.shape[:2] + (1,) * (scores.ndim - 3) + (blk,))
+    scores = scores_fn(block)  # [B,*queries,blk] float32
+    visible = holds.reshape((b,) + between + (blk,)) & (slot <= query_positions[..., None])
     scores = jnp.where(visible, scores, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all masked so far: exp(-inf) = 0
-    probs = jnp.exp(scores - m_safe[..., None])  # [B,T,*heads,blk]
+    probs = jnp.exp(scores - m_safe[..., None])  # [B,*queries,blk]
     correction = jnp.exp(m - m_safe)
     l = l * correction + jnp.sum(probs, axis=-1)
     acc = acc * correction[..., None] + values_fn(probs, block)
@@ -137,20 +142,25 @@ def mla_decode_partials(q_lat: jax.Array, q_rope: jax.Array, c_kv: Any, k_rope: 
                         dequantize: Optional[Callable[[Any], jax.Array]] = None) -> Partials:
   """mla_decode_attention before its final division: (m, l [B,T,H], acc [B,T,H,C]), for
   merging shards of S with combine_partials."""
-  q_lat = q_lat.astype(jnp.float32) * scale  # [B,T,H,C]; scaled once, not per block
-  q_rope = q_rope.astype(jnp.float32) * scale  # [B,T,H,R]
+  b, t, h, c = q_lat.shape
+  # Queries flattened to Q = T*H (see blocked_online_softmax); scaled once, not per block.
+  q_lat = (q_lat.astype(jnp.float32) * scale).reshape(b, t * h, c)  # [B,Q,C]
+  q_rope = (q_rope.astype(jnp.float32) * scale).reshape(b, t * h, -1)  # [B,Q,R]
+  query_positions = jnp.repeat(positions, h, axis=1)  # [B,Q]: query t*H + h is at positions[b,t]
   latent = (lambda block: load_float(block["c_kv"])) if dequantize is None else (
       lambda block: dequantize(block["c_kv"]))
 
   def scores(block):  # one read of the block serves both terms
-    return (einsum_f32("BTHC,BSC->BTHS", q_lat, latent(block))
-            + einsum_f32("BTHR,BSR->BTHS", q_rope, load_float(block["k_rope"])))
+    return (einsum_f32("BQC,BSC->BQS", q_lat, latent(block))
+            + einsum_f32("BQR,BSR->BQS", q_rope, load_float(block["k_rope"])))
 
   def values(probs, block):
-    return einsum_f32("BTHS,BSC->BTHC", probs, latent(block))
+    return einsum_f32("BQS,BSC->BQC", probs, latent(block))
 
-  return blocked_online_softmax(scores, values, {"c_kv": c_kv, "k_rope": k_rope}, kv_lengths,
-                                positions, block_size=block_size, acc_shape=q_lat.shape)
+  m, l, acc = blocked_online_softmax(scores, values, {"c_kv": c_kv, "k_rope": k_rope}, kv_lengths,
+                                     query_positions, block_size=block_size,
+                                     acc_shape=(b, t * h, c))
+  return m.reshape(b, t, h), l.reshape(b, t, h), acc.reshape(b, t, h, c)
 
 
 def grouped_decode_partials(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array,
@@ -161,16 +171,26 @@ def grouped_decode_partials(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths
 
   q [B,T,G,J,K] (J = H/G query heads per key/value head); k [B,S,G,K]; v [B,S,G,V].
   """
-  q = q.astype(jnp.float32) * scale
+  b, t, g, j, _ = q.shape
+  # Queries flattened to [B,G,Q=T*J,K] (see blocked_online_softmax).
+  q = (q.astype(jnp.float32) * scale).transpose(0, 2, 1, 3, 4).reshape(b, g, t * j, -1)
+  query_positions = jnp.repeat(positions, j, axis=1)[:, None, :]  # [B,1,Q]
 
   def scores(block):
-    return einsum_f32("BTGJK,BSGK->BTGJS", q, load_float(block["k"]))
+    return einsum_f32("BGQK,BSGK->BGQS", q, load_float(block["k"]))
 
   def values(probs, block):
-    return einsum_f32("BTGJS,BSGV->BTGJV", probs, load_float(block["v"]))
+    return einsum_f32("BGQS,BSGV->BGQV", probs, load_float(block["v"]))
 
-  return blocked_online_softmax(scores, values, {"k": k, "v": v}, kv_lengths, positions,
-                                block_size=block_size, acc_shape=q.shape[:-1] + v.shape[-1:])
+  m, l, acc = blocked_online_softmax(scores, values, {"k": k, "v": v}, kv_lengths,
+                                     query_positions, block_size=block_size,
+                                     acc_shape=(b, g, t * j, v.shape[-1]))
+
+  def unflatten(x: jax.Array) -> jax.Array:  # [B,G,T*J,...] -> [B,T,G,J,...]
+    x = x.reshape((b, g, t, j) + x.shape[3:])
+    return jnp.moveaxis(x, 2, 1)
+
+  return unflatten(m), unflatten(l), unflatten(acc)
 
 
 def split_over_sequence(partials_fn: Callable[..., Partials], queries: tuple, cache: tuple,

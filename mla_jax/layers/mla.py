@@ -15,6 +15,15 @@ halves of kv_b_proj:
 All give the same numbers up to float rounding. The rope term q_rope . k_rope is shared: it adds
 to the scores exactly as concatenating [k_nope, k_rope] per head would, without broadcasting
 k_rope over heads.
+
+Absorbed weights. The absorbed and flash paths multiply per head by W_UK and W_UV, a dot with
+the head axis as its batch axis; in kv_b_proj's layout [C,H,N+V] that axis is in the middle, and
+XLA transposes (copies) both halves on every call: on XLA:CPU that cost a V2-Lite layer 4.4 ms
+per decode step, more than all of its other weights together. `absorbed_weights(config, params)`
+makes W_UK [H,N,C] and W_UV [H,C,V] once, head-major, as the variable collection "absorbed";
+apply with {"params": params, "absorbed": absorbed} and those paths read them as they lie (as
+inference engines do at load time: vLLM's MLA splits kv_b_proj after loading). Without the
+collection the layer derives them from kv_b_proj per call: same numbers, slower.
 """
 
 from __future__ import annotations
@@ -37,6 +46,57 @@ from mla_jax.layers.precision import einsum_f32
 from mla_jax.layers.rope import apply_rope, rope_cos_sin
 from mla_jax.quantization import dequantize
 from mla_jax.sharding import sequence_split
+
+
+def split_kv_b_proj(w_kv_b: jax.Array, nope_dim: int) -> tuple[jax.Array, jax.Array]:
+  """kv_b_proj [...,C,H,N+V] -> W_UK [...,H,N,C], W_UV [...,H,C,V] (head-major; any leading axes,
+  e.g. the scan layout's layer axis)."""
+  w_uk = jnp.moveaxis(w_kv_b[..., :nope_dim], -3, -1)  # [...,H,N,C]
+  w_uv = jnp.swapaxes(w_kv_b[..., nope_dim:], -3, -2)  # [...,H,C,V]
+  return w_uk, w_uv
+
+
+def absorbed_weights(config: ModelConfig, params: dict) -> dict:
+  """The "absorbed" variable collection for `params`: every MLA layer's kv_b_proj split into
+  W_UK [H,N,C] and W_UV [H,C,V] (a leading layer axis in the scan layout), in config.dtype.
+
+  Make it once per set of weights and apply with {"params": params, "absorbed": absorbed}: the
+  absorbed and flash paths then read the halves without transposing them on every call
+  (module docstring). Traceable: inside jit it follows the params' sharding. Returns {} for a
+  model without MLA layers. Raises ValueError for a params tree whose kv_b_proj does not have
+  the config's shape.
+  """
+  c, h = config.kv_lora_rank, config.num_heads
+  expected = (c, h, config.qk_nope_head_dim + config.v_head_dim)
+
+  def walk(tree: dict, path: str) -> dict:
+    out = {}
+    for name, value in tree.items():
+      if name == "kv_b_proj":
+        if tuple(value.shape[-3:]) != expected:
+          raise ValueError(f"params{path}/kv_b_proj has shape {tuple(value.shape)}: expected "
+                           f"[...,{c},{h},{expected[2]}] (kv_lora_rank, num_heads, "
+                           "qk_nope_head_dim + v_head_dim) for this config")
+        w_uk, w_uv = split_kv_b_proj(jnp.asarray(value).astype(config.dtype),
+                                     config.qk_nope_head_dim)
+        out["w_uk"], out["w_uv"] = w_uk, w_uv
+      elif isinstance(value, dict) or hasattr(value, "items"):
+        sub = walk(value, f"{path}/{name}")
+        if sub:
+          out[name] = sub
+    return out
+
+  return walk(params, "")
+
+
+def per_head(x: jax.Array, w: jax.Array) -> jax.Array:
+  """x [B,T,H,I] times a head-major weight w [H,I,O] -> [B,T,H,O] ("BTHI,HIO->BTHO"), as one
+  batched dot over heads with B*T rows each: written out because XLA's CPU compiler turned that
+  einsum over [B,T,H,I] into a slower program at B*T > 1."""
+  b, t, h, i = x.shape
+  rows = jnp.swapaxes(x.reshape(b * t, h, i), 0, 1)  # [H,B*T,I]
+  out = jnp.einsum("HMI,HIO->HMO", rows, w)  # [H,B*T,O]
+  return jnp.swapaxes(out, 0, 1).reshape(b, t, h, w.shape[-1])
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -83,13 +143,13 @@ class MultiHeadLatentAttention(nn.Module):
     new = LatentCache(c_kv=c_kv, k_rope=k_rope)
     new_cache = None if cache is None else write_cache(encode_latent(new, cache), cache, lengths)
     w_kv_b = weight(self, "kv_b_proj", (c, h, n + v))  # [C,H,N+V]
-    w_uk, w_uv = w_kv_b[..., :n], w_kv_b[..., n:]  # [C,H,N], [C,H,V]
 
     if impl == "flash":
-      q_lat = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
+      w_uk, w_uv = self._absorbed(w_kv_b)  # [H,N,C], [H,C,V]
+      q_lat = per_head(q_nope, w_uk)  # BTHN,HNC->BTHC
       out_lat = self._flash(q_lat, q_rope, new if cache is None else new_cache, lengths,
                             num_tokens, positions).astype(dtype)  # [B,T,H,C]
-      out = jnp.einsum("BTHC,CHV->BTHV", out_lat, w_uv)
+      out = per_head(out_lat, w_uv)  # BTHC,HCV->BTHV
       self._record(q_lat=q_lat, out_lat=out_lat)
     else:
       cached = None if new_cache is None else latent_values(new_cache)
@@ -97,6 +157,7 @@ class MultiHeadLatentAttention(nn.Module):
       c_all, k_rope_all = keys.c_kv, keys.k_rope  # [B,S,C], [B,S,R]
       rope_scores = einsum_f32("BTHR,BSR->BHTS", q_rope, k_rope_all)
       if impl == "naive":
+        w_uk, w_uv = w_kv_b[..., :n], w_kv_b[..., n:]  # [C,H,N], [C,H,V]: plain matmuls here
         k_nope = jnp.einsum("BSC,CHN->BSHN", c_all, w_uk)
         values = jnp.einsum("BSC,CHV->BSHV", c_all, w_uv)
         nope_scores = einsum_f32("BTHN,BSHN->BHTS", q_nope, k_nope)
@@ -104,17 +165,27 @@ class MultiHeadLatentAttention(nn.Module):
         out = einsum_f32("BHTS,BSHV->BTHV", probs.astype(dtype), values).astype(dtype)
         self._record(k_nope=k_nope, values=values)
       else:
-        q_lat = jnp.einsum("BTHN,CHN->BTHC", q_nope, w_uk)
+        w_uk, w_uv = self._absorbed(w_kv_b)  # [H,N,C], [H,C,V]
+        q_lat = per_head(q_nope, w_uk)  # BTHN,HNC->BTHC
         nope_scores = einsum_f32("BTHC,BSC->BHTS", q_lat, c_all)
         probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
         out_lat = einsum_f32("BHTS,BSC->BTHC", probs.astype(dtype), c_all).astype(dtype)
-        out = jnp.einsum("BTHC,CHV->BTHV", out_lat, w_uv)
+        out = per_head(out_lat, w_uv)  # BTHC,HCV->BTHV
         self._record(q_lat=q_lat, out_lat=out_lat)
       self._record(probs=probs)
 
     y = jnp.einsum("BTHV,HVD->BTD", out, weight(self, "o_proj", (h, v, d)))
     self._record(attn_out=out)
     return y, new_cache
+
+  def _absorbed(self, w_kv_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """W_UK [H,N,C] and W_UV [H,C,V] in the compute dtype: from the "absorbed" collection when
+    the caller made it (absorbed_weights), else transposed out of kv_b_proj [C,H,N+V] here."""
+    if self.has_variable("absorbed", "w_uk"):
+      dtype = jnp.dtype(self.config.dtype)
+      return (self.get_variable("absorbed", "w_uk").astype(dtype),
+              self.get_variable("absorbed", "w_uv").astype(dtype))
+    return split_kv_b_proj(w_kv_b, self.config.qk_nope_head_dim)
 
   def _flash(self, q_lat, q_rope, keys: LatentCache, lengths, num_tokens, positions) -> jax.Array:
     """Flash-decoding over `keys` (the updated cache, or without one the new entries): out_lat

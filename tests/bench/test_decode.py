@@ -124,3 +124,22 @@ def test_summary_names_the_kept_path_and_the_ratio(decode):
   assert (probe["variant"], probe["context"], probe["kv_bytes"]) == ("GQA-2", 32, 32 * 2 * 24 * 4)
   assert probe["speedup"] == pytest.approx(probe["library_ms"] / probe["head_major_ms"])
   assert f"--variants '{VARIANTS}' --held-check 16,64" in decode["header"][3]
+
+
+def test_bf16_cache_row_and_block_sizes(tmp_path):
+  """'MLA flash bf16': float32 weights, bfloat16 cache (2 bytes a value). --block-sizes times the
+  flash step per decode_block_size; every block's FLOPs are counted (XLA counts a loop body
+  once, so the suite counts a one-block compile): the same FLOPs whatever the block size."""
+  raw = run_suite("decode", tmp_path, "--variants", "MLA flash,MLA flash bf16", "--held-check",
+                  "none", "--block-sizes", "4,32", "--repeats", "1")
+  flash, bf16 = rows(raw)
+  assert (bf16["variant"], bf16["cache_dtype"], bf16["path"]) == ("MLA flash bf16", "bfloat16",
+                                                                  "flash")
+  assert bf16["cache_mb"] * 1e6 == pytest.approx(32 * (32 + 8) * 2)
+  assert bf16["weights_mb"] == flash["weights_mb"]
+  blocks = rows(raw, 2)
+  assert [r["block"] for r in blocks] == [4, 32]
+  for row in blocks:
+    assert row["gflops_per_step"] == pytest.approx(flash["gflops_per_step"], rel=0.01)
+    assert row["compile_s"] > 0.01  # compiled afresh, not a cached program
+  assert "The fastest here: decode_block_size" in raw["markdown"]

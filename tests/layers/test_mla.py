@@ -169,3 +169,41 @@ def test_nnx_bridge_gives_the_linen_output():
   y_step, _ = nnx_layer(step_x, cache=cache, lengths=lengths + T)
   full, _ = linen_layer.apply({"params": params}, jnp.concatenate([x, step_x], axis=1))
   assert rel_err(y_step[:, 0], full[:, -1]) <= 1e-5
+
+
+# --- Absorbed weights: kv_b_proj split once into head-major W_UK and W_UV ----------------------
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_absorbed_weights_are_kv_b_proj_split_head_major_and_change_no_logit(scan):
+  cfg = variant(TINY_CONFIGS["q_lora_yarn_5_heads"], num_layers=3, scan_layers=scan)
+  model = mla_jax.Transformer(cfg)
+  tokens = jax.random.randint(jax.random.key(0), (B, T), 0, cfg.vocab_size)
+  params = model.init(jax.random.key(1), tokens)["params"]
+  absorbed = mla_jax.absorbed_weights(cfg, params)
+  h, n, v, c = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+  kv_b = params["layers"]["self_attn"]["kv_b_proj"][1] if scan else (
+      params["layers_1"]["self_attn"]["kv_b_proj"])  # [C,H,N+V]
+  got = (absorbed["layers"]["self_attn"] if scan else absorbed["layers_1"]["self_attn"])
+  w_uk, w_uv = (got["w_uk"][1], got["w_uv"][1]) if scan else (got["w_uk"], got["w_uv"])
+  assert w_uk.shape == (h, n, c) and w_uv.shape == (h, c, v)
+  np.testing.assert_array_equal(w_uk, np.einsum("chn->hnc", kv_b[..., :n]))
+  np.testing.assert_array_equal(w_uv, np.einsum("chv->hcv", kv_b[..., n:]))
+  cache = mla_jax.init_cache(cfg, B, 16)
+  _, cache = model.apply({"params": params}, tokens, cache=cache, attn_impl="naive")
+  step = tokens[:, :1]
+  reference, _ = model.apply({"params": params}, step, cache=cache, attn_impl="absorbed")
+  for impl in ("absorbed", "flash"):
+    with_absorbed, _ = model.apply({"params": params, "absorbed": absorbed}, step, cache=cache,
+                                   attn_impl=impl)
+    assert rel_err(with_absorbed, reference) <= 1e-6
+
+
+def test_absorbed_weights_refuse_a_kv_b_proj_of_another_config():
+  cfg = TINY_CONFIGS["q_lora"]
+  params = mla_jax.Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  other = variant(cfg, kv_lora_rank=cfg.kv_lora_rank * 2)
+  with pytest.raises(ValueError, match=r"params/layers_0/self_attn/kv_b_proj has shape"):
+    mla_jax.absorbed_weights(other, params)
+  assert mla_jax.absorbed_weights(variant(cfg, attention="mha"), mla_jax.Transformer(
+      variant(cfg, attention="mha")).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))[
+          "params"]) == {}  # no MLA layer: nothing to absorb
