@@ -14,9 +14,9 @@ under-counted here, so the decode rows name their attn_impl (the plain einsum pa
 
 from __future__ import annotations
 
-import functools
 import argparse
 import dataclasses
+import functools
 from pathlib import Path
 
 import jax

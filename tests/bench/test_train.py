@@ -6,7 +6,7 @@ from tests.bench.helpers import check_header, rows, run_suite
 
 
 def test_train_rows(tmp_path):
-  raw = run_suite("train", tmp_path, "--variants", "MLA,MQA")
+  raw = run_suite("train", tmp_path, "--variants", "MLA,MQA", "--moe", "off")
   mla, mqa = rows(raw)
   assert (mla["variant"], mqa["variant"]) == ("MLA", "MQA")
   assert abs(mla["params"] - mqa["params"]) / mla["params"] < 0.01
@@ -19,3 +19,25 @@ def test_train_rows(tmp_path):
   assert mqa["vs_mla"] == pytest.approx(mqa["tokens_per_s"] / mla["tokens_per_s"])
   assert "42.5%" in raw["markdown"] and "MoE" in raw["markdown"]
   check_header(raw, "train")
+
+
+def test_moe_rows_count_the_active_parameters(tmp_path):
+  """The MoE table: a DeepSeekMoE model (quick: 8 routed experts, top-2, 1 shared) against dense
+  MHA models of its total and of its active parameters; FLOPs from XLA's count of each train
+  step follow the active parameters, not the total."""
+  from mla_jax.bench.moe import active_param_count
+  from mla_jax.bench.train import QUICK_MOE_MODEL
+
+  raw = run_suite("train", tmp_path, "--variants", "MLA")
+  moe, same_total, same_active = rows(raw, 1)
+  assert moe["params"] == same_total["params"] == same_total["active_params"] or (
+      abs(moe["params"] - same_total["params"]) / moe["params"] < 0.02)
+  assert moe["active_params"] == active_param_count(QUICK_MOE_MODEL) < moe["params"]
+  assert abs(same_active["params"] - moe["active_params"]) / moe["active_params"] < 0.02
+  # Fewer FLOPs than the dense model of equal total size; about those of equal active size.
+  assert moe["flops_per_token"] < 0.9 * same_total["flops_per_token"]
+  assert moe["flops_per_token"] == pytest.approx(same_active["flops_per_token"], rel=0.15)
+  for row in (moe, same_total, same_active):
+    assert row["flops_vs_moe"] == pytest.approx(row["flops_per_token"] / moe["flops_per_token"])
+    assert row["compile_s"] > 0.01
+  assert "fewer training FLOPs per token" in raw["markdown"]
