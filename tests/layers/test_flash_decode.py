@@ -57,17 +57,24 @@ def test_latent_attention_matches_the_definition_with_nan_in_empty_slots(block_s
   assert not np.asarray(got[1]).any()  # a sequence with no token attends to nothing: zeros
 
 
-def test_grouped_attention_matches_softmax_over_repeated_heads():
-  b, t, g, j, k, v, s = 2, 1, 2, 3, 8, 5, 11
+@pytest.mark.parametrize("block_size", [3, 11])  # does not divide S=11, spans S
+def test_grouped_attention_over_the_head_major_cache_matches_softmax(block_size):
+  """k [B,G,S,K], v [B,G,S,V] walked along axis 2; NaN in the empty slots cannot leak, a row
+  with no token gives zeros."""
+  b, t, g, j, k, v, s = 3, 1, 2, 3, 8, 5, 11
   keys = jax.random.split(jax.random.key(1), 3)
   q = jax.random.normal(keys[0], (b, t, g, j, k))
-  kc, vc = jax.random.normal(keys[1], (b, s, g, k)), jax.random.normal(keys[2], (b, s, g, v))
-  kv_lengths, positions = jnp.array([11, 4]), jnp.array([[10], [3]])
-  got = normalize(*grouped_decode_partials(q, kc, vc, kv_lengths, positions, scale=0.5,
-                                           block_size=3)[1:])
-  for i, n in enumerate([11, 4]):
-    scores = jnp.einsum("GJK,SGK->GJS", q[i, 0], kc[i, :n]) * 0.5
-    want = jnp.einsum("GJS,SGV->GJV", jax.nn.softmax(scores, -1), vc[i, :n])
+  kc, vc = jax.random.normal(keys[1], (b, g, s, k)), jax.random.normal(keys[2], (b, g, s, v))
+  lengths = [11, 4, 0]
+  kv_lengths, positions = jnp.array(lengths), jnp.array([[10], [3], [0]])
+  holds = jnp.arange(s)[None, None, :, None] < kv_lengths[:, None, None, None]  # [B,1,S,1]
+  got = normalize(*grouped_decode_partials(q, jnp.where(holds, kc, jnp.nan),
+                                           jnp.where(holds, vc, jnp.nan), kv_lengths, positions,
+                                           scale=0.5, block_size=block_size)[1:])
+  assert np.isfinite(np.asarray(got)).all() and not np.asarray(got[2]).any()
+  for i, n in enumerate(lengths[:2]):
+    scores = jnp.einsum("GJK,GSK->GJS", q[i, 0], kc[i, :, :n]) * 0.5
+    want = jnp.einsum("GJS,GSV->GJV", jax.nn.softmax(scores, -1), vc[i, :, :n])
     np.testing.assert_allclose(got[i, 0], want, rtol=1e-5, atol=1e-6)
 
 
