@@ -20,7 +20,7 @@ loop dequantizes one block at a time.
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +70,8 @@ def load_float(stored: jax.Array, dtype=jnp.float32) -> jax.Array:
 class LatentCache:
   """One MLA layer's cache (see the module docstring for how bfloat16 is stored)."""
 
+  seq_axis: ClassVar[int] = 1  # the token axis S of every array: [B,S,...]
+
   c_kv: jax.Array  # [B,S,C] normalised latent (int4: uint8 [B,S,C/2], two values per byte)
   k_rope: jax.Array  # [B,S,R] rotated shared RoPE key
   c_kv_scale: Optional[jax.Array] = None  # [B,S,1] float32, int8/int4 caches only
@@ -86,10 +88,16 @@ class LatentCache:
 
 @struct.dataclass
 class KVCache:
-  """One baseline (MHA/GQA/MQA) layer's cache."""
+  """One baseline (MHA/GQA/MQA) layer's cache, head-major: each key/value head's tokens lie
+  contiguously, so a block of S slots is a [S,K] matrix per head and the decode dots read it as
+  it lies (batch dims B,G leading). The token-major [B,S,G,K] layout made XLA:CPU transpose
+  every block before its dot; `mla-jax bench decode` measures both layouts (its "Baseline
+  key-cache layout" table)."""
 
-  k: jax.Array  # [B,S,G,N+R] keys, RoPE already applied to their last R features
-  v: jax.Array  # [B,S,G,V]
+  seq_axis: ClassVar[int] = 2  # the token axis S of both arrays: [B,G,S,...]
+
+  k: jax.Array  # [B,G,S,N+R] keys, RoPE already applied to their last R features
+  v: jax.Array  # [B,G,S,V]
 
   @property
   def dtype(self) -> jnp.dtype:
@@ -112,7 +120,8 @@ class Cache:
 
   @property
   def max_len(self) -> int:
-    return jax.tree_util.tree_leaves(self.layers[0])[0].shape[1]
+    layer = self.layers[0]
+    return jax.tree_util.tree_leaves(layer)[0].shape[layer.seq_axis]
 
 
 def _check_sizes(config: ModelConfig, batch_size: int, max_len: int) -> None:
@@ -144,8 +153,8 @@ def init_layer_cache(config: ModelConfig, batch_size: int, max_len: int,
   if config.attention == "mla":
     return LatentCache(c_kv=jnp.zeros((b, s, config.kv_lora_rank), dtype),
                        k_rope=jnp.zeros((b, s, config.qk_rope_head_dim), dtype))
-  return KVCache(k=jnp.zeros((b, s, config.kv_heads, config.qk_head_dim), dtype),
-                 v=jnp.zeros((b, s, config.kv_heads, config.v_head_dim), dtype))
+  return KVCache(k=jnp.zeros((b, config.kv_heads, s, config.qk_head_dim), dtype),  # [B,G,S,K]
+                 v=jnp.zeros((b, config.kv_heads, s, config.v_head_dim), dtype))  # [B,G,S,V]
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int,
@@ -187,18 +196,24 @@ def cache_bytes(cache: Cache) -> int:
   return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(cache))
 
 
-def write_tokens(buffer: jax.Array, new: jax.Array, start: jax.Array) -> jax.Array:
-  """buffer [B,S,...] with new [B,T,...] written at slots start[b] .. start[b]+T-1.
+def write_tokens(buffer: jax.Array, new: jax.Array, start: jax.Array, axis: int = 1) -> jax.Array:
+  """buffer with new written at slots start[b] .. start[b]+T-1 of its sequence axis `axis`.
 
-  new is converted to the buffer's storage (store_float). A scatter rather than
+  buffer [B,S,...] and new [B,T,...] for axis 1 (MLA's latent); buffer [B,G,S,...] and new
+  [B,G,T,...] for axis 2 (the baselines' head-major K/V): the axes between B and S are written
+  whole. new is converted to the buffer's storage (store_float). A scatter rather than
   dynamic_update_slice: the latter clamps a start near the end and would overwrite valid tokens;
   here writes past S are dropped (only ever padding of a ragged batch). Into a donated buffer XLA
   performs it in place (tests check the compiled step for a copy of the cache).
   """
-  b, t = new.shape[:2]
-  slots = start[:, None] + jnp.arange(t, dtype=start.dtype)  # [B,T]
-  rows = jnp.arange(b)[:, None]  # [B,1]
-  return buffer.at[rows, slots].set(store_float(new, buffer.dtype), mode="drop")
+  b, t = new.shape[0], new.shape[axis]
+  between = new.shape[1:axis]  # e.g. (G,): every index of these axes is written
+  rows = jnp.arange(b).reshape((b,) + (1,) * axis)  # [B,1..,1]
+  middle = [jnp.arange(n).reshape((1,) * (i + 1) + (n,) + (1,) * (axis - i - 1))
+            for i, n in enumerate(between)]  # each [1,..,n,..,1]
+  slots = (start.reshape((b,) + (1,) * axis)
+           + jnp.arange(t, dtype=start.dtype).reshape((1,) * axis + (t,)))  # [B,1..,T]
+  return buffer.at[(rows, *middle, slots)].set(store_float(new, buffer.dtype), mode="drop")
 
 
 def slot_mask(lengths: jax.Array, max_len: int) -> jax.Array:

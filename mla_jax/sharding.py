@@ -72,8 +72,8 @@ CACHE_AXES: dict[str, tuple[Optional[str], ...]] = {
     "c_kv": ("cache_batch", "cache_seq", "kv_lora"),
     "k_rope": ("cache_batch", "cache_seq", "head_dim"),
     "c_kv_scale": ("cache_batch", "cache_seq", None),  # int8/int4 latents: one scale per token
-    "k": ("cache_batch", "cache_seq", "kv_heads", "head_dim"),
-    "v": ("cache_batch", "cache_seq", "kv_heads", "head_dim"),
+    "k": ("cache_batch", "kv_heads", "cache_seq", "head_dim"),  # head-major K/V: [B,G,S,K]
+    "v": ("cache_batch", "kv_heads", "cache_seq", "head_dim"),
     "lengths": ("cache_batch",),
 }
 

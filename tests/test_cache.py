@@ -36,6 +36,17 @@ def test_baseline_cache_bytes(attention, kv_heads):
   assert cache_bytes(cache) - cache.lengths.nbytes == cfg.num_layers * 2 * 8 * per_token * 4
 
 
+@pytest.mark.parametrize("attention, kv_heads", [("mha", None), ("gqa", 2), ("mqa", None)])
+def test_baseline_cache_is_head_major(attention, kv_heads):
+  """K [B,G,S,K] and V [B,G,S,V]: each head's tokens contiguous, S on axis 2 (KVCache.seq_axis)."""
+  cfg = variant(TINY_CONFIGS["q_lora"], attention=attention, num_kv_heads=kv_heads)
+  cache = mla_jax.init_cache(cfg, 3, 8)
+  layer = cache.layers[0]
+  assert layer.k.shape == (3, cfg.kv_heads, 8, cfg.qk_head_dim)
+  assert layer.v.shape == (3, cfg.kv_heads, 8, cfg.v_head_dim)
+  assert layer.seq_axis == 2 and cache.max_len == 8 and cache.batch_size == 3
+
+
 def _shape_only_cache(cfg, b=1, s=1):
   return jax.eval_shape(lambda: mla_jax.init_cache(cfg, b, s))
 
@@ -66,6 +77,19 @@ def test_write_tokens_places_each_row_at_its_own_offset_and_drops_overflow():
   new = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])[..., None]
   out = write_tokens(buf, new, jnp.array([0, 3]))[..., 0]
   np.testing.assert_array_equal(out, [[1, 2, 3, 0, 0], [0, 0, 0, 4, 5]])  # 6 is past S: dropped
+
+
+def test_write_tokens_along_the_head_major_sequence_axis():
+  """Into [B,G,S,K] at axis 2: every head of row b gets its tokens at start[b] .., nothing else
+  changes, and writes past S are dropped."""
+  b, g, s, k, t = 2, 3, 6, 2, 3
+  buf = jnp.full((b, g, s, k), -1.0)
+  new = jnp.arange(b * g * t * k, dtype=jnp.float32).reshape(b, g, t, k)  # [B,G,T,K]
+  out = np.asarray(write_tokens(buf, new, jnp.array([1, 4]), axis=2))
+  want = np.full((b, g, s, k), -1.0)
+  want[0, :, 1:4] = new[0]
+  want[1, :, 4:6] = new[1, :, :2]  # the third token would land at slot 6 = S: dropped
+  np.testing.assert_array_equal(out, want)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -3,6 +3,11 @@
 It exists so every comparison with MLA (cache size, speed, quality) runs in the same code: same
 query shapes (N + R per head, RoPE on the last R), same masking, same cache protocol, only the
 cached tensors differ: G key/value heads of N + R and V features instead of one latent.
+
+The K/V cache is head-major, [B,G,S,K] and [B,G,S,V] (cache.KVCache): this step's keys and
+values are moved to that layout ([B,G,T,...], a few KB per decode step) before they are written,
+so every read of the cache, per block in flash-decoding or whole in the reference path, is a dot
+with B,G as leading batch dims over [S,K] matrices as they lie in memory.
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ class MultiHeadAttention(nn.Module):
     k = with_rope(jnp.einsum("BTD,DGK->BTGK", x, weight(self, "k_proj", (d, g, k_dim))))
     val = jnp.einsum("BTD,DGV->BTGV", x, weight(self, "v_proj", (d, g, v)))
 
-    new = KVCache(k=k, v=val)
+    new = KVCache(k=jnp.swapaxes(k, 1, 2), v=jnp.swapaxes(val, 1, 2))  # [B,G,T,K], [B,G,T,V]
     new_cache = None if cache is None else write_cache(new, cache, lengths)
     q = q.reshape(b, t, g, h // g, k_dim)  # query heads grouped under their key/value head
     if impl == "flash":
@@ -71,14 +76,14 @@ class MultiHeadAttention(nn.Module):
         out = normalize(*partials(q, keys.k, keys.v, kv_lengths, positions)[1:])
       else:
         out = split_over_sequence(partials, (q,), (keys.k, keys.v), kv_lengths, positions,
-                                  **split)
+                                  seq_axis=KVCache.seq_axis, **split)
       out = out.astype(dtype)  # [B,T,G,J,V]
     else:
       cached = None if new_cache is None else jax.tree_util.tree_map(load_float, new_cache)
       keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
-      scores = einsum_f32("BTGJK,BSGK->BGJTS", q, keys.k)
+      scores = einsum_f32("BTGJK,BGSK->BGJTS", q, keys.k)
       scores = scores.reshape(b, h, t, -1)  # [B,H,T,S], head = g * (H/G) + j
       probs = masked_softmax(scores * cfg.softmax_scale, mask).reshape(b, g, h // g, t, -1)
-      out = einsum_f32("BGJTS,BSGV->BTGJV", probs.astype(dtype), keys.v).astype(dtype)
+      out = einsum_f32("BGJTS,BGSV->BTGJV", probs.astype(dtype), keys.v).astype(dtype)
     y = jnp.einsum("BTHV,HVD->BTD", out.reshape(b, t, h, v), weight(self, "o_proj", (h, v, d)))
     return y, new_cache

@@ -20,7 +20,8 @@ Split over S (the cache's `sequence` mesh axis): each shard runs the same loop o
 and returns its (m, l, acc); `combine_partials` merges them exactly.
 
 `mla_decode_attention` is the signature a Pallas kernel (FlashMLA-style, GPU/TPU) can implement
-later; `grouped_decode_attention` is the same loop for the MHA/GQA/MQA baselines' K/V cache.
+later; `grouped_decode_partials` is the same loop for the MHA/GQA/MQA baselines' head-major
+K/V cache [B,G,S,K] (walked along its axis 2).
 """
 
 from __future__ import annotations
@@ -51,10 +52,12 @@ def _check_block_size(block_size: int) -> None:
 def blocked_online_softmax(scores_fn: Callable[[Any], jax.Array],
                            values_fn: Callable[[jax.Array, Any], jax.Array], cache: Any,
                            kv_lengths: jax.Array, query_positions: jax.Array, *, block_size: int,
-                           acc_shape: tuple[int, ...]) -> Partials:
+                           acc_shape: tuple[int, ...], seq_axis: int = 1) -> Partials:
   """The flash-decoding loop, generic over what a cache block holds.
 
-  cache: a pytree of [B,S,...] arrays (any dtypes, e.g. a quantized latent and its scales).
+  cache: a pytree of arrays with batch B first and the sequence S at `seq_axis` (any dtypes,
+  e.g. a quantized latent [B,S,...] and its scales, or head-major keys [B,G,S,K] with
+  seq_axis=2); blocks keep that layout ([B,blk,...] or [B,G,blk,K]).
   kv_lengths [B] int: slots 0 .. kv_lengths[b]-1 of row b hold tokens; no other slot is read
   into a result. query_positions: int, broadcastable to acc_shape[:-1]: each query sees the slots
   <= its position (causal). scores_fn(block) -> float32 scores acc_shape[:-1] + [blk], already
@@ -62,12 +65,14 @@ def blocked_online_softmax(scores_fn: Callable[[Any], jax.Array],
   block's values. acc_shape: [B, *queries, V]. Returns the partials (m, l [B,*queries],
   acc [B,*queries,V]); a query that saw no slot has m = -inf, l = 0, acc = 0.
 
-  Callers flatten their query axes (time x heads) into as few as the dots need: on XLA:CPU a
-  [B,T,H,C] x [B,blk,C] score dot is compiled with a transposed copy of every block, which cost
-  more than the dot itself; [B,T*H,C] x [B,blk,C] reads the block as it lies.
+  Callers flatten their query axes (time x heads) into as few as the dots need, and keep the
+  cache's batch-like axes leading: on XLA:CPU a [B,T,H,C] x [B,blk,C] score dot, or one over a
+  [B,blk,G,K] block with G as a batch dimension in the middle, is compiled with a transposed
+  copy of every block, which cost more than the dot itself; [B,T*H,C] x [B,blk,C] and
+  [B,G,Q,K] x [B,G,blk,K] read the block as it lies.
   """
   _check_block_size(block_size)
-  s = jax.tree_util.tree_leaves(cache)[0].shape[1]
+  s = jax.tree_util.tree_leaves(cache)[0].shape[seq_axis]
   blk = min(block_size, s)
   num_blocks = (jnp.max(kv_lengths) + blk - 1) // blk  # traced: the early stop
   m0 = jnp.full(acc_shape[:-1], -jnp.inf, jnp.float32)
@@ -83,9 +88,10 @@ def blocked_online_softmax(scores_fn: Callable[[Any], jax.Array],
     slot = start + jnp.arange(blk)  # [blk]
     holds = (slot[None, :] >= first) & (slot[None, :] < kv_lengths[:, None])  # ... [B,blk]
 
-    def read(x: jax.Array) -> jax.Array:  # [B,blk,...] with empty slots zeroed (NaN-safe)
-      block = jax.lax.dynamic_slice_in_dim(x, start, blk, axis=1)
-      keep = holds.reshape(holds.shape + (1,) * (x.ndim - 2))
+    def read(x: jax.Array) -> jax.Array:  # the block, empty slots zeroed (NaN-safe)
+      block = jax.lax.dynamic_slice_in_dim(x, start, blk, axis=seq_axis)
+      keep = holds.reshape((b,) + (1,) * (seq_axis - 1) + (blk,)
+                           + (1,) * (x.ndim - seq_axis - 1))  # [B,blk] over x's axes
       return jnp.where(keep, block, jnp.zeros((), x.dtype))
 
     block = jax.tree_util.tree_map(read, cache)
@@ -169,7 +175,9 @@ def grouped_decode_partials(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths
   """MHA/GQA/MQA attention over a K/V cache, same loop: partials (m, l [B,T,G,J], acc
   [B,T,G,J,V]); normalize(l, acc) is the output.
 
-  q [B,T,G,J,K] (J = H/G query heads per key/value head); k [B,S,G,K]; v [B,S,G,V].
+  q [B,T,G,J,K] (J = H/G query heads per key/value head); k [B,G,S,K]; v [B,G,S,V] (the
+  head-major KVCache layout: the block dots have B,G as leading batch dims and read each
+  [blk,K] / [blk,V] block as it lies).
   """
   b, t, g, j, _ = q.shape
   # Queries flattened to [B,G,Q=T*J,K] (see blocked_online_softmax).
@@ -177,14 +185,14 @@ def grouped_decode_partials(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths
   query_positions = jnp.repeat(positions, j, axis=1)[:, None, :]  # [B,1,Q]
 
   def scores(block):
-    return einsum_f32("BGQK,BSGK->BGQS", q, load_float(block["k"]))
+    return einsum_f32("BGQK,BGSK->BGQS", q, load_float(block["k"]))
 
   def values(probs, block):
-    return einsum_f32("BGQS,BSGV->BGQV", probs, load_float(block["v"]))
+    return einsum_f32("BGQS,BGSV->BGQV", probs, load_float(block["v"]))
 
   m, l, acc = blocked_online_softmax(scores, values, {"k": k, "v": v}, kv_lengths,
                                      query_positions, block_size=block_size,
-                                     acc_shape=(b, g, t * j, v.shape[-1]))
+                                     acc_shape=(b, g, t * j, v.shape[-1]), seq_axis=2)
 
   def unflatten(x: jax.Array) -> jax.Array:  # [B,G,T*J,...] -> [B,T,G,J,...]
     x = x.reshape((b, g, t, j) + x.shape[3:])
@@ -194,21 +202,23 @@ def grouped_decode_partials(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths
 
 
 def split_over_sequence(partials_fn: Callable[..., Partials], queries: tuple, cache: tuple,
-                        kv_lengths: jax.Array, positions: jax.Array, *, batch_axes, seq_axes
-                        ) -> jax.Array:
+                        kv_lengths: jax.Array, positions: jax.Array, *, batch_axes, seq_axes,
+                        seq_axis: int = 1) -> jax.Array:
   """Runs `partials_fn(*queries, *cache, kv_lengths, positions)` on each shard of S and merges.
 
   For a cache whose S is split over mesh axes `seq_axes` (and B over `batch_axes`) under the
   current mesh: each device walks only its own slots (its kv_lengths and positions shifted by its
   shard's first slot) and the (m, l, acc) triples are combined exactly. queries: [B,T,...] arrays;
-  cache: [B,S,...] arrays. Returns normalize(...) of the whole: [B,T,...,V] float32.
+  cache: arrays with B first and S at `seq_axis` ([B,S,...] latent, [B,G,S,...] K/V). Returns
+  normalize(...) of the whole: [B,T,...,V] float32.
   """
   seq_axes = tuple(seq_axes)
   q_spec = lambda x: P(batch_axes, *([None] * (x.ndim - 1)))
-  c_spec = lambda x: P(batch_axes, seq_axes, *([None] * (x.ndim - 2)))
+  c_spec = lambda x: P(batch_axes, *([None] * (seq_axis - 1)), seq_axes,
+                       *([None] * (x.ndim - seq_axis - 1)))
 
   def local(queries, cache, kv_lengths, positions):
-    s_local = jax.tree_util.tree_leaves(cache)[0].shape[1]
+    s_local = jax.tree_util.tree_leaves(cache)[0].shape[seq_axis]
     first = jax.lax.axis_index(seq_axes) * s_local  # this shard's first slot
     own = jnp.clip(kv_lengths - first, 0, s_local)
     m, l, acc = partials_fn(*queries, *cache, own, positions - first)

@@ -21,7 +21,9 @@ import jax.numpy as jnp
 from mla_jax.cache import slot_mask, write_tokens
 
 ATTN_IMPLS = ("naive", "absorbed", "flash", "auto")
-Entries = TypeVar("Entries")  # a LatentCache or KVCache, of [B,T,...] or [B,S,...] arrays
+# A LatentCache ([B,T,...] new entries or [B,S,...] cache arrays) or a KVCache ([B,G,T,...] or
+# [B,G,S,...]): each says where its token axis is (seq_axis).
+Entries = TypeVar("Entries")
 
 
 def resolve_attn_impl(attn_impl: str, num_new_tokens: int, has_cache: bool) -> str:
@@ -54,9 +56,10 @@ def query_positions(batch: int, num_new: int, has_cache: bool, lengths: Optional
 
 
 def write_cache(new: Entries, cache: Entries, lengths: jax.Array) -> Entries:
-  """The cache with this step's entries [B,T,...] written at slots lengths[b] .. (in place when
-  the cache buffer is donated)."""
-  return jax.tree_util.tree_map(lambda buf, x: write_tokens(buf, x, lengths), cache, new)
+  """The cache with this step's entries (the cache's layout, T tokens on its seq_axis) written
+  at slots lengths[b] .. (in place when the cache buffer is donated)."""
+  return jax.tree_util.tree_map(lambda buf, x: write_tokens(buf, x, lengths, cache.seq_axis),
+                                cache, new)
 
 
 def reference_context(new: Entries, updated: Optional[Entries], lengths: Optional[jax.Array],
@@ -64,8 +67,8 @@ def reference_context(new: Entries, updated: Optional[Entries], lengths: Optiona
                       ) -> tuple[Entries, jax.Array]:
   """For the reference paths: (keys/values to attend to as `dtype`, mask [B,T,S] or [1,T,T]).
 
-  new: this step's entries [B,T,...]; updated: the cache after write_cache as float values
-  (dequantized, widened), or None for no cache; lengths [B]: tokens cached before this step;
+  new: this step's entries (T tokens on their seq_axis); updated: the cache after write_cache
+  as float values (dequantized, widened), or None for no cache; lengths [B]: tokens cached before this step;
   num_tokens [B]: real tokens among the T new ones. Slots that hold no token come back zeroed,
   in a whole-cache copy.
   """
@@ -73,11 +76,14 @@ def reference_context(new: Entries, updated: Optional[Entries], lengths: Optiona
   if updated is None:
     causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]  # [T,S=T]
     return jax.tree_util.tree_map(lambda x: x.astype(dtype), new), causal[None]  # [1,T,T]
-  max_len = jax.tree_util.tree_leaves(updated)[0].shape[1]
+  axis = updated.seq_axis
+  max_len = jax.tree_util.tree_leaves(updated)[0].shape[axis]
   holds_token = slot_mask(lengths + num_tokens, max_len)  # [B,S]
 
-  def visible(buf: jax.Array) -> jax.Array:  # [B,S,...] as dtype, unused slots zeroed
-    keep = holds_token.reshape(holds_token.shape + (1,) * (buf.ndim - 2))
+  def visible(buf: jax.Array) -> jax.Array:  # as dtype, unused slots zeroed
+    b = holds_token.shape[0]  # the [B,S] mask broadcast over the axes around S
+    keep = holds_token.reshape((b,) + (1,) * (axis - 1) + (max_len,)
+                               + (1,) * (buf.ndim - axis - 1))
     return jnp.where(keep, buf, jnp.zeros((), buf.dtype)).astype(dtype)
 
   # Causal alone suffices: a real query's position is below its sequence's new length.

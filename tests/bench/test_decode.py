@@ -122,7 +122,8 @@ def test_summary_names_the_kept_path_and_the_ratio(decode):
   check_header(decode, "decode")
   (probe,) = rows(decode, 2)  # the baseline's key-cache layout, measured at the same context
   assert (probe["variant"], probe["context"], probe["kv_bytes"]) == ("GQA-2", 32, 32 * 2 * 24 * 4)
-  assert probe["speedup"] == pytest.approx(probe["library_ms"] / probe["head_major_ms"])
+  assert probe["speedup"] == pytest.approx(probe["token_major_ms"] / probe["library_ms"])
+  assert "The baselines' cache is head-major, [B,G,S,K]" in decode["markdown"]
   assert f"--variants '{VARIANTS}' --held-check 16,64" in decode["header"][3]
 
 

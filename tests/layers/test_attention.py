@@ -40,8 +40,8 @@ def test_kv_cache_holds_rotated_keys_and_values():
   params = layer.init(jax.random.key(1), x)["params"]
   cache = mla_jax.init_cache(cfg, B, 10).layers[0]
   _, new_cache = layer.apply({"params": params}, x, cache=cache, lengths=jnp.zeros((B,), jnp.int32))
-  chex.assert_shape(new_cache.k, (B, 10, 2, cfg.qk_head_dim))
-  chex.assert_shape(new_cache.v, (B, 10, 2, cfg.v_head_dim))
-  v_expected = jnp.einsum("BTD,DGV->BTGV", x, params["v_proj"])
-  np.testing.assert_allclose(new_cache.v[:, :T], v_expected, rtol=1e-6, atol=1e-7)
-  assert not np.any(np.asarray(new_cache.v[:, T:]))  # untouched slots stay empty
+  chex.assert_shape(new_cache.k, (B, 2, 10, cfg.qk_head_dim))  # head-major: [B,G,S,K]
+  chex.assert_shape(new_cache.v, (B, 2, 10, cfg.v_head_dim))
+  v_expected = jnp.einsum("BTD,DGV->BGTV", x, params["v_proj"])
+  np.testing.assert_allclose(new_cache.v[:, :, :T], v_expected, rtol=1e-6, atol=1e-7)
+  assert not np.any(np.asarray(new_cache.v[:, :, T:]))  # untouched slots stay empty

@@ -57,17 +57,24 @@ def test_latent_attention_matches_the_definition_with_nan_in_empty_slots(block_s
   assert not np.asarray(got[1]).any()  # a sequence with no token attends to nothing: zeros
 
 
-def test_grouped_attention_matches_softmax_over_repeated_heads():
-  b, t, g, j, k, v, s = 2, 1, 2, 3, 8, 5, 11
+@pytest.mark.parametrize("block_size", [3, 11])  # does not divide S=11, spans S
+def test_grouped_attention_over_the_head_major_cache_matches_softmax(block_size):
+  """k [B,G,S,K], v [B,G,S,V] walked along axis 2; NaN in the empty slots cannot leak, a row
+  with no token gives zeros."""
+  b, t, g, j, k, v, s = 3, 1, 2, 3, 8, 5, 11
   keys = jax.random.split(jax.random.key(1), 3)
   q = jax.random.normal(keys[0], (b, t, g, j, k))
-  kc, vc = jax.random.normal(keys[1], (b, s, g, k)), jax.random.normal(keys[2], (b, s, g, v))
-  kv_lengths, positions = jnp.array([11, 4]), jnp.array([[10], [3]])
-  got = normalize(*grouped_decode_partials(q, kc, vc, kv_lengths, positions, scale=0.5,
-                                           block_size=3)[1:])
-  for i, n in enumerate([11, 4]):
-    scores = jnp.einsum("GJK,SGK->GJS", q[i, 0], kc[i, :n]) * 0.5
-    want = jnp.einsum("GJS,SGV->GJV", jax.nn.softmax(scores, -1), vc[i, :n])
+  kc, vc = jax.random.normal(keys[1], (b, g, s, k)), jax.random.normal(keys[2], (b, g, s, v))
+  lengths = [11, 4, 0]
+  kv_lengths, positions = jnp.array(lengths), jnp.array([[10], [3], [0]])
+  holds = jnp.arange(s)[None, None, :, None] < kv_lengths[:, None, None, None]  # [B,1,S,1]
+  got = normalize(*grouped_decode_partials(q, jnp.where(holds, kc, jnp.nan),
+                                           jnp.where(holds, vc, jnp.nan), kv_lengths, positions,
+                                           scale=0.5, block_size=block_size)[1:])
+  assert np.isfinite(np.asarray(got)).all() and not np.asarray(got[2]).any()
+  for i, n in enumerate(lengths[:2]):
+    scores = jnp.einsum("GJK,GSK->GJS", q[i, 0], kc[i, :, :n]) * 0.5
+    want = jnp.einsum("GJS,GSV->GJV", jax.nn.softmax(scores, -1), vc[i, :, :n])
     np.testing.assert_allclose(got[i, 0], want, rtol=1e-5, atol=1e-6)
 
 
@@ -179,6 +186,26 @@ def test_sequence_sharded_cache_is_walked_per_shard_and_combined_exactly():
   assert max(gathered, default=0) < (32 // 4) * cfg.kv_lora_rank  # less than one shard's row
 
 
+def test_baseline_sequence_sharded_cache_is_walked_per_shard_and_combined_exactly():
+  """GQA's head-major K/V [B,G,S,K] split over data=2 x sequence=4 along its axis 2: each device
+  walks its quarter of S; logits equal the single-device reference; NaN in empty slots."""
+  cfg = variant(TINY_CONFIGS["q_lora"], attention="gqa", num_kv_heads=2, decode_block_size=3)
+  model, params, tokens = _setup(cfg, batch=2, length=12)
+  mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 1, "sequence": 4})
+  lengths = [11, 5]  # row 1 lives in the first shard only; row 0 spans three shards
+  cache = _poisoned_ragged_cache(model, params, tokens[:, :11], lengths, max_len=32)
+  ref, ref_cache = _jitted(model)(params, tokens[:, 11:], cache, attn_impl="naive")
+  apply = sharded_cached_apply(model, mesh, shard(params, mesh), shard(cache, mesh))
+  got, new_cache = apply(shard(params, mesh), tokens[:, 11:], shard(cache, mesh))
+  assert np.isfinite(np.asarray(got)).all() and rel_err(got, ref) <= TOL
+  assert new_cache.layers[0].k.sharding == NamedSharding(mesh, P("data", None, "sequence", None))
+  holds = np.arange(32) < np.array([12, 6])[:, None]  # [B,S]: the written token included
+  for layer, want in zip(new_cache.layers, ref_cache.layers):
+    for x, y in ((layer.k, want.k), (layer.v, want.v)):  # [B,G,S,K]
+      np.testing.assert_allclose(np.asarray(x).transpose(0, 2, 1, 3)[holds],
+                                 np.asarray(y).transpose(0, 2, 1, 3)[holds], rtol=1e-6, atol=1e-6)
+
+
 # --- The compiled decode step: bytes, copies, in-place write ------------------------------------
 
 # DeepSeek-V2-Lite's attention shapes (C=512, R=64, 16 heads of 128+64 / 128) in a small model.
@@ -234,6 +261,27 @@ def test_decode_step_bytes_follow_the_tokens_held_at_8k():
   assert 3.8 <= counted[s] <= 4.2, counted  # no whole-cache copy, no weight copy
   assert abs(counted[2048] - counted[s]) <= 0.05 * counted[s], counted  # follows tokens held
   assert _bytes_accessed(reference) - weights > 3 * latent  # the reference: all slots, several x
+
+
+@pytest.mark.parametrize("attention, kv_heads, cache_dtype", [
+    ("mha", None, None), ("gqa", 4, "bfloat16")])
+def test_baseline_decode_step_reads_head_major_blocks_as_they_lie(attention, kv_heads,
+                                                                  cache_dtype):
+  """The baselines' compiled flash step: the donated K/V cache comes back in place, the
+  temporaries are one masked K/V block in float32, and no block is transposed or copied for the
+  dots. (Over the token-major [B,S,G,K] cache, XLA:CPU transposed and copied every block.)"""
+  s = 2048
+  cfg = variant(LITE, attention=attention, num_kv_heads=kv_heads, cache_dtype=cache_dtype,
+                max_seq_len=s)
+  compiled, _, kv_bytes = _compiled_step(cfg, 1, s, "flash", absorbed=False)
+  memory = compiled.memory_analysis()
+  block = cfg.kv_heads * cfg.decode_block_size * (cfg.qk_head_dim + cfg.v_head_dim) * 4
+  assert memory.alias_size_in_bytes >= kv_bytes
+  assert memory.temp_size_in_bytes < 1.5 * block
+  moved = [int(np.prod([int(d) for d in dims.split(",") if d]))
+           for dims in re.findall(r"= \w+\[([\d,]*)\]\{[^}]*\} (?:copy|transpose)\(",
+                                  compiled.as_text())]
+  assert max(moved) < cfg.decode_block_size * cfg.v_head_dim, moved  # no per-head block copied
 
 
 def _float_block_bytes(cfg, batch) -> int:
