@@ -217,7 +217,7 @@ class ModelConfig:
   # Decode cache: how its values are stored (null = dtype), and the flash-decoding block size in
   # cache slots (layers/flash_decode.py; 256 measured best on a 2-core CPU, see README).
   cache_dtype: Optional[str] = None
-  decode_block_size: int = 256
+  decode_block_size: int = 512
 
   def __post_init__(self):
     _check_fields(self, "model.")

@@ -33,12 +33,14 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mla_jax.cache import load_float
+from mla_jax.config import ModelConfig
 from mla_jax.layers.precision import einsum_f32
 
-# Chosen by measurement on a 2-core AMD EPYC (jax 0.10.2, CPU): see README "Decode at the
-# roofline". Large enough that the per-iteration overhead of the loop is amortised, small enough
-# that a block of the latent ([B, block, C] floats) stays in the core's L2 cache.
-DEFAULT_BLOCK_SIZE = 256
+# model.decode_block_size's default, chosen by measurement on a 2-core AMD EPYC (jax 0.10.2,
+# CPU; `mla-jax bench decode --block-sizes`, README "Decode at the roofline"): the fastest of 64
+# to 1,024 at batch 1 and level with 256 at batch 8. Large enough that the loop's per-block
+# overhead is amortised, small enough that a block stays in the core's caches.
+DEFAULT_BLOCK_SIZE = ModelConfig.decode_block_size
 
 Partials = tuple[jax.Array, jax.Array, jax.Array]  # (m [...], l [...], acc [..., V]) float32
 

@@ -124,7 +124,7 @@ def test_summary_names_the_kept_path_and_the_ratio(decode):
   assert (probe["variant"], probe["context"], probe["kv_bytes"]) == ("GQA-2", 32, 32 * 2 * 24 * 4)
   assert probe["speedup"] == pytest.approx(probe["token_major_ms"] / probe["library_ms"])
   assert "The baselines' cache is head-major, [B,G,S,K]" in decode["markdown"]
-  assert f"--variants '{VARIANTS}' --held-check 16,64" in decode["header"][3]
+  assert f"--variants '{VARIANTS}' --block-sizes none --held-check 16,64" in decode["header"][3]
 
 
 def test_bf16_cache_row_and_block_sizes(tmp_path):

@@ -298,7 +298,7 @@ def test_decode_step_has_no_weight_or_cache_sized_temporary():
   step, _, latent = _compiled_step(LITE, 1, s, "flash")
   memory = step.memory_analysis()
   assert memory.alias_size_in_bytes >= latent
-  assert memory.temp_size_in_bytes < 1.5 * _float_block_bytes(LITE, 1) < 0.2 * kv_b_proj
+  assert memory.temp_size_in_bytes < 1.5 * _float_block_bytes(LITE, 1) < 0.3 * kv_b_proj
   derived, _, _ = _compiled_step(LITE, 1, s, "flash", absorbed=False)
   assert derived.memory_analysis().temp_size_in_bytes > 0.9 * kv_b_proj  # W_UK, W_UV copied
 
