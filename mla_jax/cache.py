@@ -159,8 +159,12 @@ def init_layer_cache(config: ModelConfig, batch_size: int, max_len: int,
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int,
                dtype: Optional[jnp.dtype] = None) -> Cache:
-  """An empty cache for `batch_size` sequences of up to `max_len` tokens (dtype: the config's
-  kv_cache_dtype, i.e. model.cache_dtype or else model.dtype)."""
+  """An empty cache for `batch_size` sequences of up to `max_len` tokens, in the config's
+  kv_cache_dtype (model.cache_dtype or else model.dtype), stored as: float32 arrays; bfloat16 as
+  its uint16 bit patterns (read with load_float; see the module docstring); int8 / int4 (packed
+  two per uint8) latents with a float32 scale per token and a bfloat16 (uint16) RoPE key.
+  MLA layers get a LatentCache (c_kv [B,S,C], k_rope [B,S,R]); MHA/GQA/MQA layers a KVCache,
+  head-major (k [B,G,S,K], v [B,G,S,V])."""
   layers = tuple(init_layer_cache(config, batch_size, max_len, dtype)
                  for _ in range(config.num_layers))
   return Cache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))

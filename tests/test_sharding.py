@@ -22,7 +22,7 @@ from mla_jax.metrics import read_metrics
 from mla_jax.sharding import (CACHE_AXES, PARAM_AXES, RULES, make_mesh, mesh_shape, shard,
                               sharded_cached_apply, tree_shardings)
 from mla_jax.train import Trainer
-from tests.helpers import DATA, SMALL_MODEL, rel_err
+from tests.helpers import DATA, SMALL_MODEL, TINY_CONFIGS, rel_err
 
 MODEL = [o for o in SMALL_MODEL if "num_heads" not in o] + ["model.num_heads=4"]
 TRAIN = ["train.batch_size=8", "train.seq_len=32", "train.warmup_steps=1", "train.steps=10"]
@@ -275,3 +275,19 @@ def test_moe_training_step_splits_experts_over_tensor_and_equals_one_device():
   _, m_plain = no_aux.train_step(jax.device_put(jax.device_get(initial), no_aux.state_shardings),
                                  *no_aux.put_batch(inputs, targets))
   assert float(m_one["loss"]) > float(m_plain["loss"])
+
+
+def test_sharded_cached_apply_with_absorbed_weights_equals_one_device():
+  """absorbed= : W_UK / W_UV laid out over the heads' mesh axis; same logits as one device."""
+  cfg = dataclasses.replace(TINY_CONFIGS["q_lora"], vocab_size=96)  # tensor=2 splits the vocab
+  model = mla_jax.Transformer(cfg)
+  tokens = jax.random.randint(jax.random.key(0), (2, 6), 0, cfg.vocab_size)
+  params = model.init(jax.random.key(1), tokens)["params"]
+  cache = mla_jax.init_cache(cfg, 2, 16)
+  want, _ = model.apply({"params": params}, tokens, cache=cache)
+  mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 2, "sequence": 2})
+  absorbed = mla_jax.absorbed_weights(cfg, params)
+  run = sharded_cached_apply(model, mesh, shard(params, mesh), shard(cache, mesh),
+                             absorbed=shard(absorbed, mesh))
+  got, _ = run(shard(params, mesh), tokens, shard(cache, mesh), shard(absorbed, mesh))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

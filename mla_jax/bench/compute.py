@@ -51,9 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_defaults(args: argparse.Namespace) -> None:
   quick = args.quick
   args.dtype = args.dtype or default_dtype()
-  args.context = args.context or (32 if quick else 4096)
-  args.heads = args.heads or ("4,8" if quick else "16,32,128")
-  args.contexts = args.contexts or ("16,32" if quick else "512,4096,32768")
+  # `is None`, not `or`: an explicit 0 or '' must reach run()'s checks, not become the default.
+  args.context = (32 if quick else 4096) if args.context is None else args.context
+  args.heads = ("4,8" if quick else "16,32,128") if args.heads is None else args.heads
+  args.contexts = ("16,32" if quick else "512,4096,32768") if args.contexts is None else (
+      args.contexts)
 
 
 def _abstract(tree):
@@ -172,8 +174,10 @@ def run(args: argparse.Namespace) -> Report:
        "have the same parameter count.",
        f"Absorption: a decode step re-expanding the cache (naive) costs {decode_ratio:,.1f}x the "
        f"FLOPs of the absorbed step at {args.context:,} cached tokens; a prefill on the absorbed "
-       f"path would cost {prefill_ratio:,.2f}x the naive one, which is why prefill and training "
-       "run naive (attn_impl='auto')."])
+       f"path would cost {prefill_ratio:,.2f}x the naive one, which is why training "
+       "(attn_impl='auto' without a cache) and generate's prefill of a fresh cache run naive; "
+       "with a cache, 'auto' takes the blocked absorbed path (flash), which reads only the "
+       "filled slots."])
   intensity = Table(
       "Absorbed decode step: arithmetic intensity against the ridge point",
       (("heads", "heads"), ("context", "context"), ("batch", "batch"),

@@ -105,8 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_defaults(args: argparse.Namespace) -> None:
   """Fills the defaults that depend on --quick and the backend (before the command is printed)."""
   args.dtype = args.dtype or default_dtype()
-  args.contexts = args.contexts or (QUICK_CONTEXTS if args.quick else CONTEXTS)
-  args.held_check = args.held_check or (QUICK_HELD_CHECK if args.quick else HELD_CHECK)
+  # `is None`, not `or`: an explicit '' must reach the parsers' checks, not become the default.
+  if args.contexts is None:
+    args.contexts = QUICK_CONTEXTS if args.quick else CONTEXTS
+  if args.held_check is None:
+    args.held_check = QUICK_HELD_CHECK if args.quick else HELD_CHECK
 
 
 def parse_held_check(text: str) -> Optional[tuple[int, int]]:

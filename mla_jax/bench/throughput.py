@@ -25,6 +25,7 @@ from mla_jax.bench.decode import Variant, base_config, nbytes, variant_config
 from mla_jax.cache import init_cache
 from mla_jax.model import Transformer
 from mla_jax.sampling import generate
+from mla_jax.train import device_memory_available
 
 PAPER_RATIO = 5.76
 VARIANTS = (
@@ -62,10 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_defaults(args: argparse.Namespace) -> None:
   quick = args.quick
   args.dtype = args.dtype or default_dtype()
-  args.budget = args.budget or ("256KiB" if quick else "4GiB")
-  args.context = args.context or (24 if quick else 1024)
-  args.prompt_tokens = args.prompt_tokens or (4 if quick else 16)
-  args.repeats = args.repeats or (1 if quick else 3)
+  # `is None`, not `or`: an explicit 0 must reach run()'s checks, not become the default.
+  args.budget = ("256KiB" if quick else "4GiB") if args.budget is None else args.budget
+  args.context = (24 if quick else 1024) if args.context is None else args.context
+  args.prompt_tokens = (4 if quick else 16) if args.prompt_tokens is None else args.prompt_tokens
+  args.repeats = (1 if quick else 3) if args.repeats is None else args.repeats
 
 
 def sequence_bytes(config, context: int) -> int:
@@ -76,6 +78,14 @@ def sequence_bytes(config, context: int) -> int:
 
 def run(args: argparse.Namespace) -> Report:
   budget = parse_bytes(args.budget, "--budget")
+  for name in ("context", "repeats"):
+    if getattr(args, name) < 1:
+      raise ValueError(f"--{name} {getattr(args, name)} is invalid: must be >= 1")
+  available = device_memory_available(jax.devices()[:1])
+  if available is not None and budget > available[0]:
+    raise ValueError(f"--budget {args.budget} is invalid: it exceeds the memory one device has "
+                     f"({available[0] / 2**30:,.2f} GiB, {available[1]}); choose a smaller "
+                     "budget")
   if not 0 < args.prompt_tokens < args.context:
     raise ValueError(f"--prompt-tokens {args.prompt_tokens} is invalid: must be in "
                      f"[1, --context={args.context})")

@@ -79,9 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_defaults(args: argparse.Namespace) -> None:
   quick = args.quick
-  args.batch = args.batch or (8 if quick else 16)
-  args.seq_len = args.seq_len or (16 if quick else 128)
-  args.repeats = args.repeats or (2 if quick else 20)
+  # `is None`, not `or`: an explicit 0 must reach run()'s checks, not become the default.
+  args.batch = (8 if quick else 16) if args.batch is None else args.batch
+  args.seq_len = (16 if quick else 128) if args.seq_len is None else args.seq_len
+  args.repeats = (2 if quick else 20) if args.repeats is None else args.repeats
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:

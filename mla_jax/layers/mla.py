@@ -62,21 +62,32 @@ def absorbed_weights(config: ModelConfig, params: dict) -> dict:
 
   Make it once per set of weights and apply with {"params": params, "absorbed": absorbed}: the
   absorbed and flash paths then read the halves without transposing them on every call
-  (module docstring). Traceable: inside jit it follows the params' sharding. Returns {} for a
-  model without MLA layers. Raises ValueError for a params tree whose kv_b_proj does not have
-  the config's shape.
+  (module docstring). It is a copy: after the weights change (a training step, a new
+  checkpoint) make it again, or the layer uses the old halves. Traceable: inside jit it follows
+  the params' sharding. Returns {} for a config without MLA (attention mha/gqa/mqa).
+
+  Raises ValueError, naming the problem, for: the variables dict instead of the parameter tree
+  ({"params": ...}), a tree with no kv_b_proj for an MLA config, one whose layout (scanned or
+  unrolled) is not config.scan_layers', or a kv_b_proj of another shape than the config's.
   """
+  if config.attention != "mla":
+    return {}
+  if set(params) == {"params"}:
+    raise ValueError("absorbed_weights got a variables dict {'params': ...}: pass the parameter "
+                     "tree itself (variables['params'])")
   c, h = config.kv_lora_rank, config.num_heads
   expected = (c, h, config.qk_nope_head_dim + config.v_head_dim)
+  found: list[int] = []  # the rank of every kv_b_proj: 3 unrolled, 4 stacked (scan layout)
 
   def walk(tree: dict, path: str) -> dict:
     out = {}
     for name, value in tree.items():
       if name == "kv_b_proj":
-        if tuple(value.shape[-3:]) != expected:
+        if tuple(value.shape[-3:]) != expected or value.ndim not in (3, 4):
           raise ValueError(f"params{path}/kv_b_proj has shape {tuple(value.shape)}: expected "
                            f"[...,{c},{h},{expected[2]}] (kv_lora_rank, num_heads, "
                            "qk_nope_head_dim + v_head_dim) for this config")
+        found.append(value.ndim)
         w_uk, w_uv = split_kv_b_proj(jnp.asarray(value).astype(config.dtype),
                                      config.qk_nope_head_dim)
         out["w_uk"], out["w_uv"] = w_uk, w_uv
@@ -86,7 +97,18 @@ def absorbed_weights(config: ModelConfig, params: dict) -> dict:
           out[name] = sub
     return out
 
-  return walk(params, "")
+  absorbed = walk(params, "")
+  if not found:
+    raise ValueError("params hold no kv_b_proj, but the config's attention is MLA: they are "
+                     "not this config's model")
+  stacked = 4 in found
+  if stacked != bool(config.scan_layers):
+    layout = "the scan layout (stacked layers)" if stacked else "the unrolled layout"
+    raise ValueError(f"params are in {layout} but model.scan_layers is "
+                     f"{bool(config.scan_layers)}: convert them with "
+                     f"mla_jax.model.{'unstack' if stacked else 'stack'}_layers or use the config "
+                     "they were made for")
+  return absorbed
 
 
 def per_head(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -182,9 +204,16 @@ class MultiHeadLatentAttention(nn.Module):
     """W_UK [H,N,C] and W_UV [H,C,V] in the compute dtype: from the "absorbed" collection when
     the caller made it (absorbed_weights), else transposed out of kv_b_proj [C,H,N+V] here."""
     if self.has_variable("absorbed", "w_uk"):
-      dtype = jnp.dtype(self.config.dtype)
-      return (self.get_variable("absorbed", "w_uk").astype(dtype),
-              self.get_variable("absorbed", "w_uv").astype(dtype))
+      cfg = self.config
+      w_uk, w_uv = self.get_variable("absorbed", "w_uk"), self.get_variable("absorbed", "w_uv")
+      h, n, v, c = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+      if w_uk.shape != (h, n, c) or w_uv.shape != (h, c, v):
+        raise ValueError(f"the 'absorbed' collection's w_uk {tuple(w_uk.shape)} / w_uv "
+                         f"{tuple(w_uv.shape)} do not fit this layer (expected ({h}, {n}, {c}) "
+                         f"/ ({h}, {c}, {v})): make it with absorbed_weights(config, params) "
+                         "for this model")
+      dtype = jnp.dtype(cfg.dtype)
+      return w_uk.astype(dtype), w_uv.astype(dtype)
     return split_kv_b_proj(w_kv_b, self.config.qk_nope_head_dim)
 
   def _flash(self, q_lat, q_rope, keys: LatentCache, lengths, num_tokens, positions) -> jax.Array:

@@ -207,3 +207,30 @@ def test_absorbed_weights_refuse_a_kv_b_proj_of_another_config():
   assert mla_jax.absorbed_weights(variant(cfg, attention="mha"), mla_jax.Transformer(
       variant(cfg, attention="mha")).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))[
           "params"]) == {}  # no MLA layer: nothing to absorb
+
+
+def test_absorbed_weights_refuse_what_would_be_silently_ignored_or_wrong():
+  """A wrapped variables dict, another model's tree, the other layer layout, and an 'absorbed'
+  collection of another shape are each refused, naming the problem."""
+  cfg = variant(TINY_CONFIGS["q_lora"], num_layers=2)
+  model = mla_jax.Transformer(cfg)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  params = model.init(jax.random.key(0), tokens)["params"]
+  with pytest.raises(ValueError, match=r"variables dict \{'params': \.\.\.\}"):
+    mla_jax.absorbed_weights(cfg, {"params": params})
+  mha = variant(cfg, attention="mha")
+  mha_params = mla_jax.Transformer(mha).init(jax.random.key(0), tokens)["params"]
+  with pytest.raises(ValueError, match="params hold no kv_b_proj"):
+    mla_jax.absorbed_weights(cfg, mha_params)
+  scanned = variant(cfg, scan_layers=True)
+  with pytest.raises(ValueError, match="unrolled layout but model.scan_layers is True"):
+    mla_jax.absorbed_weights(scanned, params)
+  scanned_params = mla_jax.Transformer(scanned).init(jax.random.key(0), tokens)["params"]
+  with pytest.raises(ValueError, match="scan layout .* model.scan_layers is False"):
+    mla_jax.absorbed_weights(cfg, scanned_params)
+  wider = variant(cfg, num_heads=cfg.num_heads * 2)
+  wide_params = mla_jax.Transformer(wider).init(jax.random.key(0), tokens)["params"]
+  wrong = mla_jax.absorbed_weights(wider, wide_params)
+  cache = mla_jax.init_cache(cfg, 1, 8)
+  with pytest.raises(ValueError, match="'absorbed' collection's w_uk"):
+    model.apply({"params": params, "absorbed": wrong}, tokens[:, :1], cache=cache)
