@@ -162,17 +162,25 @@ def test_flash_without_a_cache_is_causal_attention():
   assert rel_err(flash, naive) <= TOL
 
 
-def test_sequence_sharded_cache_is_walked_per_shard_and_combined_exactly():
-  """data=2 x sequence=4 on 8 fake devices: each device runs the loop over its quarter of S and
-  the partial (max, sum, out) triples merge; logits equal the single-device reference path."""
-  cfg = variant(TINY_CONFIGS["q_lora_yarn_5_heads"], decode_block_size=3)
+def _sharded_step(cfg, reference_impl):
+  """A 12-token step into a NaN-poisoned ragged cache (rows hold 11 and 5 tokens, 32 slots) on
+  data=2 x sequence=4: (model, params, tokens, mesh, cache, reference (logits, cache) on one
+  device with `reference_impl`, sharded_cached_apply's (logits, cache))."""
   model, params, tokens = _setup(cfg, batch=2, length=12)
   mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 1, "sequence": 4})
   lengths = [11, 5]  # row 1 lives in the first shard only; row 0 spans three shards
   cache = _poisoned_ragged_cache(model, params, tokens[:, :11], lengths, max_len=32)
-  ref, _ = _jitted(model)(params, tokens[:, 11:], cache, attn_impl="absorbed")
+  reference = _jitted(model)(params, tokens[:, 11:], cache, attn_impl=reference_impl)
   apply = sharded_cached_apply(model, mesh, shard(params, mesh), shard(cache, mesh))
-  got, new_cache = apply(shard(params, mesh), tokens[:, 11:], shard(cache, mesh))
+  sharded = apply(shard(params, mesh), tokens[:, 11:], shard(cache, mesh))
+  return model, params, tokens, mesh, cache, reference, sharded
+
+
+def test_sequence_sharded_cache_is_walked_per_shard_and_combined_exactly():
+  """data=2 x sequence=4 on 8 fake devices: each device runs the loop over its quarter of S and
+  the partial (max, sum, out) triples merge; logits equal the single-device reference path."""
+  cfg = variant(TINY_CONFIGS["q_lora_yarn_5_heads"], decode_block_size=3)
+  model, params, tokens, mesh, cache, (ref, _), (got, new_cache) = _sharded_step(cfg, "absorbed")
   assert rel_err(got, ref) <= TOL
   assert new_cache.layers[0].c_kv.sharding == NamedSharding(mesh, P("data", "sequence", None))
   # The sharded program merges the partials across the sequence axis (all-reduce) instead of
@@ -190,13 +198,7 @@ def test_baseline_sequence_sharded_cache_is_walked_per_shard_and_combined_exactl
   """GQA's head-major K/V [B,G,S,K] split over data=2 x sequence=4 along its axis 2: each device
   walks its quarter of S; logits equal the single-device reference; NaN in empty slots."""
   cfg = variant(TINY_CONFIGS["q_lora"], attention="gqa", num_kv_heads=2, decode_block_size=3)
-  model, params, tokens = _setup(cfg, batch=2, length=12)
-  mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 1, "sequence": 4})
-  lengths = [11, 5]  # row 1 lives in the first shard only; row 0 spans three shards
-  cache = _poisoned_ragged_cache(model, params, tokens[:, :11], lengths, max_len=32)
-  ref, ref_cache = _jitted(model)(params, tokens[:, 11:], cache, attn_impl="naive")
-  apply = sharded_cached_apply(model, mesh, shard(params, mesh), shard(cache, mesh))
-  got, new_cache = apply(shard(params, mesh), tokens[:, 11:], shard(cache, mesh))
+  _, _, _, mesh, _, (ref, ref_cache), (got, new_cache) = _sharded_step(cfg, "naive")
   assert np.isfinite(np.asarray(got)).all() and rel_err(got, ref) <= TOL
   assert new_cache.layers[0].k.sharding == NamedSharding(mesh, P("data", None, "sequence", None))
   holds = np.arange(32) < np.array([12, 6])[:, None]  # [B,S]: the written token included
