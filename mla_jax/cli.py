@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import mla_jax
-from mla_jax.config import CACHE_DTYPES, Config, ModelConfig, load_config_args, presets
+from mla_jax.config.loader import load_config_args, presets
+from mla_jax.config.model import CACHE_DTYPES, ModelConfig
+from mla_jax.config.run import Config
 from mla_jax.interrupts import INTERRUPTS, exit_code
 
 
