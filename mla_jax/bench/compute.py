@@ -30,7 +30,7 @@ from mla_jax.config.model import ModelConfig
 from mla_jax.model import Transformer
 from mla_jax.layers.mla import absorbed_weights
 from mla_jax.sampling import Sampler, decode_step
-from mla_jax.train import compute_grads
+from mla_jax.train.step import compute_grads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

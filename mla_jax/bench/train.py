@@ -33,7 +33,7 @@ from mla_jax.config.loader import load_config
 from mla_jax.config.model import ModelConfig
 from mla_jax.config.run import Config, TrainConfig
 from mla_jax.model import Transformer
-from mla_jax.train import Trainer, compute_grads
+from mla_jax.train.step import Trainer, compute_grads
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PAPER_SAVING = 0.425
