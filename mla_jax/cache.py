@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from mla_jax.config import ModelConfig
+from mla_jax.config.model import ModelConfig
 from mla_jax.quantization import dequantize, quantize
 
 

@@ -1,7 +1,7 @@
 """Checkpoints in WORKDIR/checkpoints through orbax's CheckpointManager.
 
-Each checkpoint holds the train state (params, optimizer state, step) and JSON metadata (the
-model config, the data position). Orbax writes into a temporary directory and renames it when
+Each checkpoint holds the train state (params, optimizer state, step), or the parameters alone
+(`mla-jax convert`), and JSON metadata (the model config, the data position). Orbax writes into a temporary directory and renames it when
 complete, so a run killed mid-save leaves the previous checkpoint as the latest one.
 """
 
@@ -17,6 +17,8 @@ from typing import Any, Iterator, Optional
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+from mla_jax import workdir as layout
 
 
 def check_writable_directory(path: str | Path, name: str) -> None:
@@ -80,7 +82,7 @@ def _damaged_json_file(step_dir: Path) -> Optional[Path]:
 
 class Checkpoints:
   def __init__(self, workdir: str | Path, keep: int):
-    self.directory = Path(workdir).resolve() / "checkpoints"
+    self.directory = layout.checkpoints_dir(Path(workdir).resolve())
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
@@ -109,6 +111,16 @@ class Checkpoints:
     with _reading(self.directory, step):
       return self._manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(_abstract(target))))["params"]
+
+  def restore_state_params(self, step: int, target: Any) -> Any:
+    """The parameters alone of a save (train state) checkpoint, into target's shapes and
+    shardings: orbax restores the "state" item's params subtree only (partial restore), so the
+    optimizer state is neither read nor needs a target."""
+    item = {"params": _abstract(target)}
+    with _reading(self.directory, step):
+      return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+          partial_restore=True)))["state"]["params"]
 
   def read_meta(self, step: int) -> dict[str, Any]:
     with _reading(self.directory, step):

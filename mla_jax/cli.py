@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import mla_jax
-from mla_jax.config import CACHE_DTYPES, Config, ModelConfig, load_config_args, presets
+from mla_jax.config.loader import load_config_args, presets
+from mla_jax.config.model import CACHE_DTYPES, ModelConfig
+from mla_jax.config.run import Config
 from mla_jax.interrupts import INTERRUPTS, exit_code
 
 
@@ -116,7 +118,7 @@ def _start_distributed(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-  from mla_jax.train import TrainingError, sample_text, train
+  from mla_jax.train.loop import TrainingError, sample_text, train
 
   config = _resolve_config(args)
   _start_distributed(args)
@@ -151,10 +153,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-  from mla_jax.data import load_tokenizer
   from mla_jax.model import Transformer
   from mla_jax.sampling import cache_length, check_sampling
-  from mla_jax.train import load_checkpoint, read_workdir_config
+  from mla_jax.tokenizers import load_tokenizer
+  from mla_jax.workdir import load_checkpoint, read_workdir_config
 
   if (args.prompt is None) == (args.prompt_file is None):
     raise ValueError("give exactly one of --prompt TEXT or --prompt-file FILE")
@@ -286,7 +288,7 @@ def checkpoint_dtype(directory: str | Path) -> tuple[str, str]:
   anything else, which float32 represents exactly."""
   config_file = Path(directory).expanduser() / "config.json"
   if config_file.is_file():
-    from mla_jax.hf import read_json  # names the file when it is not JSON
+    from mla_jax.hf.safetensors import read_json  # names the file when it is not JSON
 
     hf = read_json(config_file)
     if not isinstance(hf, dict):
@@ -301,7 +303,7 @@ def checkpoint_dtype(directory: str | Path) -> tuple[str, str]:
 
 
 def _convert(args: argparse.Namespace) -> int:
-  from mla_jax.hf import convert_hf
+  from mla_jax.hf.load import convert_hf
 
   source = Path(args.from_hf).expanduser()
   if not source.exists():

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax.cache import Cache, LayerCache
-from mla_jax.config import ModelConfig
+from mla_jax.config.model import ModelConfig
 from mla_jax.layers.attention import MultiHeadAttention
 from mla_jax.layers.mla import MultiHeadLatentAttention
 from mla_jax.layers.mlp import SwiGLU

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from mla_jax.config import DataConfig
-from mla_jax.data import ByteTokenizer, batch_at, list_files, load_corpus, unigram_entropy
+from mla_jax.tokenizers import ByteTokenizer
+from mla_jax.train.data import batch_at, list_files, load_corpus, unigram_entropy
 
 
 def test_byte_tokenizer_round_trips_unicode_and_drops_specials():

@@ -16,9 +16,9 @@ import pytest
 from mla_jax.checkpoint import CheckpointError
 from mla_jax.cli import main
 from mla_jax.config import ModelConfig, load_config
-from mla_jax.data import ByteTokenizer, load_tokenizer
+from mla_jax.tokenizers import ByteTokenizer, load_tokenizer
 from mla_jax.hf import convert_hf, load_hf, model_config_from_hf, tensor_map
-from mla_jax.train import load_trained
+from mla_jax.workdir import load_trained
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 

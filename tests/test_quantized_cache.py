@@ -123,7 +123,8 @@ def test_trained_model_generates_and_predicts_the_same_through_int8_and_int4_cac
   300 of its 1,000 steps: greedy generations through an int8 cache agree with the bfloat16
   cache's on >= 95% of tokens over a fixed prompt set, and the validation perplexity through an
   int4 cache is within 2% of the bfloat16 cache's (printed with -s)."""
-  from mla_jax.data import ByteTokenizer, batch_at, load_corpus
+  from mla_jax.tokenizers import ByteTokenizer
+  from mla_jax.train.data import batch_at, load_corpus
   from mla_jax.sampling import generate
   from mla_jax.train import train
 

@@ -17,8 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import mla_jax
 from mla_jax.checkpoint import Checkpoints
 from mla_jax.config import load_config
-from mla_jax.data import batch_at
-from mla_jax.metrics import read_metrics
+from mla_jax.train.data import batch_at
+from mla_jax.train.metrics import read_metrics
 from mla_jax.sharding import (CACHE_AXES, PARAM_AXES, RULES, make_mesh, mesh_shape, shard,
                               sharded_cached_apply, tree_shardings)
 from mla_jax.train import Trainer

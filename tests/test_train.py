@@ -17,7 +17,7 @@ import pytest
 from mla_jax import train as train_module
 from mla_jax.checkpoint import Checkpoints
 from mla_jax.config import load_config
-from mla_jax.metrics import read_metrics
+from mla_jax.train.metrics import read_metrics
 from tests.helpers import DATA, SMALL_MODEL
 
 

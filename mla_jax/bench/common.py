@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_jax.config import ModelConfig
+from mla_jax.config.model import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,11 +26,11 @@ from mla_jax.bench.common import (Report, Table, count_params, default_dtype, he
                                   match_parameters, measure_ceilings, parse_ints)
 from mla_jax.bench.decode import base_config, cost, nbytes
 from mla_jax.cache import init_cache
-from mla_jax.config import ModelConfig
+from mla_jax.config.model import ModelConfig
 from mla_jax.model import Transformer
 from mla_jax.layers.mla import absorbed_weights
 from mla_jax.sampling import Sampler, decode_step
-from mla_jax.train import compute_grads
+from mla_jax.train.step import compute_grads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -37,7 +37,8 @@ import numpy as np
 from mla_jax.bench.common import (Ceilings, Report, Table, default_dtype, header_lines,
                                   measure_ceilings, parse_ints, select_variants, time_calls)
 from mla_jax.cache import Cache, KVCache, LatentCache, encode_latent, init_cache, store_float
-from mla_jax.config import ModelConfig, load_config
+from mla_jax.config.loader import load_config
+from mla_jax.config.model import ModelConfig
 from mla_jax.layers.flash_decode import DEFAULT_BLOCK_SIZE
 from mla_jax.layers.masking import ATTN_IMPLS
 from mla_jax.layers.mla import absorbed_weights

@@ -27,7 +27,8 @@ import numpy as np
 
 from mla_jax.bench.common import Report, Table, display_path, header_lines
 from mla_jax.cache import LatentCache, init_cache
-from mla_jax.config import ModelConfig, load_config
+from mla_jax.config.loader import load_config
+from mla_jax.config.model import ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = (("DeepSeek-V2", "deepseek_v2.yaml"), ("DeepSeek-V2-Lite", "deepseek_v2_lite.yaml"),

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mla_jax.config import ModelConfig
+from mla_jax.config.model import ModelConfig
 from mla_jax.layers.moe import DeepSeekMoE
 from mla_jax.model import Transformer, first_scanned_layer
-from mla_jax.train import loss_fn
+from mla_jax.train.step import loss_fn
 
 Row = dict[str, Any]
 

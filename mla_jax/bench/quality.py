@@ -22,8 +22,9 @@ from mla_jax.bench.common import (Report, Table, count_params, display_path, hea
                                   parse_ints, select_variants)
 from mla_jax.bench.memory import cache_per_token
 from mla_jax.bench.train import ATTENTIONS, CONFIGS, add_variants_argument, variants
-from mla_jax.config import Config, DataConfig, load_config
-from mla_jax.train import train
+from mla_jax.config.loader import load_config
+from mla_jax.config.run import Config, DataConfig
+from mla_jax.train.loop import train
 
 QUICK_DATA = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a few small files
 

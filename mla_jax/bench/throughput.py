@@ -25,7 +25,7 @@ from mla_jax.bench.decode import Variant, base_config, nbytes, variant_config
 from mla_jax.cache import init_cache
 from mla_jax.model import Transformer
 from mla_jax.sampling import generate
-from mla_jax.train import device_memory_available
+from mla_jax.train.memory import device_memory_available
 
 PAPER_RATIO = 5.76
 VARIANTS = (

@@ -29,9 +29,11 @@ from mla_jax.bench.common import (Report, Table, count_params, display_path, hea
                                   match_parameters, select_variants, time_calls)
 from mla_jax.bench.decode import cost
 from mla_jax.bench.memory import cache_per_token
-from mla_jax.config import Config, ModelConfig, TrainConfig, load_config
+from mla_jax.config.loader import load_config
+from mla_jax.config.model import ModelConfig
+from mla_jax.config.run import Config, TrainConfig
 from mla_jax.model import Transformer
-from mla_jax.train import Trainer, compute_grads
+from mla_jax.train.step import Trainer, compute_grads
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PAPER_SAVING = 0.425

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mla_jax.cache import KVCache, load_float
-from mla_jax.config import ModelConfig
+from mla_jax.config.model import ModelConfig
 from mla_jax.layers.flash_decode import (grouped_decode_partials, normalize,
                                          split_over_sequence)
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mla_jax.cache import load_float
-from mla_jax.config import ModelConfig
+from mla_jax.config.model import ModelConfig
 from mla_jax.layers.precision import einsum_f32
 
 # model.decode_block_size's default, chosen by measurement on a 2-core AMD EPYC (jax 0.10.2,

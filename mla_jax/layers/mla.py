@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from mla_jax.cache import LatentCache, encode_latent, latent_values
-from mla_jax.config import ModelConfig
+from mla_jax.config.model import ModelConfig
 from mla_jax.layers.flash_decode import mla_decode_partials, normalize, split_over_sequence
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
                                     resolve_attn_impl, write_cache)

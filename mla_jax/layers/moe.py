@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mla_jax.config import ModelConfig
+from mla_jax.config.model import ModelConfig
 from mla_jax.layers.mlp import SwiGLU
 from mla_jax.layers.params import weight
 from mla_jax.layers.precision import einsum_f32

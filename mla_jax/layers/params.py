@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mla_jax.config import ModelConfig
+from mla_jax.config.model import ModelConfig
 
 
 def weight(module: nn.Module, name: str, shape: tuple[int, ...]) -> jax.Array:

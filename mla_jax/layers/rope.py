@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_jax.config import ModelConfig, YarnScaling
+from mla_jax.config.model import ModelConfig, YarnScaling
 
 
 def _yarn_correction_dim(num_rotations: float, dim: int, base: float, max_pos: int) -> float:

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mla_jax import workdir as layout
+
 
 def _clean(value: Any) -> Any:
   """JSON has no NaN: a non-finite number is written as null."""
@@ -21,9 +23,9 @@ class MetricsLog:
   def __init__(self, workdir: str | Path, resume_step: int):
     from tensorboardX import SummaryWriter
 
-    self.path = Path(workdir) / "metrics.jsonl"
+    self.path = layout.metrics_path(workdir)
     self._drop_after(resume_step)
-    self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+    self._tensorboard = SummaryWriter(str(layout.tensorboard_dir(workdir)))
 
   def _drop_after(self, step: int) -> None:
     """A resumed run redoes the steps after its checkpoint: forget what a killed run logged."""
@@ -46,7 +48,7 @@ class MetricsLog:
 
 
 def read_metrics(workdir: str | Path) -> list[dict[str, Any]]:
-  path = Path(workdir) / "metrics.jsonl"
+  path = layout.metrics_path(workdir)
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -69,7 +71,7 @@ def plot_losses(workdir: str | Path) -> Path:
   ax.set_ylabel("cross-entropy (nats / token)")
   ax.grid(alpha=0.3)
   ax.legend()
-  out = Path(workdir) / "loss.png"
+  out = layout.loss_plot_path(workdir)
   fig.tight_layout()
   fig.savefig(out, dpi=120)
   plt.close(fig)

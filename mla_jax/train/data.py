@@ -1,4 +1,4 @@
-"""Text data: a byte-level tokenizer, the corpus on disk, and batches as a pure function of step.
+"""Training text: the corpus on disk, and batches as a pure function of step.
 
 The default corpus is the running Python's standard library sources: real text, on every machine,
 no download. Files are split into train and validation by a hash of their relative path, so the
@@ -12,28 +12,16 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import json
 import sysconfig
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
-from mla_jax.config import DataConfig
+from mla_jax.config.run import DataConfig
+from mla_jax.tokenizers import ByteTokenizer
 
-
-class ByteTokenizer:
-  """UTF-8 bytes 0..255 plus EOS (ends each document), PAD and BOS."""
-
-  EOS, PAD, BOS = 256, 257, 258
-  vocab_size = 259
-
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-  def decode(self, ids: Sequence[int]) -> str:
-    """Bytes back to text; special tokens are dropped, broken UTF-8 is replaced, not raised."""
-    return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+TRAIN_STREAM, VAL_STREAM = 0, 1  # batch_at's streams: training batches, fixed validation batches
 
 
 def stdlib_root() -> Path:
@@ -130,53 +118,3 @@ def unigram_entropy(tokens: np.ndarray) -> float:
   counts = np.bincount(tokens.astype(np.int64))
   p = counts[counts > 0] / len(tokens)
   return float(-(p * np.log(p)).sum())
-
-
-class HFTokenizer:
-  """A Hugging Face tokenizer.json (tokenizers library) behind ByteTokenizer's small interface."""
-
-  def __init__(self, path: Path, eos_id: Optional[int]):
-    from tokenizers import Tokenizer
-
-    try:
-      self._tokenizer = Tokenizer.from_file(str(path))
-    except Exception as err:  # noqa: BLE001 -- tokenizers raises a bare Exception on a bad file
-      raise ValueError(f"{path} is not a tokenizer the tokenizers library can read ("
-                       f"{str(err).splitlines()[0] if str(err) else type(err).__name__}): copy "
-                       "the model's tokenizer.json there again") from None
-    self.vocab_size = self._tokenizer.get_vocab_size()
-    self.EOS = eos_id
-    self.PAD = 0 if eos_id is None else eos_id
-
-  def encode(self, text: str) -> list[int]:
-    return self._tokenizer.encode(text).ids  # with the model's own BOS, as it was trained
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
-
-
-def load_tokenizer(workdir: str | Path, vocab_size: Optional[int] = None):
-  """The tokenizer of a workdir: its tokenizer.json (from `mla-jax convert`) if it has one, else
-  mla-jax's byte tokenizer, the one `mla-jax train` uses.
-
-  Raises ValueError, saying what to supply, where text cannot be tokenized right: a workdir
-  converted from a Hugging Face directory that had no tokenizer.json (special_tokens.json marks a
-  converted workdir), or a model whose vocab_size is too small for the byte tokenizer's ids.
-  """
-  from mla_jax.hf import read_json
-
-  workdir = Path(workdir)
-  path, special = workdir / "tokenizer.json", workdir / "special_tokens.json"
-  eos = read_json(special).get("eos_token_id") if special.is_file() else None
-  if path.is_file():
-    return HFTokenizer(path, eos)
-  supply = (f"copy the model's tokenizer.json (from the Hugging Face directory or repository it "
-            f"came from) into {workdir}")
-  if special.is_file():
-    raise ValueError(f"{workdir} was converted from a checkpoint without tokenizer.json, so text "
-                     f"prompts cannot be tokenized: {supply}")
-  if vocab_size is not None and vocab_size < ByteTokenizer.vocab_size:
-    raise ValueError(f"{workdir} has no tokenizer.json and its model's vocab_size={vocab_size} "
-                     f"is smaller than the byte tokenizer's {ByteTokenizer.vocab_size} ids, so it "
-                     f"was not trained on bytes: {supply}")
-  return ByteTokenizer()

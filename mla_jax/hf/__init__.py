@@ -1,0 +1,34 @@
+"""Hugging Face DeepseekV2/V3 checkpoints -> mla-jax, split by concept: config.json translation
+(hf/config.py), the tensor map (hf/tensors.py), the file readers (hf/safetensors.py), and
+load_hf / convert_hf (hf/load.py).
+
+Every name is imported on first use (PEP 562), so reading a JSON file does not import JAX, and
+`from mla_jax.hf import load_hf` keeps working.
+"""
+
+import importlib
+
+_NAMES = {  # name -> the module that defines it
+    **dict.fromkeys(("SUPPORTED_MODEL_TYPES", "model_config_from_hf", "mtp_layer_count"),
+                    "mla_jax.hf.config"),
+    **dict.fromkeys(("Conversion", "Target", "fuse_expert_tensors", "mtp_tensor_shapes",
+                     "params_from_hf", "split_mtp_tensors", "tensor_map", "to_scan_layout"),
+                    "mla_jax.hf.tensors"),
+    **dict.fromkeys(("dequantize_fp8", "dtype_name", "read_json", "read_safetensors"),
+                    "mla_jax.hf.safetensors"),
+    **dict.fromkeys(("convert_hf", "load_hf"), "mla_jax.hf.load"),
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+  if name not in _NAMES:
+    raise AttributeError(f"module 'mla_jax.hf' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_NAMES[name]), name)
+  globals()[name] = value  # later lookups skip this function
+  return value
+
+
+def __dir__():
+  return __all__

@@ -1,0 +1,115 @@
+"""load_hf (a Hugging Face DeepseekV2/V3 directory -> model and params) and convert_hf (-> an
+mla-jax workdir that `mla-jax generate` runs). Neither imports training code or an optimizer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from mla_jax.hf.config import model_config_from_hf, mtp_layer_count
+from mla_jax.hf.safetensors import (_fp8_block, _safetensors_files, dequantize_fp8, dtype_name,
+                                    read_json, read_safetensors)
+from mla_jax.hf.tensors import _MTP_HEAD, params_from_hf, split_mtp_tensors
+
+if TYPE_CHECKING:
+  from mla_jax.model import Transformer
+
+
+def _note(message: str) -> None:
+  print(f"note: {message}", file=sys.stderr)
+
+
+def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None,
+            log: Callable[[str], None] = _note) -> tuple["Transformer", dict[str, Any]]:
+  """(model, params) from a local Hugging Face DeepseekV2/V3 directory (config.json and
+  *.safetensors, with or without an index). dtype (float32, bfloat16 or float16, as a dtype, a
+  name or an alias such as "bf16") applies to activations and parameters.
+
+  With a mesh, each tensor is converted and placed on its devices (sharded as the tables in
+  mla_jax.sharding say) as soon as it is read, so the whole model never sits on one device.
+  DeepSeek-V3's multi-token-prediction layers are checked and skipped, with a one-line note to
+  `log` (default: stderr) naming them. Errors: ValueError naming the file, field or tensor.
+  """
+  import jax
+  import jax.numpy as jnp
+  from mla_jax.model import Transformer
+  from mla_jax.sharding import tree_shardings
+
+  name = dtype_name(dtype)
+  directory = Path(path).expanduser()
+  config_file = directory / "config.json"
+  if not config_file.is_file():
+    raise ValueError(f"{directory} is not a Hugging Face model directory: no config.json")
+  hf_config = read_json(config_file)
+  config = model_config_from_hf(hf_config, str(config_file), dtype=name, param_dtype=name)
+  tensors: dict[str, np.ndarray] = {}
+  for file in _safetensors_files(directory):
+    tensors.update(read_safetensors(file))
+  tensors = dequantize_fp8(tensors, _fp8_block(hf_config, str(config_file)), str(directory))
+  tensors, mtp = split_mtp_tensors(config, tensors, mtp_layer_count(hf_config, str(config_file)))
+  if mtp:
+    layers = sorted({int(n.split(".")[2]) for n in mtp})
+    names = ", ".join(f"model.layers.{i}.*" for i in layers)
+    log(f"skipped the multi-token-prediction layer {names} ({len(mtp)} tensors: a decoder layer "
+        f"plus {', '.join(_MTP_HEAD)}): mla-jax predicts one token per step and does not use it")
+
+  def place(param_path: tuple[str, ...], array: np.ndarray):
+    router = param_path[-1] in ("gate", "e_score_correction_bias")  # float32, as DeepSeek keeps it
+    array = array.astype(jnp.float32 if router else jnp.dtype(name))
+    if mesh is None:
+      return jnp.asarray(array)
+    nested = array
+    for key in reversed(param_path):  # {"layers_0": {...: array}}: the path names the axes
+      nested = {key: nested}
+    sharding = jax.tree_util.tree_leaves(tree_shardings(nested, mesh))[0]  # checks divisibility
+    return jax.device_put(array, sharding)
+
+  params = params_from_hf(config, tensors, place=place)
+  return Transformer(config), params
+
+
+def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32",
+               log: Callable[[str], None] = _note) -> Path:
+  """Writes a Hugging Face DeepseekV2/V3 directory as an mla-jax workdir that `mla-jax generate`
+  runs: config.yaml, an orbax checkpoint of the parameters, special_tokens.json (the EOS id) and
+  tokenizer.json when the source has one. Without one, `log` says so, and `generate` refuses
+  text prompts on the workdir until a tokenizer.json is copied there (token ids still work)."""
+  import shutil
+
+  from mla_jax import workdir as layout
+  from mla_jax.checkpoint import Checkpoints, check_writable_directory
+  from mla_jax.config.run import Config, TrainConfig
+
+  workdir = Path(workdir)
+  check_writable_directory(workdir, "--out")
+  if layout.checkpoints_dir(workdir).exists():
+    raise ValueError(f"--out {str(workdir)!r} already holds checkpoints; choose a new directory")
+  model, params = load_hf(source, dtype=dtype, log=log)  # every check happens before writing
+  directory = Path(source).expanduser()
+  hf_config = read_json(directory / "config.json")
+  eos = hf_config.get("eos_token_id")
+  eos = eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+  # The workdir's train section is unused by generate, but must be valid for this model.
+  train = TrainConfig(seq_len=min(TrainConfig.seq_len, model.config.max_seq_len))
+  config = Config(model=model.config, train=train, workdir=str(workdir))
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoints = Checkpoints(workdir, keep=1)
+  try:
+    checkpoints.save_params(0, params, {"model": model.config.to_dict(), "source": str(source),
+                                        "eos_token_id": eos})
+  finally:
+    checkpoints.close()
+  layout.write_config(workdir, config)
+  tokenizer = layout.tokenizer_path(directory)  # the same file name in both directories
+  if tokenizer.is_file():
+    shutil.copy(tokenizer, layout.tokenizer_path(workdir))
+  else:
+    log(f"no tokenizer.json in {directory}: `mla-jax generate` will refuse text prompts on "
+        f"{workdir} until you copy the model's tokenizer.json there")
+  layout.special_tokens_path(workdir).write_text(json.dumps(
+      {"eos_token_id": eos, "tokenizer": layout.TOKENIZER_FILE if tokenizer.is_file() else None}))
+  return workdir

@@ -1,0 +1,256 @@
+"""Hugging Face DeepseekV2/V3 tensor names <-> mla-jax parameters.
+
+Every tensor name is mapped explicitly (no pattern guessing), and a missing, unexpected or
+mis-shaped tensor is an error naming it. Hugging Face's nn.Linear stores [out, in]; mla-jax
+stores input axes first with heads split out, so each mapping is a transpose and a reshape.
+Both expert layouts load: DeepSeek's released per-expert tensors and transformers' fused ones.
+
+DeepSeek-V3/R1 checkpoints also hold `num_nextn_predict_layers` multi-token-prediction (MTP)
+layers after the last decoder layer (`model.layers.{num_hidden_layers + i}.*`: a decoder layer
+plus embed_tokens, enorm, hnorm, eh_proj, shared_head.norm and shared_head.head). mla-jax decodes
+one token per step and has no use for them: split_mtp_tensors checks their names and shapes so
+load_hf can skip them. Any other tensor the model does not have is still an error.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+
+from mla_jax.config.model import ModelConfig
+
+
+Conversion = Callable[[np.ndarray], np.ndarray]
+Target = tuple[tuple[str, ...], Conversion]  # (param path, how to get it from the HF tensor)
+
+
+def _linear(shape_in_first: tuple[int, ...]) -> Conversion:
+  """[out, in] -> [in, *out split]: transpose, then split an axis into e.g. (H, K) or (H, V)."""
+  return lambda w: np.ascontiguousarray(w.T).reshape(shape_in_first)
+
+
+def _same(w: np.ndarray) -> np.ndarray:
+  return w
+
+
+def _experts_half(half: int, size: int) -> Conversion:
+  """Fused gate_up_proj [E, 2I, D] -> its gate (half 0) or up (half 1) part as [E, D, I]."""
+  return lambda w: np.ascontiguousarray(w[:, half * size:(half + 1) * size].transpose(0, 2, 1))
+
+
+def _experts_transpose(w: np.ndarray) -> np.ndarray:  # down_proj [E, D, I] -> [E, I, D]
+  return np.ascontiguousarray(w.transpose(0, 2, 1))
+
+
+def _mlp_entries(c: ModelConfig, layer: int, ours: str, width: int, prefix: str
+                 ) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
+  d = c.hidden_size
+  return {
+      f"{prefix}gate_proj.weight": ((width, d), [((ours, "gate_proj"), _linear((d, width)))]),
+      f"{prefix}up_proj.weight": ((width, d), [((ours, "up_proj"), _linear((d, width)))]),
+      f"{prefix}down_proj.weight": ((d, width), [((ours, "down_proj"), _linear((width, d)))]),
+  }
+
+
+def _one(path: tuple[str, ...], shape: tuple[int, ...], convert: Conversion
+         ) -> tuple[tuple[int, ...], list[Target]]:
+  return shape, [(path, convert)]
+
+
+def _layer_entries(c: ModelConfig, layer: int
+                   ) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
+  """One decoder layer's tensors, named after `model.layers.{layer}.`, and their params."""
+  d, h = c.hidden_size, c.num_heads
+  k, n, r, v = c.qk_head_dim, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+  ours = f"layers_{layer}"
+  attn = (ours, "self_attn")
+  c_kv = c.kv_lora_rank
+  entries = {
+      "input_layernorm.weight": _one((ours, "input_layernorm", "scale"), (d,), _same),
+      "post_attention_layernorm.weight": _one((ours, "post_attention_layernorm", "scale"), (d,),
+                                              _same),
+      "self_attn.kv_a_proj_with_mqa.weight": _one(attn + ("kv_a_proj_with_mqa",), (c_kv + r, d),
+                                                  _linear((d, c_kv + r))),
+      "self_attn.kv_a_layernorm.weight": _one(attn + ("kv_a_layernorm", "scale"), (c_kv,), _same),
+      "self_attn.kv_b_proj.weight": _one(attn + ("kv_b_proj",), (h * (n + v), c_kv),
+                                         _linear((c_kv, h, n + v))),
+      "self_attn.o_proj.weight": _one(attn + ("o_proj",), (d, h * v), _linear((h, v, d))),
+  }
+  if c.q_lora_rank is None:
+    entries["self_attn.q_proj.weight"] = _one(attn + ("q_proj",), (h * k, d), _linear((d, h, k)))
+  else:
+    q = c.q_lora_rank
+    entries.update({
+        "self_attn.q_a_proj.weight": _one(attn + ("q_a_proj",), (q, d), _linear((d, q))),
+        "self_attn.q_a_layernorm.weight": _one(attn + ("q_a_layernorm", "scale"), (q,), _same),
+        "self_attn.q_b_proj.weight": _one(attn + ("q_b_proj",), (h * k, q), _linear((q, h, k))),
+    })
+  mlp = (ours, "mlp")
+  if not c.is_moe_layer(layer):
+    entries.update({name: (shape, [((ours,) + path, f) for path, f in targets])
+                    for name, (shape, targets)
+                    in _mlp_entries(c, layer, "mlp", c.intermediate_size, "mlp.").items()})
+  else:
+    e, i = c.n_routed_experts, c.moe_intermediate_size
+    entries.update({
+        "mlp.gate.weight": _one(mlp + ("gate",), (e, d), _linear((d, e))),
+        "mlp.experts.gate_up_proj": ((e, 2 * i, d), [
+            (mlp + ("experts_gate_proj",), _experts_half(0, i)),
+            (mlp + ("experts_up_proj",), _experts_half(1, i))]),
+        "mlp.experts.down_proj": _one(mlp + ("experts_down_proj",), (e, d, i), _experts_transpose),
+    })
+    if c.scoring_func == "sigmoid":
+      entries["mlp.gate.e_score_correction_bias"] = _one(mlp + ("e_score_correction_bias",), (e,),
+                                                         _same)
+    if c.n_shared_experts:
+      shared = _mlp_entries(c, layer, "shared_experts", i * c.n_shared_experts,
+                            "mlp.shared_experts.")
+      entries.update({name: (shape, [(mlp + path, f) for path, f in targets])
+                      for name, (shape, targets) in shared.items()})
+  return entries
+
+
+def tensor_map(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
+  """HF tensor name -> (its expected shape, the params it becomes). Experts use transformers'
+  fused layout (gate_up_proj [E,2I,D], down_proj [E,D,I]); see fuse_expert_tensors."""
+  c = config
+  d = c.hidden_size
+  out = {
+      "model.embed_tokens.weight": _one(("embed_tokens",), (c.vocab_size, d), _same),
+      "model.norm.weight": _one(("norm", "scale"), (d,), _same),
+      "lm_head.weight": _one(("lm_head",), (c.vocab_size, d), _linear((d, c.vocab_size))),
+  }
+  for layer in range(c.num_layers):
+    out.update({f"model.layers.{layer}.{name}": entry
+                for name, entry in _layer_entries(c, layer).items()})
+  return out
+
+
+# The tensors of a multi-token-prediction layer besides its decoder layer (DeepSeek-V3's
+# released layout; eh_proj maps [normed embedding, normed hidden state] 2D -> D).
+_MTP_HEAD = ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight",
+             "shared_head.norm.weight", "shared_head.head.weight")
+
+
+def mtp_tensor_shapes(config: ModelConfig, mtp_layers: int) -> dict[str, tuple[int, ...]]:
+  """HF name -> shape of every tensor of the `mtp_layers` multi-token-prediction layers, which
+  follow the last decoder layer (`model.layers.{num_layers + i}.*`); experts in the fused layout."""
+  d, vocab = config.hidden_size, config.vocab_size
+  head = dict(zip(_MTP_HEAD, [(vocab, d), (d,), (d,), (d, 2 * d), (d,), (vocab, d)]))
+  out = {}
+  for layer in range(config.num_layers, config.num_layers + mtp_layers):
+    entries = {**{name: shape for name, (shape, _) in _layer_entries(config, layer).items()},
+               **head}
+    out.update({f"model.layers.{layer}.{name}": shape for name, shape in entries.items()})
+  return out
+
+
+_PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def fuse_expert_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """DeepSeek's released checkpoints name each expert (experts.{e}.gate_proj.weight [I,D]);
+  transformers keeps them fused. Stacks the former into the latter; other names pass through."""
+  out, experts = {}, {}
+  for name, array in tensors.items():
+    match = _PER_EXPERT.match(name)
+    if match is None:
+      out[name] = array
+    else:
+      prefix, index, kind = match.groups()
+      experts.setdefault(prefix, {}).setdefault(kind, {})[int(index)] = array
+  for prefix, kinds in experts.items():
+    count = len(kinds.get("gate", {}))
+    for kind in ("gate", "up", "down"):
+      found = sorted(kinds.get(kind, {}))
+      if found != list(range(count)):
+        raise ValueError(f"experts of {prefix} are incomplete: {kind}_proj for experts {found}, "
+                         f"expected 0..{count - 1}")
+    stack = lambda kind: np.stack([kinds[kind][e] for e in range(count)])  # noqa: E731
+    out[f"{prefix}.gate_up_proj"] = np.concatenate([stack("gate"), stack("up")], axis=1)
+    out[f"{prefix}.down_proj"] = stack("down")
+  return out
+
+
+def split_mtp_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray], mtp_layers: int
+                      ) -> tuple[dict[str, np.ndarray], list[str]]:
+  """(the main model's tensors, the sorted names of the multi-token-prediction tensors).
+
+  The MTP tensors are checked against DeepSeek's layout (mtp_tensor_shapes, either expert layout):
+  a name that is not part of it, or a wrong shape, is a ValueError naming the tensor. A checkpoint
+  may hold all, some or none of them (some redistributions drop the MTP layer).
+  """
+  prefixes = tuple(f"model.layers.{layer}." for layer in
+                   range(config.num_layers, config.num_layers + mtp_layers))
+  main = {name: t for name, t in tensors.items() if not name.startswith(prefixes)}
+  mtp = {name: t for name, t in tensors.items() if name not in main}
+  expected = mtp_tensor_shapes(config, mtp_layers)
+  for name, (prefix, index, kind) in ((n, m.groups()) for n in mtp
+                                      if (m := _PER_EXPERT.match(n)) is not None):
+    # One expert of the released layout: checked on its own, never stacked (nor read) here.
+    fused = expected.get(f"{prefix}.{'down_proj' if kind == 'down' else 'gate_up_proj'}")
+    if fused is not None and int(index) < fused[0]:
+      expected[name] = fused[1:] if kind == "down" else (fused[1] // 2, fused[2])
+  unknown = sorted(name for name in mtp if name not in expected)
+  if unknown:
+    raise ValueError(f"unexpected tensors in the multi-token-prediction layer: {unknown[:5]}"
+                     f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} in all): not part of "
+                     "DeepSeek's layout (a decoder layer plus " + ", ".join(_MTP_HEAD) + ")")
+  for name, array in mtp.items():
+    if tuple(np.shape(array)) != expected[name]:
+      raise ValueError(f"tensor {name} of the multi-token-prediction layer has shape "
+                       f"{tuple(np.shape(array))}, expected {expected[name]}")
+  return main, sorted(mtp)
+
+
+def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray],
+                   place: Optional[Callable[[tuple[str, ...], np.ndarray], Any]] = None
+                   ) -> dict[str, Any]:
+  """Builds the Transformer's params pytree from HF-named tensors (either expert layout), in
+  the scan layout when config.scan_layers.
+
+  Non-parameter buffers a checkpoint may carry (rotary inv_freq) are ignored; anything else
+  unexpected (MTP layers included: see split_mtp_tensors), missing or mis-shaped is a ValueError
+  naming the tensor, raised before any is converted. `place(path, array)` puts each converted
+  array where it goes (default: NumPy).
+  """
+  tensors = fuse_expert_tensors(tensors)
+  expected = tensor_map(config)
+  unexpected = sorted(name for name in tensors
+                      if name not in expected and not name.endswith("rotary_emb.inv_freq"))
+  if unexpected:
+    after_last = f"model.layers.{config.num_layers}."
+    hint = (f"; {after_last}* follows the last decoder layer: a multi-token-prediction layer, "
+            "which config.json must announce with num_nextn_predict_layers"
+            if any(name.startswith(after_last) for name in unexpected) else "")
+    raise ValueError(f"unexpected tensors in checkpoint: {unexpected[:5]}"
+                     f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all){hint}")
+  missing = sorted(name for name in expected if name not in tensors)
+  if missing:
+    raise ValueError(f"missing tensors in checkpoint: {missing[:5]}"
+                     f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
+  for name, (shape, _) in expected.items():
+    if tuple(np.shape(tensors[name])) != shape:
+      raise ValueError(f"tensor {name} has shape {tuple(np.shape(tensors[name]))}, expected {shape}")
+  params: dict[str, Any] = {}
+  for name, (_, targets) in expected.items():
+    array = np.asarray(tensors[name])
+    for path, convert in targets:
+      node = params
+      for key in path[:-1]:
+        node = node.setdefault(key, {})
+      value = convert(array)
+      node[path[-1]] = value if place is None else place(path, value)
+  return to_scan_layout(config, params)
+
+
+def to_scan_layout(config: ModelConfig, params: dict[str, Any]) -> dict[str, Any]:
+  """Checkpoints name every layer; with model.scan_layers the repeated ones are stacked on a
+  leading `layers` axis (mla_jax.model.stack_layers). Unchanged otherwise."""
+  if not config.scan_layers:
+    return params
+  from mla_jax.model import stack_layers
+
+  return stack_layers(config, params)

@@ -1,0 +1,39 @@
+"""`mla-jax train`, split by concept: the train step and Trainer (train/step.py), the loop
+(train/loop.py), the memory pre-check (train/memory.py), the corpus and batches (train/data.py)
+and the metrics files (train/metrics.py).
+
+Every name is imported on first use (PEP 562), so `from mla_jax.train.data import batch_at`
+imports no optimizer. Restoring a workdir's parameters is mla_jax.workdir's, which imports no
+training code; its names stay reachable here for code written against the single module.
+"""
+
+import importlib
+
+_NAMES = {  # name -> the module that defines it
+    **dict.fromkeys(("NEVER_APPLY_NONFINITE", "TrainState", "Trainer", "TrainingError",
+                     "apply_gradients", "compute_grads", "loss_fn", "make_optimizer"),
+                    "mla_jax.train.step"),
+    **dict.fromkeys(("check_inputs", "sample_text", "train"), "mla_jax.train.loop"),
+    **dict.fromkeys(("check_memory", "device_memory_available", "host_memory_available",
+                     "step_memory"), "mla_jax.train.memory"),
+    **dict.fromkeys(("TRAIN_STREAM", "VAL_STREAM", "Corpus", "batch_at", "load_corpus",
+                     "unigram_entropy"), "mla_jax.train.data"),
+    **dict.fromkeys(("MetricsLog", "plot_losses", "read_metrics"), "mla_jax.train.metrics"),
+    **dict.fromkeys(("check_workdir", "load_checkpoint", "load_trained", "read_workdir_config"),
+                    "mla_jax.workdir"),
+    "Transformer": "mla_jax.model",  # the model the step trains, as the single module named it
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str):
+  if name not in _NAMES:
+    raise AttributeError(f"module 'mla_jax.train' has no attribute {name!r}")
+  value = getattr(importlib.import_module(_NAMES[name]), name)
+  globals()[name] = value  # later lookups skip this function
+  return value
+
+
+def __dir__():
+  return __all__

@@ -1,0 +1,188 @@
+"""The train step: the optimizer, the loss, and the Trainer that jits them over a mesh.
+
+Parameters and optimizer state live in one TrainState; an update whose gradient is non-finite is
+skipped and counted (optax.apply_if_finite), so a run can stop with its last checkpoint intact
+(docs/training.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from mla_jax.config.run import Config, TrainConfig
+from mla_jax.model import Transformer
+from mla_jax.sharding import batch_sharding, make_mesh, tree_shardings
+from mla_jax.train.data import VAL_STREAM, Corpus, batch_at
+
+NEVER_APPLY_NONFINITE = 2**31 - 1  # apply_if_finite's cap; we stop at max_nonfinite_steps first
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. non-finite updates in a row); the last checkpoint is intact."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: updates applied (or skipped) so far
+  params: Any
+  opt_state: Any
+
+
+def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW (no decay on norm scales) with warmup + cosine, global-norm clipping, and updates
+  skipped while the gradient is non-finite (counted in the optimizer state)."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tc.learning_rate, warmup_steps=tc.warmup,
+      decay_steps=tc.steps, end_value=tc.min_learning_rate)
+  decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # noqa: E731
+  inner = optax.chain(
+      optax.clip_by_global_norm(tc.grad_clip),
+      optax.adamw(schedule, b1=tc.beta1, b2=tc.beta2, weight_decay=tc.weight_decay,
+                  mask=decay_mask))
+  return optax.apply_if_finite(inner, max_consecutive_errors=NEVER_APPLY_NONFINITE), schedule
+
+
+def loss_fn(model: Transformer, params, inputs: jax.Array, targets: jax.Array,
+            with_aux: bool = True) -> jax.Array:
+  """Mean next-token cross-entropy in nats (inputs, targets [B,T]), plus DeepSeekMoE's expert
+  balance loss when with_aux and model.aux_loss_alpha > 0 (evaluation reports the plain one)."""
+  (logits, _), extra = model.apply({"params": params}, inputs, mutable=["losses"])  # [B,T,V]
+  loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  if with_aux:
+    # One value per MoE layer; under scan_layers one array of them per scanned group.
+    loss = loss + sum((jnp.sum(v) for v in jax.tree_util.tree_leaves(extra.get("losses", {}))),
+                      jnp.float32(0))
+  return loss
+
+
+def compute_grads(model: Transformer, params, inputs, targets) -> tuple[jax.Array, Any]:
+  return jax.value_and_grad(lambda p: loss_fn(model, p, inputs, targets))(params)
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    state: TrainState, loss: jax.Array, grads) -> tuple[TrainState, dict]:
+  """One optimizer update; a non-finite gradient leaves params and moments unchanged."""
+  applied_before = state.step - state.opt_state.total_notfinite  # the schedule's own count
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+             "learning_rate": schedule(applied_before),
+             "nonfinite_in_a_row": opt_state.notfinite_count,
+             "skipped_updates": opt_state.total_notfinite}
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+@dataclasses.dataclass
+class Trainer:
+  """The jitted pieces of one run, built once from a validated config.
+
+  Parameters and optimizer state are created already sharded (jit of init with out_shardings
+  from the abstract state), train steps run under the mesh with state donated, and batches are
+  assembled from each process's own shards.
+  """
+
+  config: Config
+  model: Transformer
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: jax.sharding.Mesh
+
+  @classmethod
+  def build(cls, config: Config, devices: Optional[list] = None) -> "Trainer":
+    """Also validates the mesh against the devices and every sharded dimension (cheap: shapes)."""
+    optimizer, schedule = make_optimizer(config.train)
+    model = Transformer(config.model, remat=config.train.remat)
+    trainer = cls(config, model, optimizer, schedule, make_mesh(config.mesh.sizes(), devices))
+    ways = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    if config.train.batch_size % ways:
+      raise ValueError(f"train.batch_size={config.train.batch_size} is invalid: must be divisible "
+                       f"by mesh.data x mesh.fsdp = {ways} (the batch is split over them)")
+    trainer.state_shardings  # noqa: B018  (raises on an indivisible parameter dimension)
+    return trainer
+
+  def _init(self, key: jax.Array) -> TrainState:
+    dummy = jnp.zeros((1, self.config.train.seq_len), jnp.int32)
+    params = self.model.init(key, dummy)["params"]
+    return TrainState(step=jnp.int32(0), params=params, opt_state=self.optimizer.init(params))
+
+  @functools.cached_property
+  def _state_shapes(self) -> TrainState:
+    return jax.eval_shape(self._init, jax.random.key(0))  # traced once per Trainer
+
+  @functools.cached_property
+  def state_shardings(self) -> TrainState:
+    return tree_shardings(self._state_shapes, self.mesh)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def init_state(self) -> TrainState:
+    init = jax.jit(self._init, out_shardings=self.state_shardings)
+    return init(jax.random.key(self.config.seed))
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state: a restore target that allocates nothing."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        self._state_shapes, self.state_shardings)
+
+  @functools.cached_property
+  def _train_step(self) -> Callable:
+    def step(state, inputs, targets):
+      # Looked up on the mla_jax.train package when the step is traced, so replacing
+      # mla_jax.train.compute_grads (as a test injecting non-finite gradients does) changes it.
+      grads_fn = importlib.import_module("mla_jax.train").compute_grads
+      loss, grads = grads_fn(self.model, state.params, inputs, targets)
+      return apply_gradients(self.optimizer, self.schedule, state, loss, grads)
+
+    batch = batch_sharding(self.mesh)
+    return jax.jit(step, in_shardings=(self.state_shardings, batch, batch),
+                   out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+
+  def compile_train_step(self) -> Any:
+    """Compiles the train step ahead of time (from shapes: nothing allocated) and keeps it for
+    train_step; returns the compiled executable, whose memory_analysis() check_memory reads."""
+    batch = jax.ShapeDtypeStruct((self.config.train.batch_size, self.config.train.seq_len),
+                                 jnp.int32, sharding=batch_sharding(self.mesh))
+    with jax.set_mesh(self.mesh):
+      self._compiled_step = self._train_step.lower(self.abstract_state(), batch, batch).compile()
+    return self._compiled_step
+
+  def train_step(self, state: TrainState, inputs: jax.Array, targets: jax.Array):
+    compiled = getattr(self, "_compiled_step", None)
+    if compiled is not None:
+      return compiled(state, inputs, targets)
+    with jax.set_mesh(self.mesh):
+      return self._train_step(state, inputs, targets)
+
+  @functools.cached_property
+  def _eval_step(self) -> Callable:
+    batch = batch_sharding(self.mesh)
+    return jax.jit(lambda params, x, y: loss_fn(self.model, params, x, y, with_aux=False),
+                   in_shardings=(self.state_shardings.params, batch, batch),
+                   out_shardings=self.replicated)
+
+  def put_batch(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """Global [B,T] arrays from host numpy: each process places only its own devices' rows."""
+    sharding = batch_sharding(self.mesh)
+    return tuple(jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+                 for x in (inputs, targets))
+
+  def evaluate(self, params, corpus: Corpus) -> float:
+    tc = self.config.train
+    with jax.set_mesh(self.mesh):
+      losses = [self._eval_step(params, *self.put_batch(*batch_at(
+          corpus.val, self.config.seed, VAL_STREAM, i, tc.batch_size, tc.seq_len)))
+                for i in range(tc.eval_batches)]
+    return float(np.mean(jax.device_get(losses)))
