@@ -15,6 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from mla_jax import train as train_module
+from mla_jax.train import step as train_step_module
 from mla_jax.checkpoint import Checkpoints
 from mla_jax.config import load_config
 from mla_jax.train.metrics import read_metrics
@@ -296,7 +297,7 @@ def test_non_finite_updates_in_a_row_stop_training(tmp_path, monkeypatch):
 
   config = load_config(None, *overrides(tmp_path / "nan", steps=50, checkpoint_every=2,
                                         max_nonfinite_steps=3, sample_tokens=0))
-  monkeypatch.setattr(train_module, "compute_grads", always_nan)
+  monkeypatch.setattr(train_step_module, "compute_grads", always_nan)
   with pytest.raises(train_module.TrainingError, match="3 non-finite updates in a row"):
     train_module.train(config, log=lambda _: None, progress=False)
   # The checkpoint at step 2 holds the (never updated) finite parameters; none came after.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 from typing import Any, Callable, Optional
 
 import flax
@@ -140,10 +139,7 @@ class Trainer:
   @functools.cached_property
   def _train_step(self) -> Callable:
     def step(state, inputs, targets):
-      # Looked up on the mla_jax.train package when the step is traced, so replacing
-      # mla_jax.train.compute_grads (as a test injecting non-finite gradients does) changes it.
-      grads_fn = importlib.import_module("mla_jax.train").compute_grads
-      loss, grads = grads_fn(self.model, state.params, inputs, targets)
+      loss, grads = compute_grads(self.model, state.params, inputs, targets)
       return apply_gradients(self.optimizer, self.schedule, state, loss, grads)
 
     batch = batch_sharding(self.mesh)
