@@ -3,7 +3,8 @@ and read back. The attention layers and flash-decoding see the cache only throug
 
 MLA caches, per layer and token, only c_kv (after kv_a_layernorm) and the shared k_rope (after
 RoPE): (kv_lora_rank + qk_rope_head_dim) elements, no head axis, no padding. The per-sequence
-lengths say which slots hold tokens; attention never reads a slot at or beyond its sequence's length.
+lengths say which slots hold tokens; attention never reads a slot at or beyond its sequence's
+length.
 
 Storage (docs/decode.md). A float32 cache holds float32 arrays. A bfloat16 cache holds the
 bfloat16 values' bit patterns as uint16 (same bytes): XLA's CPU compiler widens every bfloat16

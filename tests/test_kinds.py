@@ -1,4 +1,4 @@
-"""The attention-kind registry: one entry per name config accepts, each owning its layer and cache."""
+"""The attention-kind registry: one entry per name config accepts, owning its layer and cache."""
 
 import jax
 import pytest
