@@ -14,8 +14,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 _PUBLIC = {  # name -> the module that defines it
     "Cache": "mla_jax.cache", "KVCache": "mla_jax.cache", "LatentCache": "mla_jax.cache",
-    "cache_bytes": "mla_jax.cache", "init_cache": "mla_jax.cache",
-    "init_layer_cache": "mla_jax.cache",
+    "cache_bytes": "mla_jax.cache", "init_cache": "mla_jax.kinds",
+    "init_layer_cache": "mla_jax.kinds",
     "Config": "mla_jax.config.run", "ModelConfig": "mla_jax.config.model",
     "YarnScaling": "mla_jax.config.model", "load_config": "mla_jax.config.loader",
     "load_hf": "mla_jax.hf.load",

@@ -1,34 +1,41 @@
-"""The decode cache as an explicit pytree: MLA's latent per token, or the baselines' K/V.
+"""The decode cache and its storage format: what is stored per token, how, and how it is written
+and read back. The attention layers and flash-decoding see the cache only through this module.
 
 MLA caches, per layer and token, only c_kv (after kv_a_layernorm) and the shared k_rope (after
 RoPE): (kv_lora_rank + qk_rope_head_dim) elements, no head axis, no padding. The per-sequence
-lengths say which slots hold tokens; attention never reads a slot at or beyond its sequence's length.
+lengths say which slots hold tokens; attention never reads a slot at or beyond its sequence's
+length.
 
-Storage: a float32 cache holds float32 arrays. A bfloat16 cache holds the bfloat16 values' bit
-patterns as uint16 (same bytes): XLA's CPU compiler widens every bfloat16 operation to float32
-(its float-normalization pass), and inside the decode loop that turns a block read of a bfloat16
-cache into a float32 copy of the whole cache, hoisted out of the loop. From uint16 bits a block is
-widened exactly with one shift (`load_float`), one block at a time. `store_float` / `load_float`
-are the only two places that know it.
+Storage (docs/decode.md). A float32 cache holds float32 arrays. A bfloat16 cache holds the
+bfloat16 values' bit patterns as uint16 (same bytes): XLA's CPU compiler widens every bfloat16
+operation to float32, and inside the decode loop that would turn a block read of a bfloat16
+cache into a float32 copy of the whole cache, hoisted out of the loop. From uint16 bits a block
+is widened exactly with one shift (`load_float`), one block at a time. `store_float` /
+`load_float` are the only two places that know it.
 
-A quantized cache (cache_dtype int8 or int4, MLA only) stores c_kv as int8 [B,S,C] or packed
-int4 pairs uint8 [B,S,C/2] with one float32 scale per token c_kv_scale [B,S,1]
-(mla_jax/quantization.py), and k_rope as bfloat16 bits: RoPE keys carry the positions, which are
-sensitive to rounding. Tokens are quantized when written (`encode_latent`); the flash-decoding
-loop dequantizes one block at a time.
+Quantized latents (docs/quantized-cache.md; cache_dtype int8 or int4, MLA only): c_kv is stored
+as int8 [B,S,C] or packed int4 pairs uint8 [B,S,C/2] with one float32 scale per token
+c_kv_scale [B,S,1], and k_rope as bfloat16 bits, because RoPE keys carry the positions, which
+are sensitive to rounding. Tokens are quantized when written (`encode_latent`); flash-decoding
+dequantizes one block at a time through `latent_operand`'s block decoder.
+
+Writes: `write_cache` puts a step's entries at each sequence's own offset (`write_tokens`, a
+scatter that XLA performs in place into a donated buffer). Empty caches are made per attention
+kind by mla_jax.kinds (init_cache), which knows which layer uses which cache type.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, TypeVar, Union
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from mla_jax.config.model import ModelConfig
-from mla_jax.quantization import dequantize, quantize
 
+
+# ---- the storage codec ---------------------------------------------------------------------
 
 BF16_BITS = jnp.uint16  # how a bfloat16 cache array is stored
 
@@ -66,6 +73,51 @@ def load_float(stored: jax.Array, dtype=jnp.float32) -> jax.Array:
   return stored.astype(dtype)
 
 
+# int8 and int4 latents: symmetric, one float32 scale per token. A token's latent c [C] is
+# stored as round(c / scale) with scale = max|c| / qmax, so every stored value lies in
+# [-qmax, qmax] and dequantization is q * scale; an all-zero row gets scale 1, never 0, so no NaN
+# or inf ever comes out. int4 values are packed two per byte: element 2i in the low nibble, 2i+1
+# in the high one, as two's-complement nibbles; uint8 [..., C/2]. One scale per token rather
+# than per group of the latent width: the attention logits sum C products, which averages the
+# per-element error, and per-group scales would cost bytes per token in every layer
+# (docs/quantized-cache.md gives the error and the bytes; tests/test_quantization.py checks them).
+QMAX = {"int8": 127, "int4": 7}
+
+
+def quantize(x: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
+  """x [..., C] float -> (values, scale [..., 1] float32).
+
+  values: int8 [..., C] for kind 'int8'; uint8 [..., C/2] (two int4 per byte) for 'int4'.
+  Raises ValueError for another kind, or for int4 with an odd C.
+  """
+  if kind not in QMAX:
+    raise ValueError(f"quantized cache kind={kind!r} is invalid: allowed {', '.join(QMAX)}")
+  if kind == "int4" and x.shape[-1] % 2:
+    raise ValueError(f"int4 packs two values per byte: kv_lora_rank={x.shape[-1]} must be even")
+  x = x.astype(jnp.float32)
+  qmax = QMAX[kind]
+  absmax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)  # [...,1]
+  scale = jnp.where(absmax > 0, absmax / qmax, 1.0)  # an all-zero row: scale 1, values 0
+  q = jnp.clip(jnp.round(x / scale), -qmax, qmax).astype(jnp.int8)  # [...,C]
+  if kind == "int8":
+    return q, scale
+  nibbles = q.astype(jnp.uint8) & 0xF  # two's-complement low nibbles
+  return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4), scale  # [...,C/2]
+
+
+def dequantize(values: jax.Array, scale: jax.Array) -> jax.Array:
+  """Inverse of quantize, float32 [..., C]; the kind follows values' dtype (int8 or uint8)."""
+  if values.dtype == jnp.int8:
+    return values.astype(jnp.float32) * scale
+  low = (values & 0xF).astype(jnp.int8)  # [..., C/2]
+  high = (values >> 4).astype(jnp.int8)
+  pairs = jnp.stack([low, high], axis=-1)  # [..., C/2, 2]
+  signed = jnp.where(pairs > 7, pairs - 16, pairs)  # nibble -> [-8, 7]
+  return signed.reshape(values.shape[:-1] + (-1,)).astype(jnp.float32) * scale
+
+
+# ---- the cache types -----------------------------------------------------------------------
+
 @struct.dataclass
 class LatentCache:
   """One MLA layer's cache (see the module docstring for how bfloat16 is stored)."""
@@ -90,7 +142,7 @@ class LatentCache:
 class KVCache:
   """One baseline (MHA/GQA/MQA) layer's cache, head-major: each key/value head's tokens lie
   contiguously, so a block of S slots is a [S,K] matrix per head and the decode dots read it as
-  it lies (batch dims B,G leading). The token-major [B,S,G,K] layout made XLA:CPU transpose
+  it lies (batch dims B,G leading). A token-major [B,S,G,K] layout makes XLA:CPU transpose
   every block before its dot; `mla-jax bench decode` measures both layouts (its "Baseline
   key-cache layout" table)."""
 
@@ -124,51 +176,36 @@ class Cache:
     return jax.tree_util.tree_leaves(layer)[0].shape[layer.seq_axis]
 
 
-def _check_sizes(config: ModelConfig, batch_size: int, max_len: int) -> None:
-  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-    raise ValueError(f"batch_size={batch_size!r} is invalid: must be a positive integer")
-  if isinstance(max_len, bool) or not isinstance(max_len, int) or not 0 < max_len <= config.max_seq_len:
-    raise ValueError(f"max_len={max_len!r} is invalid: must be in [1, model.max_seq_len="
-                     f"{config.max_seq_len}]")
-
-
-def init_layer_cache(config: ModelConfig, batch_size: int, max_len: int,
-                     dtype: Optional[jnp.dtype] = None) -> LayerCache:
-  """An empty cache for one attention layer (a LatentCache for MLA, else a KVCache)."""
-  _check_sizes(config, batch_size, max_len)
-  kind = config.kv_cache_dtype if dtype is None else str(jnp.dtype(dtype)) if not isinstance(
-      dtype, str) else dtype
+def init_latent_cache(config: ModelConfig, batch_size: int, max_len: int,
+                      dtype: str) -> LatentCache:
+  """An empty LatentCache [B,S,...] with values of `dtype` (float32, bfloat16, int8 or int4)."""
   b, s = batch_size, max_len
-  if kind in ("int8", "int4"):
-    if config.attention != "mla":
-      raise ValueError(f"cache dtype {kind} quantizes MLA's latent; attention={config.attention}"
-                       " caches K/V: use float32 or bfloat16")
-    int4 = kind == "int4"
+  if dtype in QMAX:
+    int4 = dtype == "int4"
     return LatentCache(
         c_kv=jnp.zeros((b, s, config.kv_lora_rank // 2 if int4 else config.kv_lora_rank),
                        jnp.uint8 if int4 else jnp.int8),
         k_rope=jnp.zeros((b, s, config.qk_rope_head_dim), BF16_BITS),
         c_kv_scale=jnp.ones((b, s, 1), jnp.float32))
-  dtype = storage_dtype(kind)
-  if config.attention == "mla":
-    return LatentCache(c_kv=jnp.zeros((b, s, config.kv_lora_rank), dtype),
-                       k_rope=jnp.zeros((b, s, config.qk_rope_head_dim), dtype))
-  return KVCache(k=jnp.zeros((b, config.kv_heads, s, config.qk_head_dim), dtype),  # [B,G,S,K]
-                 v=jnp.zeros((b, config.kv_heads, s, config.v_head_dim), dtype))  # [B,G,S,V]
+  stored = storage_dtype(dtype)
+  return LatentCache(c_kv=jnp.zeros((b, s, config.kv_lora_rank), stored),
+                     k_rope=jnp.zeros((b, s, config.qk_rope_head_dim), stored))
 
 
-def init_cache(config: ModelConfig, batch_size: int, max_len: int,
-               dtype: Optional[jnp.dtype] = None) -> Cache:
-  """An empty cache for `batch_size` sequences of up to `max_len` tokens, in the config's
-  kv_cache_dtype (model.cache_dtype or else model.dtype), stored as: float32 arrays; bfloat16 as
-  its uint16 bit patterns (read with load_float; see the module docstring); int8 / int4 (packed
-  two per uint8) latents with a float32 scale per token and a bfloat16 (uint16) RoPE key.
-  MLA layers get a LatentCache (c_kv [B,S,C], k_rope [B,S,R]); MHA/GQA/MQA layers a KVCache,
-  head-major (k [B,G,S,K], v [B,G,S,V])."""
-  layers = tuple(init_layer_cache(config, batch_size, max_len, dtype)
-                 for _ in range(config.num_layers))
-  return Cache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))
+def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int, dtype: str) -> KVCache:
+  """An empty head-major KVCache (k [B,G,S,K], v [B,G,S,V]) with values of float `dtype`."""
+  stored = storage_dtype(dtype)
+  b, s = batch_size, max_len
+  return KVCache(k=jnp.zeros((b, config.kv_heads, s, config.qk_head_dim), stored),  # [B,G,S,K]
+                 v=jnp.zeros((b, config.kv_heads, s, config.v_head_dim), stored))  # [B,G,S,V]
 
+
+def cache_bytes(cache: Cache) -> int:
+  """Bytes of every array in the cache, the length vector included."""
+  return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(cache))
+
+
+# ---- encoding, writing and reading tokens --------------------------------------------------
 
 def encode_latent(new: LatentCache, like: LatentCache) -> LatentCache:
   """New tokens' float entries [B,T,...] in the storage of the cache `like` (quantized when it
@@ -178,26 +215,6 @@ def encode_latent(new: LatentCache, like: LatentCache) -> LatentCache:
   values, scale = quantize(new.c_kv, "int4" if like.c_kv.dtype == jnp.uint8 else "int8")
   return LatentCache(c_kv=values, k_rope=store_float(new.k_rope, like.k_rope.dtype),
                      c_kv_scale=scale)
-
-
-def latent_values(cache: LatentCache) -> LatentCache:
-  """The whole cache as float32 values (dequantized / widened): for the reference paths only,
-  since it is a full-size copy."""
-  c_kv = (dequantize(cache.c_kv, cache.c_kv_scale) if cache.quantized
-          else load_float(cache.c_kv))
-  return LatentCache(c_kv=c_kv, k_rope=load_float(cache.k_rope))
-
-
-def cache_bytes_per_token(config: ModelConfig) -> int:
-  """Exact bytes one token occupies in the whole model's decode cache: all layers' stored
-  arrays (latent + scales + RoPE key, or K and V), from the cache structure itself."""
-  layer = jax.eval_shape(lambda: init_layer_cache(config, 1, 1))
-  return config.num_layers * sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(layer))
-
-
-def cache_bytes(cache: Cache) -> int:
-  """Bytes of every array in the cache, the length vector included."""
-  return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(cache))
 
 
 def write_tokens(buffer: jax.Array, new: jax.Array, start: jax.Array, axis: int = 1) -> jax.Array:
@@ -220,6 +237,40 @@ def write_tokens(buffer: jax.Array, new: jax.Array, start: jax.Array, axis: int 
   return buffer.at[(rows, *middle, slots)].set(store_float(new, buffer.dtype), mode="drop")
 
 
+# A LatentCache ([B,T,...] new entries or [B,S,...] cache arrays) or a KVCache ([B,G,T,...] or
+# [B,G,S,...]): each says where its token axis is (seq_axis).
+Entries = TypeVar("Entries")
+
+
+def write_cache(new: Entries, cache: Entries, lengths: jax.Array) -> Entries:
+  """The cache with this step's entries (the cache's layout, T tokens on its seq_axis) written
+  at slots lengths[b] .. (in place when the cache buffer is donated)."""
+  return jax.tree_util.tree_map(lambda buf, x: write_tokens(buf, x, lengths, cache.seq_axis),
+                                cache, new)
+
+
 def slot_mask(lengths: jax.Array, max_len: int) -> jax.Array:
   """[B,S] True where a slot holds one of the sequence's first `lengths[b]` tokens."""
   return jnp.arange(max_len)[None, :] < lengths[:, None]
+
+
+def latent_operand(cache: LatentCache) -> tuple[Any, Optional[Callable[[Any], jax.Array]]]:
+  """The latent as flash-decoding walks it: (operand, block decoder).
+
+  For a float cache the operand is c_kv itself [B,S,C] and the decoder None (flash_decode
+  widens a block with load_float). For a quantized one the operand is {"values": c_kv,
+  "scale": c_kv_scale} ([B,S,C or C/2] and [B,S,1], sliced into blocks together) and the
+  decoder dequantizes one such block to float32 [B,blk,C]: the cache is never dequantized whole.
+  """
+  if not cache.quantized:
+    return cache.c_kv, None
+  return ({"values": cache.c_kv, "scale": cache.c_kv_scale},
+          lambda block: dequantize(block["values"], block["scale"]))
+
+
+def latent_values(cache: LatentCache) -> LatentCache:
+  """The whole cache as float32 values (dequantized / widened): for the reference paths only,
+  since it is a full-size copy."""
+  c_kv = (dequantize(cache.c_kv, cache.c_kv_scale) if cache.quantized
+          else load_float(cache.c_kv))
+  return LatentCache(c_kv=c_kv, k_rope=load_float(cache.k_rope))

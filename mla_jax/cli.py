@@ -53,15 +53,13 @@ def describe(config: ModelConfig) -> list[str]:
   import jax
   import jax.numpy as jnp
 
+  from mla_jax.kinds import attention_kind
   from mla_jax.sharding import bytes_per_device
 
   itemsize = jnp.dtype(config.dtype).itemsize
   per_layer = config.cache_elements_per_token_per_layer()
   layers = config.num_layers
-  if config.attention == "mla":
-    shape = f"c_kv {config.kv_lora_rank} + k_rope {config.qk_rope_head_dim}"
-  else:
-    shape = (f"{config.kv_heads} kv heads x (k {config.qk_head_dim} + v {config.v_head_dim})")
+  shape = attention_kind(config).describe_cache(config)
   mha = dataclasses.replace(config, attention="mha", num_kv_heads=None)
   mha_per_layer = mha.cache_elements_per_token_per_layer()
   context_bytes = per_layer * layers * itemsize * config.max_seq_len

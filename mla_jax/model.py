@@ -28,8 +28,7 @@ import numpy as np
 
 from mla_jax.cache import Cache, LayerCache
 from mla_jax.config.model import ModelConfig
-from mla_jax.layers.attention import MultiHeadAttention
-from mla_jax.layers.mla import MultiHeadLatentAttention
+from mla_jax.kinds import attention_kind
 from mla_jax.layers.mlp import SwiGLU
 from mla_jax.layers.moe import DeepSeekMoE
 from mla_jax.layers.norms import RMSNorm
@@ -56,7 +55,7 @@ class DecoderBlock(nn.Module):
     cfg = self.config
     attn_impl = self.attn_impl
     dtype = jnp.dtype(cfg.dtype)
-    attention = MultiHeadLatentAttention if cfg.attention == "mla" else MultiHeadAttention
+    attention = attention_kind(cfg).layer
     normed = RMSNorm(cfg.rms_norm_eps, dtype, cfg.param_dtype, name="input_layernorm")(x)
     attn_out, cache = attention(cfg, name="self_attn")(
         normed, cache=cache, lengths=lengths, num_tokens=num_tokens, attn_impl=attn_impl)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_jax.cache import Cache, init_cache
+from mla_jax.cache import Cache
+from mla_jax.kinds import init_cache
 from mla_jax.layers.mla import absorbed_weights
 from mla_jax.model import Transformer
 

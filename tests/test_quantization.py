@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mla_jax.quantization import QMAX, dequantize, quantize
+from mla_jax.cache import QMAX, dequantize, quantize
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -61,7 +61,7 @@ def test_bad_kinds_are_refused():
 
 
 def test_per_token_vs_per_group_scales_error_figures():
-  """The figures behind one scale per token (mla_jax/quantization.py, README): relative RMS
+  """The figures behind one scale per token (mla_jax/cache.py, README): relative RMS
   round-trip error on Gaussian latents of width 512, per token vs per group of 32."""
   x = jax.random.normal(jax.random.key(0), (1024, 512))
 

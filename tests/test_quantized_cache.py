@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import mla_jax
-from mla_jax.cache import cache_bytes_per_token
+from mla_jax.kinds import cache_bytes_per_token
 from mla_jax.sharding import make_mesh, tree_shardings
 from tests.helpers import TINY_CONFIGS, rel_err, variant
 

@@ -1,6 +1,6 @@
 """What every benchmark suite shares: timing discipline, the machine header, the machine's own
-ceilings (copy and read bandwidth, matmul FLOP/s), and writing a table as Markdown, JSON rows
-and a plot.
+ceilings (copy and read bandwidth, matmul FLOP/s), the decode suites' models, variants and
+filled caches, and writing a table as Markdown, JSON rows and a plot.
 
 Timing: the first call of a compiled function is run apart and reported as "first call" (it
 includes compilation); then `repeats` calls, each ended by `jax.block_until_ready`, give the
@@ -25,7 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mla_jax.cache import Cache, KVCache, LatentCache, encode_latent, store_float
+from mla_jax.config.loader import load_config
 from mla_jax.config.model import ModelConfig
+from mla_jax.kinds import init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +71,7 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing
 # ---- the machine ---------------------------------------------------------------------------
 
 def cpu_name() -> str:
-  """The CPU model from /proc/cpuinfo (Linux) or platform, e.g. 'AMD EPYC'."""
+  """The CPU model from /proc/cpuinfo (Linux) or platform."""
   try:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
       if line.startswith("model name"):
@@ -79,7 +82,7 @@ def cpu_name() -> str:
 
 
 def machine_description() -> str:
-  """e.g. '2-core AMD EPYC, Linux x86_64'."""
+  """Cores, CPU model, system and architecture, e.g. '8-core <CPU model>, Linux x86_64'."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return f"{cores}-core {cpu_name()}, {platform.system()} {platform.machine()}"
 
@@ -189,6 +192,91 @@ def match_parameters(reference: ModelConfig, variant: ModelConfig) -> ModelConfi
     raise ValueError(f"cannot match {count_params(reference):,} parameters with attention="
                      f"{variant.attention}: its attention alone has more")
   return dataclasses.replace(variant, intermediate_size=width)
+
+
+# ---- models and caches of the decode suites (decode, throughput, compute) ------------------
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+QUICK_VARIANT_KV_HEADS = 2  # the quick model has 4 heads: GQA-8 becomes GQA-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row kind of a decode or throughput suite: model-config overrides and the attention
+  path.
+
+  attn_impl None = the path generate uses. alternatives: other paths to measure at the longest
+  context; the fastest of them and attn_impl is kept (a baseline's best code path).
+  """
+
+  name: str
+  overrides: tuple[tuple[str, Any], ...] = ()
+  attn_impl: Optional[str] = None
+  alternatives: tuple[str, ...] = ()
+
+
+def base_config(args: argparse.Namespace, max_len: int) -> ModelConfig:
+  """DeepSeek-V2-Lite's attention shapes (quick: a tiny model), dense MLP, byte vocabulary."""
+  if args.quick:
+    return ModelConfig(hidden_size=64, num_layers=args.layers, num_heads=4, q_lora_rank=None,
+                       kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                       intermediate_size=64, max_seq_len=max_len, dtype=args.dtype,
+                       param_dtype=args.dtype)
+  lite = load_config(CONFIGS / "deepseek_v2_lite.yaml").model
+  return dataclasses.replace(lite, vocab_size=260, num_layers=args.layers, n_routed_experts=None,
+                             intermediate_size=1408, max_seq_len=max_len, dtype=args.dtype,
+                             param_dtype=args.dtype)
+
+
+def variant_config(base: ModelConfig, variant: Variant) -> tuple[str, ModelConfig]:
+  """The variant's label and config; a variant that sets num_kv_heads (GQA) is labelled with
+  the KV heads it really has (a model with too few heads for the variant's count gets
+  QUICK_VARIANT_KV_HEADS)."""
+  overrides = dict(variant.overrides)
+  kv_heads = overrides.get("num_kv_heads")
+  if kv_heads is not None and base.num_heads <= kv_heads:
+    overrides["num_kv_heads"] = QUICK_VARIANT_KV_HEADS
+  config = dataclasses.replace(base, **overrides)
+  name = variant.name if kv_heads is None else f"GQA-{config.kv_heads}"
+  return name, config
+
+
+def filled_cache(config: ModelConfig, batch: int, max_len: int, length: int, seed: int) -> Cache:
+  """A cache of max_len slots, every slot random and the first `length` counted as held: random
+  float32 entries put in the cache's own storage by the library's encoders (bfloat16 bits, or a
+  quantized latent with its scales), with no zeroed copy first."""
+  empty = jax.eval_shape(lambda: init_cache(config, batch, max_len))
+  keys = iter(jax.random.split(jax.random.key(seed), 2 * config.num_layers))
+
+  def normal(shape) -> jax.Array:
+    return jax.random.normal(next(keys), shape, jnp.float32)
+
+  layers = []
+  for like in empty.layers:
+    if isinstance(like, LatentCache):
+      new = encode_latent(LatentCache(c_kv=normal((batch, max_len, config.kv_lora_rank)),
+                                      k_rope=normal(like.k_rope.shape)), like)  # [B,S,C], [B,S,R]
+      layers.append(LatentCache(c_kv=store_float(new.c_kv, like.c_kv.dtype),
+                                k_rope=store_float(new.k_rope, like.k_rope.dtype),
+                                c_kv_scale=new.c_kv_scale))
+    else:
+      layers.append(KVCache(k=store_float(normal(like.k.shape), like.k.dtype),  # [B,G,S,K]
+                            v=store_float(normal(like.v.shape), like.v.dtype)))  # [B,G,S,V]
+  return Cache(layers=tuple(layers), lengths=jnp.full((batch,), length, jnp.int32))
+
+
+def nbytes(tree) -> int:
+  """Bytes of every array (or shape) in a pytree."""
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+             for x in jax.tree_util.tree_leaves(tree))
+
+
+def cost(compiled) -> dict:
+  """XLA's cost analysis of a compiled program as one dict (some versions return a list)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else {}
+  return dict(analysis or {})
 
 
 def display_path(path: Path) -> str:

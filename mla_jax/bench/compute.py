@@ -22,11 +22,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from mla_jax.bench.common import (Report, Table, count_params, default_dtype, header_lines,
-                                  match_parameters, measure_ceilings, parse_ints)
-from mla_jax.bench.decode import base_config, cost, nbytes
-from mla_jax.cache import init_cache
+from mla_jax.bench.common import (Report, Table, base_config, cost, count_params, default_dtype,
+                                  header_lines, match_parameters, measure_ceilings, nbytes,
+                                  parse_ints)
 from mla_jax.config.model import ModelConfig
+from mla_jax.kinds import attention_kind, init_cache
 from mla_jax.model import Transformer
 from mla_jax.layers.mla import absorbed_weights
 from mla_jax.sampling import Sampler, decode_step
@@ -116,7 +116,7 @@ def overhead_rows(mla: ModelConfig, mha: ModelConfig, batch: int, context: int) 
       flops = float(analysis.get("flops", 0.0))
       accessed = float(analysis.get("bytes accessed", 0.0))
       rows.append({"variant": name, "params": count_params(config), "function": label,
-                   "path": impl if config.attention == "mla" or impl is None else "-",
+                   "path": impl if attention_kind(config).absorbs or impl is None else "-",
                    "tokens": tokens, "flops": flops, "flops_per_token": flops / tokens,
                    "xla_bytes_per_token": accessed / tokens,
                    "flops_per_xla_byte": flops / accessed if accessed else None})

@@ -19,7 +19,7 @@ The cache's float dtype is --dtype; "MLA flash int8" / "MLA flash int4" store th
 and their bytes count exactly those arrays. Bytes count the filled part of the cache only (the
 slots holding tokens), which is what the flash step reads: the held-tokens check (--held-check T,S)
 times the step on a cache of S slots holding T tokens against one of T slots holding T, the cost
-of an oversized cache (issue 12: at most 1.5x for 2,048 tokens in 32,768 slots).
+of an oversized cache, which should cost what the cache holds, not its slots (docs/decode.md).
 """
 
 from __future__ import annotations
@@ -28,16 +28,15 @@ import argparse
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_jax.bench.common import (Ceilings, Report, Table, default_dtype, header_lines,
-                                  measure_ceilings, parse_ints, select_variants, time_calls)
-from mla_jax.cache import Cache, KVCache, LatentCache, encode_latent, init_cache, store_float
-from mla_jax.config.loader import load_config
+from mla_jax.bench.common import (Ceilings, Report, Table, Variant, base_config, cost,
+                                  default_dtype, filled_cache, header_lines, measure_ceilings,
+                                  nbytes, parse_ints, select_variants, time_calls, variant_config)
 from mla_jax.config.model import ModelConfig
 from mla_jax.layers.flash_decode import DEFAULT_BLOCK_SIZE
 from mla_jax.layers.masking import ATTN_IMPLS
@@ -45,23 +44,6 @@ from mla_jax.layers.mla import absorbed_weights
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.model import Transformer
 from mla_jax.sampling import DECODE_ATTN_IMPL, Sampler, decode_step
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-  """One row kind: model-config overrides and the attention path.
-
-  attn_impl None = the path generate uses. alternatives: other paths to measure at the longest
-  context; the fastest of them and attn_impl is kept (a baseline's best code path).
-  """
-
-  name: str
-  overrides: tuple[tuple[str, Any], ...] = ()
-  attn_impl: Optional[str] = None
-  alternatives: tuple[str, ...] = ()
-
 
 _ALL_PATHS = tuple(i for i in ATTN_IMPLS if i != "auto")
 VARIANTS = (
@@ -77,7 +59,6 @@ VARIANTS = (
 )
 CONTEXTS, QUICK_CONTEXTS = "1024,2048,4096,8192,16384,32768", "32"
 HELD_CHECK, QUICK_HELD_CHECK = "2048,32768", "16,64"  # T tokens held, S slots
-QUICK_VARIANT_KV_HEADS = 2  # the quick model has 4 heads: GQA-8 becomes GQA-2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,67 +103,6 @@ def parse_held_check(text: str) -> Optional[tuple[int, int]]:
     raise ValueError(f"--held-check {text!r} is invalid: expected T,S (tokens held, cache slots) "
                      "with T < S, e.g. 2048,32768, or 'none'")
   return values[0], values[1]
-
-
-def base_config(args: argparse.Namespace, max_len: int) -> ModelConfig:
-  """DeepSeek-V2-Lite's attention shapes (quick: a tiny model), dense MLP, byte vocabulary."""
-  if args.quick:
-    return ModelConfig(hidden_size=64, num_layers=args.layers, num_heads=4, q_lora_rank=None,
-                       kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                       intermediate_size=64, max_seq_len=max_len, dtype=args.dtype,
-                       param_dtype=args.dtype)
-  lite = load_config(CONFIGS / "deepseek_v2_lite.yaml").model
-  return dataclasses.replace(lite, vocab_size=260, num_layers=args.layers, n_routed_experts=None,
-                             intermediate_size=1408, max_seq_len=max_len, dtype=args.dtype,
-                             param_dtype=args.dtype)
-
-
-def variant_config(base: ModelConfig, variant: Variant) -> tuple[str, ModelConfig]:
-  """The variant's label and config; GQA is labelled with the KV heads it really has (a model
-  with too few heads for the variant's count gets QUICK_VARIANT_KV_HEADS)."""
-  overrides = dict(variant.overrides)
-  if overrides.get("attention") == "gqa" and base.num_heads <= overrides.get("num_kv_heads", 0):
-    overrides["num_kv_heads"] = QUICK_VARIANT_KV_HEADS
-  config = dataclasses.replace(base, **overrides)
-  name = f"GQA-{config.kv_heads}" if config.attention == "gqa" else variant.name
-  return name, config
-
-
-def filled_cache(config: ModelConfig, batch: int, max_len: int, length: int, seed: int) -> Cache:
-  """A cache of max_len slots, every slot random and the first `length` counted as held: random
-  float32 entries put in the cache's own storage by the library's encoders (bfloat16 bits, or a
-  quantized latent with its scales), with no zeroed copy first."""
-  empty = jax.eval_shape(lambda: init_cache(config, batch, max_len))
-  keys = iter(jax.random.split(jax.random.key(seed), 2 * config.num_layers))
-
-  def normal(shape) -> jax.Array:
-    return jax.random.normal(next(keys), shape, jnp.float32)
-
-  layers = []
-  for like in empty.layers:
-    if isinstance(like, LatentCache):
-      new = encode_latent(LatentCache(c_kv=normal((batch, max_len, config.kv_lora_rank)),
-                                      k_rope=normal(like.k_rope.shape)), like)  # [B,S,C], [B,S,R]
-      layers.append(LatentCache(c_kv=store_float(new.c_kv, like.c_kv.dtype),
-                                k_rope=store_float(new.k_rope, like.k_rope.dtype),
-                                c_kv_scale=new.c_kv_scale))
-    else:
-      layers.append(KVCache(k=store_float(normal(like.k.shape), like.k.dtype),  # [B,G,S,K]
-                            v=store_float(normal(like.v.shape), like.v.dtype)))  # [B,G,S,V]
-  return Cache(layers=tuple(layers), lengths=jnp.full((batch,), length, jnp.int32))
-
-
-def nbytes(tree) -> int:
-  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree_util.tree_leaves(tree))
-
-
-def cost(compiled) -> dict:
-  """XLA's cost analysis of a compiled program as one dict (some versions return a list)."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):
-    analysis = analysis[0] if analysis else {}
-  return dict(analysis or {})
 
 
 def whole_loop_cost(config: ModelConfig, params, token, cache, key, absorbed,
@@ -454,7 +374,7 @@ def held_table(held: list[dict]) -> Table:
   return Table(f"A cache of {slots:,} slots holding {tokens:,} tokens", HELD_COLUMNS, held, [
       f"The same flash step on a cache sized for {slots:,} tokens and on one sized for exactly "
       f"the {tokens:,} it holds: the loop stops at the longest sequence, so the step should cost "
-      "what it holds, not its slots (issue 12: ratio <= 1.5). Each step timed as in the first "
+      "what it holds, not its slots (target: ratio <= 1.5). Each step timed as in the first "
       "table; XLA bytes are XLA's cost analysis of each step with every block counted (one "
       "block spanning the held tokens, as in the first table): equal bytes for S and T slots "
       "mean the step reads what the cache holds."])

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax.bench.common import Report, Table, display_path, header_lines
-from mla_jax.cache import LatentCache, init_cache
+from mla_jax.cache import LatentCache
 from mla_jax.config.loader import load_config
 from mla_jax.config.model import ModelConfig
+from mla_jax.kinds import init_cache, init_layer_cache
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = (("DeepSeek-V2", "deepseek_v2.yaml"), ("DeepSeek-V2-Lite", "deepseek_v2_lite.yaml"),
@@ -89,19 +90,23 @@ def baseline(config: ModelConfig, attention: str, head_dim: int) -> ModelConfig:
                              v_head_dim=head_dim)
 
 
+# The paper's Table 1 (elements per token, all layers), by the attention kind it names:
+# kind -> config -> (formula, elements).
+TABLE1 = {
+    "mla": lambda c: (f"(d_c + d_h^R) l = ({c.kv_lora_rank} + {c.qk_rope_head_dim}) x "
+                      f"{c.num_layers}", (c.kv_lora_rank + c.qk_rope_head_dim) * c.num_layers),
+    "mha": lambda c: (f"2 n_h d_h l = 2 x {c.num_heads} x {c.v_head_dim} x {c.num_layers}",
+                      2 * c.num_heads * c.v_head_dim * c.num_layers),
+    "mqa": lambda c: (f"2 d_h l = 2 x {c.v_head_dim} x {c.num_layers}",
+                      2 * c.v_head_dim * c.num_layers),
+    "gqa": lambda c: (f"2 n_g d_h l = 2 x {c.kv_heads} x {c.v_head_dim} x {c.num_layers}",
+                      2 * c.kv_heads * c.v_head_dim * c.num_layers),
+}
+
+
 def table1_formula(config: ModelConfig) -> tuple[str, int]:
   """The paper's Table 1 elements per token (all layers) for this config, and its formula."""
-  l = config.num_layers
-  if config.attention == "mla":
-    return (f"(d_c + d_h^R) l = ({config.kv_lora_rank} + {config.qk_rope_head_dim}) x {l}",
-            (config.kv_lora_rank + config.qk_rope_head_dim) * l)
-  d_h = config.v_head_dim
-  if config.attention == "mha":
-    return f"2 n_h d_h l = 2 x {config.num_heads} x {d_h} x {l}", 2 * config.num_heads * d_h * l
-  if config.attention == "mqa":
-    return f"2 d_h l = 2 x {d_h} x {l}", 2 * d_h * l
-  return (f"2 n_g d_h l = 2 x {config.kv_heads} x {d_h} x {l}",
-          2 * config.kv_heads * d_h * l)
+  return TABLE1[config.attention](config)
 
 
 def _row(model: str, label: str, config: ModelConfig, reference_bytes: Optional[int],
@@ -111,10 +116,11 @@ def _row(model: str, label: str, config: ModelConfig, reference_bytes: Optional[
     bytes_layer, nbytes = elements_layer * bits / 8, elements * bits / 8
   formula, expected = table1_formula(config)
   kind = config.kv_cache_dtype
-  if config.attention == "mla" and kind in QUANTIZED:
+  layer = jax.eval_shape(lambda: init_layer_cache(config, 1, 1))  # what the kind caches
+  if isinstance(layer, LatentCache) and layer.quantized:
     shape = (f"c_kv {config.kv_lora_rank} + scale 1 + k_rope {config.qk_rope_head_dim}")
     precision = f"{kind} c_kv, float32 scale, bfloat16 k_rope"
-  elif config.attention == "mla":
+  elif isinstance(layer, LatentCache):
     shape = f"c_kv {config.kv_lora_rank} + k_rope {config.qk_rope_head_dim}"
     precision = kind
   else:

@@ -1,4 +1,8 @@
-"""DeepSeekMoE at its real cost, scan compile time and remat memory: the measurements of issue 14.
+"""DeepSeekMoE at its real cost, scan compile time and remat memory (docs/moe.md).
+
+The measurements behind the MoE, scan and remat claims: the MoE layer's step time, training
+cost against dense models of equal total and active parameters, compile time of the scanned
+layer loop, memory under each remat policy, and the grouped matmul against ragged_dot.
 
 Every function returns rows (dicts) for `mla-jax bench`; `python -m mla_jax.bench.moe [part ...]`
 prints them as JSON lines. Times are wall-clock medians with min and max over `repeats` runs,
@@ -100,7 +104,7 @@ def active_param_count(cfg: ModelConfig) -> int:
   return total - moe_layers * unused * 3 * cfg.hidden_size * cfg.moe_intermediate_size
 
 
-def _dense_matching(base: ModelConfig, target: int, **changes) -> ModelConfig:
+def dense_matching(base: ModelConfig, target: int, **changes) -> ModelConfig:
   """A dense model like `base` (with `changes`) whose intermediate_size brings its parameter
   count closest to `target` (parameters are linear in it)."""
   dense = dataclasses.replace(base, n_routed_experts=None, **changes)
@@ -125,8 +129,8 @@ def training_cost_rows(batch: int = 8, seq_len: int = 256, repeats: int = 3,
   parameters and a dense MHA model of its active parameters: tokens/s and FLOPs per token."""
   total, active = _param_count(moe), active_param_count(moe)
   models = {"mla_deepseekmoe": moe,
-            "mha_dense_same_total": _dense_matching(moe, total, attention="mha"),
-            "mha_dense_same_active": _dense_matching(moe, active, attention="mha")}
+            "mha_dense_same_total": dense_matching(moe, total, attention="mha"),
+            "mha_dense_same_active": dense_matching(moe, active, attention="mha")}
   tokens = jax.random.randint(jax.random.key(0), (batch, seq_len + 1), 0, moe.vocab_size)
   rows = []
   for name, cfg in models.items():

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_jax.bench.common import (Report, Table, default_dtype, header_lines, parse_bytes,
-                                  select_variants, time_calls)
-from mla_jax.bench.decode import Variant, base_config, nbytes, variant_config
-from mla_jax.cache import init_cache
+from mla_jax.bench.common import (Report, Table, Variant, base_config, default_dtype,
+                                  header_lines, nbytes, parse_bytes, select_variants, time_calls,
+                                  variant_config)
+from mla_jax.kinds import init_cache
 from mla_jax.model import Transformer
 from mla_jax.sampling import generate
 from mla_jax.train.memory import device_memory_available

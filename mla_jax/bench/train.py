@@ -25,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_jax.bench.common import (Report, Table, count_params, display_path, header_lines,
+from mla_jax.bench.common import (Report, Table, cost, count_params, display_path, header_lines,
                                   match_parameters, select_variants, time_calls)
-from mla_jax.bench.decode import cost
 from mla_jax.bench.memory import cache_per_token
 from mla_jax.config.loader import load_config
 from mla_jax.config.model import ModelConfig
@@ -146,13 +145,13 @@ QUICK_MOE_MODEL = dataclasses.replace(MOE_MODEL, num_layers=2, n_routed_experts=
 
 def moe_rows(moe: ModelConfig, batch: int, seq_len: int, repeats: int) -> list[dict]:
   """The MoE model, a dense MHA model of its total parameters and one of its active parameters
-  (MLP width matched, `bench.moe._dense_matching`): the training step of each, as `measure`."""
-  from mla_jax.bench.moe import _dense_matching, active_param_count
+  (MLP width matched, `bench.moe.dense_matching`): the training step of each, as `measure`."""
+  from mla_jax.bench.moe import active_param_count, dense_matching
 
   total, active = count_params(moe), active_param_count(moe)
   models = (("MLA + DeepSeekMoE", moe),
-            ("dense MHA, same total parameters", _dense_matching(moe, total, attention="mha")),
-            ("dense MHA, same active parameters", _dense_matching(moe, active, attention="mha")))
+            ("dense MHA, same total parameters", dense_matching(moe, total, attention="mha")),
+            ("dense MHA, same active parameters", dense_matching(moe, active, attention="mha")))
   rows = []
   for name, config in models:
     row = measure(name, config, batch, seq_len, repeats)

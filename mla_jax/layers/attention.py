@@ -19,12 +19,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mla_jax.cache import KVCache, load_float
+from mla_jax.cache import KVCache, load_float, write_cache
 from mla_jax.config.model import ModelConfig
 from mla_jax.layers.flash_decode import (grouped_decode_partials, normalize,
                                          split_over_sequence)
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
-                                    resolve_attn_impl, write_cache)
+                                    resolve_attn_impl)
 from mla_jax.layers.params import weight
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.layers.rope import apply_rope, rope_cos_sin

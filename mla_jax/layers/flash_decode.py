@@ -36,10 +36,9 @@ from mla_jax.cache import load_float
 from mla_jax.config.model import ModelConfig
 from mla_jax.layers.precision import einsum_f32
 
-# model.decode_block_size's default, chosen by measurement on a 2-core AMD EPYC (jax 0.10.2,
-# CPU; `mla-jax bench decode --block-sizes`, README "Decode at the roofline"): the fastest of 64
-# to 1,024 at batch 1 and level with 256 at batch 8. Large enough that the loop's per-block
-# overhead is amortised, small enough that a block stays in the core's caches.
+# model.decode_block_size's default, chosen by measurement (`mla-jax bench decode
+# --block-sizes`, docs/decode.md): large enough that the loop's per-block overhead is
+# amortised, small enough that a block stays in the core's caches.
 DEFAULT_BLOCK_SIZE = ModelConfig.decode_block_size
 
 Partials = tuple[jax.Array, jax.Array, jax.Array]  # (m [...], l [...], acc [..., V]) float32

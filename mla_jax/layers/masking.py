@@ -1,8 +1,8 @@
 """What a query may attend to, shared by MLA and the baselines so both mask identically.
 
 Without a cache: plain causal attention over the T new tokens. With a cache: the new tokens go at
-slots lengths[b] .., query t sits at absolute position lengths[b] + t and sees slots <= its
-position that hold real tokens.
+slots lengths[b] .. (written by cache.write_cache), query t sits at absolute position
+lengths[b] + t and sees slots <= its position that hold real tokens.
 
 Two ways to attend over a cache. The flash-decoding path (layers/flash_decode.py) walks the cache
 block by block and stops at the longest sequence. The reference paths ('naive', 'absorbed') read
@@ -13,17 +13,14 @@ yardstick the flash path is tested against, and not what a decode step should co
 
 from __future__ import annotations
 
-from typing import Optional, TypeVar
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from mla_jax.cache import slot_mask, write_tokens
+from mla_jax.cache import Entries, slot_mask
 
 ATTN_IMPLS = ("naive", "absorbed", "flash", "auto")
-# A LatentCache ([B,T,...] new entries or [B,S,...] cache arrays) or a KVCache ([B,G,T,...] or
-# [B,G,S,...]): each says where its token axis is (seq_axis).
-Entries = TypeVar("Entries")
 
 
 def resolve_attn_impl(attn_impl: str, num_new_tokens: int, has_cache: bool) -> str:
@@ -53,13 +50,6 @@ def query_positions(batch: int, num_new: int, has_cache: bool, lengths: Optional
   if num_tokens is None:
     num_tokens = jnp.full((batch,), num_new, jnp.int32)
   return lengths[:, None].astype(jnp.int32) + offsets, num_tokens
-
-
-def write_cache(new: Entries, cache: Entries, lengths: jax.Array) -> Entries:
-  """The cache with this step's entries (the cache's layout, T tokens on its seq_axis) written
-  at slots lengths[b] .. (in place when the cache buffer is donated)."""
-  return jax.tree_util.tree_map(lambda buf, x: write_tokens(buf, x, lengths, cache.seq_axis),
-                                cache, new)
 
 
 def reference_context(new: Entries, updated: Optional[Entries], lengths: Optional[jax.Array],

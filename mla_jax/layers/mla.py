@@ -18,8 +18,8 @@ k_rope over heads.
 
 Absorbed weights. The absorbed and flash paths multiply per head by W_UK and W_UV, a dot with
 the head axis as its batch axis; in kv_b_proj's layout [C,H,N+V] that axis is in the middle, and
-XLA transposes (copies) both halves on every call: on XLA:CPU that cost a V2-Lite layer 4.4 ms
-per decode step, more than all of its other weights together. `absorbed_weights(config, params)`
+XLA transposes (copies) both halves on every call, which on XLA:CPU costs a decode step more
+than all of the layer's other weights together (docs/decode.md). `absorbed_weights(config, params)`
 makes W_UK [H,N,C] and W_UV [H,C,V] once, head-major, as the variable collection "absorbed";
 apply with {"params": params, "absorbed": absorbed} and those paths read them as they lie (as
 inference engines do at load time: vLLM's MLA splits kv_b_proj after loading). Without the
@@ -35,16 +35,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mla_jax.cache import LatentCache, encode_latent, latent_values
+from mla_jax.cache import LatentCache, encode_latent, latent_operand, latent_values, write_cache
 from mla_jax.config.model import ModelConfig
 from mla_jax.layers.flash_decode import mla_decode_partials, normalize, split_over_sequence
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
-                                    resolve_attn_impl, write_cache)
+                                    resolve_attn_impl)
 from mla_jax.layers.norms import RMSNorm
 from mla_jax.layers.params import weight
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.layers.rope import apply_rope, rope_cos_sin
-from mla_jax.quantization import dequantize
 from mla_jax.sharding import sequence_split
 
 
@@ -64,14 +63,22 @@ def absorbed_weights(config: ModelConfig, params: dict) -> dict:
   absorbed and flash paths then read the halves without transposing them on every call
   (module docstring). It is a copy: after the weights change (a training step, a new
   checkpoint) make it again, or the layer uses the old halves. Traceable: inside jit it follows
-  the params' sharding. Returns {} for a config without MLA (attention mha/gqa/mqa).
+  the params' sharding. Returns {} for a config whose attention kind has no absorbed weights
+  (mha/gqa/mqa; the kind's registry entry in mla_jax/kinds.py says).
 
   Raises ValueError, naming the problem, for: the variables dict instead of the parameter tree
   ({"params": ...}), a tree with no kv_b_proj for an MLA config, one whose layout (scanned or
   unrolled) is not config.scan_layers', or a kv_b_proj of another shape than the config's.
   """
-  if config.attention != "mla":
-    return {}
+  from mla_jax.kinds import attention_kind  # imported here: the registry imports this layer
+
+  absorb = attention_kind(config).absorbed_weights
+  return {} if absorb is None else absorb(config, params)
+
+
+def mla_absorbed_weights(config: ModelConfig, params: dict) -> dict:
+  """absorbed_weights for a config whose layers are MultiHeadLatentAttention (the MLA kind's
+  registry entry): the checks and the split, with no kind check."""
   if set(params) == {"params"}:
     raise ValueError("absorbed_weights got a variables dict {'params': ...}: pass the parameter "
                      "tree itself (variables['params'])")
@@ -114,7 +121,7 @@ def absorbed_weights(config: ModelConfig, params: dict) -> dict:
 def per_head(x: jax.Array, w: jax.Array) -> jax.Array:
   """x [B,T,H,I] times a head-major weight w [H,I,O] -> [B,T,H,O] ("BTHI,HIO->BTHO"), as one
   batched dot over heads with B*T rows each: written out because XLA's CPU compiler turned that
-  einsum over [B,T,H,I] into a slower program at B*T > 1."""
+  einsum over [B,T,H,I] into a slower program at B*T > 1 (docs/decode.md)."""
   b, t, h, i = x.shape
   rows = jnp.swapaxes(x.reshape(b * t, h, i), 0, 1)  # [H,B*T,I]
   out = jnp.einsum("HMI,HIO->HMO", rows, w)  # [H,B*T,O]
@@ -222,12 +229,9 @@ class MultiHeadLatentAttention(nn.Module):
     cfg = self.config
     b, t = positions.shape
     kv_lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths + num_tokens
-    latent, dequantize_block = keys.c_kv, None
-    if keys.quantized:  # dequantized inside the loop, one block at a time
-      latent = {"values": keys.c_kv, "scale": keys.c_kv_scale}
-      dequantize_block = lambda block: dequantize(block["values"], block["scale"])
+    latent, decode_block = latent_operand(keys)  # a quantized latent is decoded per block
     partials = functools.partial(mla_decode_partials, scale=cfg.softmax_scale,
-                                 block_size=cfg.decode_block_size, dequantize=dequantize_block)
+                                 block_size=cfg.decode_block_size, dequantize=decode_block)
     split = sequence_split() if lengths is not None else None
     if split is None:
       return normalize(*partials(q_lat, q_rope, latent, keys.k_rope, kv_lengths, positions)[1:])

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mla_jax.bench.decode import base_config, filled_cache, parse_held_check
-from mla_jax.cache import init_cache, latent_values, load_float
+from mla_jax.bench.common import base_config, filled_cache
+from mla_jax.bench.decode import parse_held_check
+from mla_jax.cache import latent_values, load_float
+from mla_jax.kinds import init_cache
 from mla_jax.sampling import DECODE_ATTN_IMPL
 from tests.bench.helpers import check_header, rows, run_suite
 

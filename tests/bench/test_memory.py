@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from mla_jax.bench.memory import CONFIGS, PRESETS
-from mla_jax.cache import cache_bytes_per_token
+from mla_jax.kinds import cache_bytes_per_token
 from mla_jax.config import load_config
 from tests.bench.helpers import check_header, rows, run_suite
 

@@ -1,0 +1,113 @@
+"""The attention kinds: one registry, name (model.attention) -> AttentionKind.
+
+To add a kind (a paged cache, a DSA layer): write its Linen layer in mla_jax/layers/, its cache
+type and empty-cache init in mla_jax/cache.py, and add one KINDS entry here (and its name to
+config's ATTENTION_KINDS); the model, `mla-jax info`, init_cache and the bench suites ask here.
+
+Each kind owns its layer class (the model's DecoderBlock instantiates it as self_attn), its
+cache (what init_cache allocates per layer, and how `mla-jax info` describes it per token),
+whether that cache may be quantized (model.cache_dtype int8 / int4), and its absorbed weights if
+it has any (the "absorbed" variable collection, see layers/mla.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mla_jax.cache import (QMAX, Cache, LayerCache, init_kv_cache, init_latent_cache)
+from mla_jax.config.model import ModelConfig
+from mla_jax.layers.attention import MultiHeadAttention
+from mla_jax.layers.mla import MultiHeadLatentAttention, mla_absorbed_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionKind:
+  """What the library needs to know about one attention kind."""
+
+  name: str
+  layer: type[nn.Module]  # called as layer(config)(x, cache=, lengths=, num_tokens=, attn_impl=)
+  # (config, batch_size, max_len, value dtype name) -> an empty layer cache
+  init_cache: Callable[[ModelConfig, int, int, str], LayerCache]
+  # config -> what one token's cache holds per layer, for `mla-jax info`
+  describe_cache: Callable[[ModelConfig], str]
+  quantizable: bool = False  # whether cache_dtype may be int8 / int4
+  # (config, params) -> the "absorbed" collection; None: the layer has no absorbed weights
+  absorbed_weights: Optional[Callable[[ModelConfig, dict], dict]] = None
+
+  @property
+  def absorbs(self) -> bool:
+    """Whether the layer's 'naive' and 'absorbed' paths differ (it has absorbed weights)."""
+    return self.absorbed_weights is not None
+
+
+def _describe_latent(config: ModelConfig) -> str:
+  return f"c_kv {config.kv_lora_rank} + k_rope {config.qk_rope_head_dim}"
+
+
+def _describe_kv(config: ModelConfig) -> str:
+  return f"{config.kv_heads} kv heads x (k {config.qk_head_dim} + v {config.v_head_dim})"
+
+
+_MLA = AttentionKind("mla", MultiHeadLatentAttention, init_latent_cache, _describe_latent,
+                     quantizable=True, absorbed_weights=mla_absorbed_weights)
+# The baselines differ only in their number of key/value heads (config.kv_heads).
+KINDS: dict[str, AttentionKind] = {
+    "mla": _MLA,
+    **{name: AttentionKind(name, MultiHeadAttention, init_kv_cache, _describe_kv)
+       for name in ("mha", "gqa", "mqa")},
+}
+
+
+def attention_kind(config: ModelConfig) -> AttentionKind:
+  """The registry entry of config.attention (ModelConfig has already validated the name)."""
+  try:
+    return KINDS[config.attention]
+  except KeyError:
+    raise ValueError(f"model.attention={config.attention!r} is invalid: allowed "
+                     f"{', '.join(KINDS)}") from None
+
+
+def _check_sizes(config: ModelConfig, batch_size: int, max_len: int) -> None:
+  if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f"batch_size={batch_size!r} is invalid: must be a positive integer")
+  if isinstance(max_len, bool) or not isinstance(max_len, int) or not 0 < max_len <= config.max_seq_len:
+    raise ValueError(f"max_len={max_len!r} is invalid: must be in [1, model.max_seq_len="
+                     f"{config.max_seq_len}]")
+
+
+def init_layer_cache(config: ModelConfig, batch_size: int, max_len: int,
+                     dtype: Optional[jnp.dtype] = None) -> LayerCache:
+  """An empty cache for one attention layer (a LatentCache for MLA, else a KVCache)."""
+  _check_sizes(config, batch_size, max_len)
+  kind = config.kv_cache_dtype if dtype is None else str(jnp.dtype(dtype)) if not isinstance(
+      dtype, str) else dtype
+  attention = attention_kind(config)
+  if kind in QMAX and not attention.quantizable:
+    raise ValueError(f"cache dtype {kind} quantizes MLA's latent; attention={config.attention}"
+                     " caches K/V: use float32 or bfloat16")
+  return attention.init_cache(config, batch_size, max_len, kind)
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int,
+               dtype: Optional[jnp.dtype] = None) -> Cache:
+  """An empty cache for `batch_size` sequences of up to `max_len` tokens, in the config's
+  kv_cache_dtype (model.cache_dtype or else model.dtype), stored as: float32 arrays; bfloat16 as
+  its uint16 bit patterns (read with load_float; see mla_jax/cache.py); int8 / int4 (packed
+  two per uint8) latents with a float32 scale per token and a bfloat16 (uint16) RoPE key.
+  MLA layers get a LatentCache (c_kv [B,S,C], k_rope [B,S,R]); MHA/GQA/MQA layers a KVCache,
+  head-major (k [B,G,S,K], v [B,G,S,V])."""
+  layers = tuple(init_layer_cache(config, batch_size, max_len, dtype)
+                 for _ in range(config.num_layers))
+  return Cache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def cache_bytes_per_token(config: ModelConfig) -> int:
+  """Exact bytes one token occupies in the whole model's decode cache: all layers' stored
+  arrays (latent + scales + RoPE key, or K and V), from the cache structure itself."""
+  layer = jax.eval_shape(lambda: init_layer_cache(config, 1, 1))
+  return config.num_layers * sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(layer))
