@@ -20,7 +20,7 @@ _PUBLIC = {  # name -> the module that defines it
     "YarnScaling": "mla_jax.config.model", "load_config": "mla_jax.config.loader",
     "load_hf": "mla_jax.hf.load",
     "MultiHeadAttention": "mla_jax.layers.attention",
-    "MultiHeadLatentAttention": "mla_jax.layers.mla", "absorbed_weights": "mla_jax.layers.mla",
+    "MultiHeadLatentAttention": "mla_jax.layers.mla", "absorbed_weights": "mla_jax.kinds",
     "SwiGLU": "mla_jax.layers.mlp",
     "DeepSeekMoE": "mla_jax.layers.moe",
     "RMSNorm": "mla_jax.layers.norms",

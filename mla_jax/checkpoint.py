@@ -14,11 +14,14 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import jax
-import jax.numpy as jnp
-import orbax.checkpoint as ocp
+CHECKPOINTS_DIR = "checkpoints"  # a workdir's orbax directory (mla_jax/workdir.py: the layout)
 
-from mla_jax import workdir as layout
+
+def _orbax():
+  """orbax.checkpoint, imported on first use: a workdir's layout and config are read without it."""
+  import orbax.checkpoint as ocp
+
+  return ocp
 
 
 def check_writable_directory(path: str | Path, name: str) -> None:
@@ -82,7 +85,8 @@ def _damaged_json_file(step_dir: Path) -> Optional[Path]:
 
 class Checkpoints:
   def __init__(self, workdir: str | Path, keep: int):
-    self.directory = layout.checkpoints_dir(Path(workdir).resolve())
+    ocp = _orbax()
+    self.directory = Path(workdir).resolve() / CHECKPOINTS_DIR
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
@@ -91,6 +95,10 @@ class Checkpoints:
 
   def save(self, step: int, state: Any, meta: dict[str, Any], wait: bool = False) -> None:
     """Saves asynchronously (wait=True blocks until it is on disk); refuses non-finite params."""
+    import jax
+    import jax.numpy as jnp
+
+    ocp = _orbax()
     finite = jax.tree_util.tree_reduce(
         lambda ok, x: ok & jnp.all(jnp.isfinite(x)), state.params, jnp.bool_(True))
     if not bool(finite):
@@ -102,12 +110,14 @@ class Checkpoints:
 
   def save_params(self, step: int, params: Any, meta: dict[str, Any]) -> None:
     """Parameters alone (a converted model: no optimizer state), marked so in the metadata."""
+    ocp = _orbax()
     self._manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave({**meta, "params_only": True})))
     self._manager.wait_until_finished()
 
   def restore_params(self, step: int, target: Any) -> Any:
     """The parameters of a save_params checkpoint, into target's shapes and shardings."""
+    ocp = _orbax()
     with _reading(self.directory, step):
       return self._manager.restore(step, args=ocp.args.Composite(
           params=ocp.args.StandardRestore(_abstract(target))))["params"]
@@ -116,6 +126,7 @@ class Checkpoints:
     """The parameters alone of a save (train state) checkpoint, into target's shapes and
     shardings: orbax restores the "state" item's params subtree only (partial restore), so the
     optimizer state is neither read nor needs a target."""
+    ocp = _orbax()
     item = {"params": _abstract(target)}
     with _reading(self.directory, step):
       return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -123,6 +134,7 @@ class Checkpoints:
           partial_restore=True)))["state"]["params"]
 
   def read_meta(self, step: int) -> dict[str, Any]:
+    ocp = _orbax()
     with _reading(self.directory, step):
       return self._manager.restore(step, args=ocp.args.Composite(
           meta=ocp.args.JsonRestore()))["meta"]
@@ -130,6 +142,7 @@ class Checkpoints:
   def restore(self, step: int, target: Any) -> Any:
     """Restores the state into target's structure, shapes, dtypes and shardings. A checkpoint
     that cannot be read raises CheckpointError (a ValueError) naming it."""
+    ocp = _orbax()
     with _reading(self.directory, step):
       return self._manager.restore(
           step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(target))))["state"]
@@ -144,6 +157,8 @@ class Checkpoints:
 
 
 def _abstract(target: Any) -> Any:
+  import jax
+
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       target)

@@ -72,6 +72,25 @@ def attention_kind(config: ModelConfig) -> AttentionKind:
                      f"{', '.join(KINDS)}") from None
 
 
+def absorbed_weights(config: ModelConfig, params: dict) -> dict:
+  """The "absorbed" variable collection for `params`: every MLA layer's kv_b_proj split into
+  W_UK [H,N,C] and W_UV [H,C,V] (a leading layer axis in the scan layout), in config.dtype.
+
+  Make it once per set of weights and apply with {"params": params, "absorbed": absorbed}: the
+  absorbed and flash paths then read the halves without transposing them on every call
+  (mla_jax/layers/mla.py's docstring). It is a copy: after the weights change (a training step, a new
+  checkpoint) make it again, or the layer uses the old halves. Traceable: inside jit it follows
+  the params' sharding. Returns {} for a config whose attention kind has no absorbed weights
+  (mha/gqa/mqa: its registry entry has none).
+
+  Raises ValueError, naming the problem, for: the variables dict instead of the parameter tree
+  ({"params": ...}), a tree with no kv_b_proj for an MLA config, one whose layout (scanned or
+  unrolled) is not config.scan_layers', or a kv_b_proj of another shape than the config's.
+  """
+  absorb = attention_kind(config).absorbed_weights
+  return {} if absorb is None else absorb(config, params)
+
+
 def _check_sizes(config: ModelConfig, batch_size: int, max_len: int) -> None:
   if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
     raise ValueError(f"batch_size={batch_size!r} is invalid: must be a positive integer")

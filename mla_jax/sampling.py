@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax.cache import Cache
-from mla_jax.kinds import init_cache
-from mla_jax.layers.mla import absorbed_weights
+from mla_jax.kinds import absorbed_weights, init_cache
 from mla_jax.model import Transformer
 
 

@@ -23,15 +23,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from mla_jax.checkpoint import CHECKPOINTS_DIR, Checkpoints
 from mla_jax.config.loader import config_from_dict, read_yaml
 from mla_jax.config.run import Config, differing_fields
 
 if TYPE_CHECKING:
-  from mla_jax.checkpoint import Checkpoints
   from mla_jax.config.model import ModelConfig
 
 CONFIG_FILE = "config.yaml"
-CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 LOSS_PLOT = "loss.png"
@@ -102,7 +101,7 @@ def _same_keys(current: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]
   return {k: current[k] for k in saved if k in current}
 
 
-def check_workdir(config: Config, checkpoints: Optional["Checkpoints"] = None) -> Optional[int]:
+def check_workdir(config: Config, checkpoints: Optional[Checkpoints] = None) -> Optional[int]:
   """The step to resume from (None: a fresh run). Refuses, naming the differing fields, a
   workdir whose checkpoint belongs to another run, and a workdir written by `mla-jax convert`.
   Opens no checkpoint manager on a fresh workdir (so a refused command leaves no trace)."""
@@ -110,8 +109,6 @@ def check_workdir(config: Config, checkpoints: Optional["Checkpoints"] = None) -
   if owned:
     if not checkpoints_dir(config.workdir).is_dir():
       return None
-    from mla_jax.checkpoint import Checkpoints
-
     checkpoints = Checkpoints(config.workdir, config.train.keep_checkpoints)
   try:
     step = checkpoints.latest_step()
@@ -163,8 +160,6 @@ def load_checkpoint(workdir: str | Path) -> tuple[Config, Any, int]:
   workdir, the parameters on one device; clear errors for a directory that is not one, or whose
   checkpoint is of another model than its config.yaml. A checkpoint that cannot be read raises
   CheckpointError (a ValueError) naming it."""
-  from mla_jax.checkpoint import Checkpoints
-
   config = read_workdir_config(workdir)
   if not checkpoints_dir(workdir).is_dir():
     raise ValueError(f"--checkpoint {str(workdir)!r} has no checkpoints/ directory")

@@ -43,6 +43,7 @@ BASH_BLOCKS = {
     "checkpoints.md": {"deepseek": "test_deepseek_block_as_written (slow, needs torch)"},
     "decode.md": {},
     "generation.md": {"generate": "test_quick_start_and_generate_as_written (slow, test_readme)"},
+    "installation.md": {},
     "layer.md": {},
     "moe.md": {},
     "quantized-cache.md": {},

@@ -26,9 +26,8 @@ from mla_jax.bench.common import (Report, Table, base_config, cost, count_params
                                   header_lines, match_parameters, measure_ceilings, nbytes,
                                   parse_ints)
 from mla_jax.config.model import ModelConfig
-from mla_jax.kinds import attention_kind, init_cache
+from mla_jax.kinds import absorbed_weights, attention_kind, init_cache
 from mla_jax.model import Transformer
-from mla_jax.layers.mla import absorbed_weights
 from mla_jax.sampling import Sampler, decode_step
 from mla_jax.train.step import compute_grads
 

@@ -38,9 +38,9 @@ from mla_jax.bench.common import (Ceilings, Report, Table, Variant, base_config,
                                   default_dtype, filled_cache, header_lines, measure_ceilings,
                                   nbytes, parse_ints, select_variants, time_calls, variant_config)
 from mla_jax.config.model import ModelConfig
+from mla_jax.kinds import absorbed_weights
 from mla_jax.layers.flash_decode import DEFAULT_BLOCK_SIZE
 from mla_jax.layers.masking import ATTN_IMPLS
-from mla_jax.layers.mla import absorbed_weights
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.model import Transformer
 from mla_jax.sampling import DECODE_ATTN_IMPL, Sampler, decode_step

@@ -55,27 +55,6 @@ def split_kv_b_proj(w_kv_b: jax.Array, nope_dim: int) -> tuple[jax.Array, jax.Ar
   return w_uk, w_uv
 
 
-def absorbed_weights(config: ModelConfig, params: dict) -> dict:
-  """The "absorbed" variable collection for `params`: every MLA layer's kv_b_proj split into
-  W_UK [H,N,C] and W_UV [H,C,V] (a leading layer axis in the scan layout), in config.dtype.
-
-  Make it once per set of weights and apply with {"params": params, "absorbed": absorbed}: the
-  absorbed and flash paths then read the halves without transposing them on every call
-  (module docstring). It is a copy: after the weights change (a training step, a new
-  checkpoint) make it again, or the layer uses the old halves. Traceable: inside jit it follows
-  the params' sharding. Returns {} for a config whose attention kind has no absorbed weights
-  (mha/gqa/mqa; the kind's registry entry in mla_jax/kinds.py says).
-
-  Raises ValueError, naming the problem, for: the variables dict instead of the parameter tree
-  ({"params": ...}), a tree with no kv_b_proj for an MLA config, one whose layout (scanned or
-  unrolled) is not config.scan_layers', or a kv_b_proj of another shape than the config's.
-  """
-  from mla_jax.kinds import attention_kind  # imported here: the registry imports this layer
-
-  absorb = attention_kind(config).absorbed_weights
-  return {} if absorb is None else absorb(config, params)
-
-
 def mla_absorbed_weights(config: ModelConfig, params: dict) -> dict:
   """absorbed_weights for a config whose layers are MultiHeadLatentAttention (the MLA kind's
   registry entry): the checks and the split, with no kind check."""
