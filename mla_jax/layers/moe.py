@@ -107,8 +107,7 @@ class Plan(NamedTuple):
 def default_block_size(num_pairs: int, num_experts: int) -> int:
   """Rows per block: the largest power of two <= 128 whose worst-case padding E (b - 1) stays
   within half the pairs. Each block gathers its expert's weights, so larger blocks read fewer
-  weight bytes: measured at V2-Lite's 64 experts, top-6, 4,096 tokens (fwd+bwd, 2 loaded
-  cores), b = 32, 64, 128, 256 took 14.2, 10.9, 7.1, 7.2 s for 21.8, 23.4, 26.8, 33.4 GFLOP.
+  weight bytes, while the padding they add grows (the measurement behind 128: docs/moe.md).
   1 for decode-sized batches: each pair then gathers only its own expert's weights."""
   b = 1
   while b < 128 and num_experts * (2 * b - 1) <= num_pairs // 2:
