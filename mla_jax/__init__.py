@@ -4,8 +4,9 @@ The public names below are imported on first use (PEP 562), so `import mla_jax` 
 `mla-jax` command start without importing JAX; the command sets its signal handlers first.
 """
 
-import importlib
 from importlib.metadata import PackageNotFoundError, version
+
+from mla_jax._lazy import lazy_exports
 
 try:
   __version__ = version("mla-jax")
@@ -31,13 +32,4 @@ _PUBLIC = {  # name -> the module that defines it
 __all__ = sorted(_PUBLIC) + ["__version__"]
 
 
-def __getattr__(name: str):
-  if name not in _PUBLIC:
-    raise AttributeError(f"module 'mla_jax' has no attribute {name!r}")
-  value = getattr(importlib.import_module(_PUBLIC[name]), name)
-  globals()[name] = value  # later lookups skip this function
-  return value
-
-
-def __dir__():
-  return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC, listed=["__version__"])

@@ -14,7 +14,7 @@ parameters (and optimizer moments, any tree of the same layout) between the two.
 The cache stays a tuple of per-layer caches in both layouts. Under scan its per-layer arrays
 are stacked on entry and split on exit (tree_map, whatever the per-layer cache's fields):
 measured, that copies the cache a few times per call, where the unrolled loop updates it in
-place, so decoding is best done with the unrolled layout (see README, "Scan over layers").
+place, so decoding is best done with the unrolled layout (docs/moe.md, "Scan over layers").
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Every name is imported on first use (PEP 562), so `from mla_jax.config import Mo
 imports the schema alone, not PyYAML or the loader.
 """
 
-import importlib
+from mla_jax._lazy import lazy_exports
 
 _NAMES = {  # name -> the module that defines it
     **dict.fromkeys(("ATTENTION_KINDS", "CACHE_DTYPES", "DTYPES", "MOE_IMPLS", "ModelConfig",
@@ -20,13 +20,4 @@ _NAMES = {  # name -> the module that defines it
 __all__ = sorted(_NAMES)
 
 
-def __getattr__(name: str):
-  if name not in _NAMES:
-    raise AttributeError(f"module 'mla_jax.config' has no attribute {name!r}")
-  value = getattr(importlib.import_module(_NAMES[name]), name)
-  globals()[name] = value  # later lookups skip this function
-  return value
-
-
-def __dir__():
-  return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES)

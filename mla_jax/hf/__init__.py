@@ -6,7 +6,7 @@ Every name is imported on first use (PEP 562), so reading a JSON file does not i
 `from mla_jax.hf import load_hf` keeps working.
 """
 
-import importlib
+from mla_jax._lazy import lazy_exports
 
 _NAMES = {  # name -> the module that defines it
     **dict.fromkeys(("SUPPORTED_MODEL_TYPES", "model_config_from_hf", "mtp_layer_count"),
@@ -22,13 +22,4 @@ _NAMES = {  # name -> the module that defines it
 __all__ = sorted(_NAMES)
 
 
-def __getattr__(name: str):
-  if name not in _NAMES:
-    raise AttributeError(f"module 'mla_jax.hf' has no attribute {name!r}")
-  value = getattr(importlib.import_module(_NAMES[name]), name)
-  globals()[name] = value  # later lookups skip this function
-  return value
-
-
-def __dir__():
-  return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES)

@@ -19,8 +19,8 @@ covered.
 Split over S (the cache's `sequence` mesh axis): each shard runs the same loop over its own slots
 and returns its (m, l, acc); `combine_partials` merges them exactly.
 
-`mla_decode_attention` is the signature a Pallas kernel (FlashMLA-style, GPU/TPU) can implement
-later; `grouped_decode_partials` is the same loop for the MHA/GQA/MQA baselines' head-major
+`mla_decode_partials` is the function the MLA layer calls, so it is the signature a Pallas
+kernel (FlashMLA-style, GPU/TPU) can implement later (`mla_decode_attention` is it normalised); `grouped_decode_partials` is the same loop for the MHA/GQA/MQA baselines' head-major
 K/V cache [B,G,S,K] (walked along its axis 2).
 """
 

@@ -19,8 +19,8 @@ Two implementations of the routed experts (`model.moe_impl`), the same numbers:
      experts): E / K times the routed FLOPs. The reference dispatch is tested against.
 
 `jax.lax.ragged_dot` computes the same grouped matmul, but XLA's CPU backend lowers it to a
-masked dense product over all E groups (64.7x the needed FLOPs at E=64, K=6:
-`python -m mla_jax.bench.moe ragged_dot`), as dear as the dense reference; `grouped_matmul`
+masked dense product over all E groups, as dear as the dense reference (measured by
+`python -m mla_jax.bench.moe ragged_dot`, docs/moe.md); `grouped_matmul`
 below is the one function a backend's grouped-matmul kernel (ragged_dot where it is native,
 megablox on TPU) would replace.
 

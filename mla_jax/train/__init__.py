@@ -7,7 +7,7 @@ imports no optimizer. Restoring a workdir's parameters is mla_jax.workdir's, whi
 training code; its names stay reachable here for code written against the single module.
 """
 
-import importlib
+from mla_jax._lazy import lazy_exports
 
 _NAMES = {  # name -> the module that defines it
     **dict.fromkeys(("NEVER_APPLY_NONFINITE", "TrainState", "Trainer", "TrainingError",
@@ -27,13 +27,4 @@ _NAMES = {  # name -> the module that defines it
 __all__ = sorted(_NAMES)
 
 
-def __getattr__(name: str):
-  if name not in _NAMES:
-    raise AttributeError(f"module 'mla_jax.train' has no attribute {name!r}")
-  value = getattr(importlib.import_module(_NAMES[name]), name)
-  globals()[name] = value  # later lookups skip this function
-  return value
-
-
-def __dir__():
-  return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _NAMES)
