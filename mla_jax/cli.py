@@ -30,12 +30,9 @@ from mla_jax.interrupts import INTERRUPTS, exit_code
 def abstract_params(config: ModelConfig):
   """Parameter shapes from jax.eval_shape: nothing is allocated, so DeepSeek-V3's preset is
   sized on a laptop."""
-  import jax
-  import jax.numpy as jnp
+  from mla_jax.model import parameter_shapes
 
-  model = mla_jax.Transformer(config)
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+  return parameter_shapes(config)
 
 
 def count_params(config: ModelConfig) -> int:

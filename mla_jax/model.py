@@ -201,3 +201,11 @@ class Transformer(nn.Module):
       if total.max() > cache.max_len:
         raise ValueError(f"cache overflow: lengths + new tokens = {total.tolist()} exceeds the "
                          f"cache's max_len {cache.max_len}")
+
+
+def parameter_shapes(config: ModelConfig, remat: str = "none") -> dict[str, Any]:
+  """The Transformer's parameter tree as jax.ShapeDtypeStruct leaves (jax.eval_shape of its init:
+  nothing is allocated, so the largest presets are sized on a laptop)."""
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  model = Transformer(config, remat=remat)
+  return jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]

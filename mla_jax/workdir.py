@@ -143,13 +143,10 @@ def abstract_params(config: "ModelConfig", device: Any = None) -> Any:
   """The model's parameter tree as shapes and dtypes (jax.eval_shape of its init: nothing is
   allocated), each placed on `device` (default: the first local device): a restore target."""
   import jax
-  import jax.numpy as jnp
 
-  from mla_jax.model import Transformer
+  from mla_jax.model import parameter_shapes
 
-  model = Transformer(config)
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t), tokens)["params"]
+  shapes = parameter_shapes(config)
   sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
   return jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
