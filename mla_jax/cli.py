@@ -48,18 +48,18 @@ def _size(num_bytes: int) -> str:
 def describe(config: ModelConfig) -> list[str]:
   """The lines `mla-jax info` prints: size, and what one token costs in the decode cache."""
   import jax
-  import jax.numpy as jnp
 
-  from mla_jax.kinds import attention_kind
+  from mla_jax.kinds import attention_kind, cache_bytes_per_token
   from mla_jax.sharding import bytes_per_device
 
-  itemsize = jnp.dtype(config.dtype).itemsize
   per_layer = config.cache_elements_per_token_per_layer()
   layers = config.num_layers
+  # Bytes as the cache stores them (model.cache_dtype, else model.dtype; int8/int4 with scales).
+  token_bytes = cache_bytes_per_token(config)
   shape = attention_kind(config).describe_cache(config)
-  mha = dataclasses.replace(config, attention="mha", num_kv_heads=None)
+  mha = dataclasses.replace(config, attention="mha", num_kv_heads=None, cache_dtype=None)
   mha_per_layer = mha.cache_elements_per_token_per_layer()
-  context_bytes = per_layer * layers * itemsize * config.max_seq_len
+  context_bytes = token_bytes * config.max_seq_len
   params = abstract_params(config)
   count = sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
   one = bytes_per_device(params, {})
@@ -71,9 +71,9 @@ def describe(config: ModelConfig) -> list[str]:
       f"parameter memory ({config.param_dtype}): {_size(one)} on one device; "
       f"{_size(fsdp8)} per device with mesh.fsdp=8",
       f"kv cache per token per layer: {per_layer:,} elements ({shape}) = "
-      f"{per_layer * itemsize:,} bytes",
+      f"{token_bytes // layers:,} bytes",
       f"kv cache per token, all {layers} layers: {per_layer * layers:,} elements = "
-      f"{per_layer * layers * itemsize:,} bytes",
+      f"{token_bytes:,} bytes",
       f"kv cache for one sequence of max_seq_len={config.max_seq_len:,}: "
       f"{context_bytes / 2**20:,.1f} MiB",
       f"vs MHA with the same heads ({mha_per_layer:,} elements per token per layer): "

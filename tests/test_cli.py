@@ -37,6 +37,21 @@ def test_info_applies_overrides_and_counts_params_exactly(capsys):
   assert f"parameters: {2 * 260 * 128 + 128 + 4 * per_layer:,}" in out
 
 
+@pytest.mark.parametrize("cache_dtype, per_layer", [
+    ("bfloat16", 48 * 2),  # c_kv 32 + k_rope 16, two bytes each
+    ("int8", 32 + 4 + 16 * 2),  # int8 latent, its float32 scale, bfloat16 k_rope
+    ("int4", 16 + 4 + 16 * 2),  # two latent values per byte
+])
+def test_info_counts_the_cache_as_stored(capsys, cache_dtype, per_layer):
+  """The cache lines follow model.cache_dtype (not model.dtype), and a quantized MLA cache is
+  described rather than refused by the MHA comparison line."""
+  assert main(["info", str(CONFIGS / "tiny.yaml"), f"model.cache_dtype={cache_dtype}"]) == 0
+  out = capsys.readouterr().out
+  assert f"(c_kv 32 + k_rope 16) = {per_layer:,} bytes" in out
+  assert f"all 4 layers: 192 elements = {4 * per_layer:,} bytes" in out
+  assert "15.00% of its cache" in out
+
+
 def test_bad_override_is_one_clear_line(capsys):
   assert main(["info", str(CONFIGS / "tiny.yaml"), "model.kv_lora_rank=-3"]) == 2
   err = capsys.readouterr().err
