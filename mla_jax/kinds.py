@@ -1,6 +1,7 @@
 """The attention kinds: one registry, name (model.attention) -> AttentionKind.
 
-To add a kind (a paged cache, a DSA layer): write its Linen layer in mla_jax/layers/, its cache
+To add a kind (a paged cache, a DSA layer): write its parameter specs, its pure function and its
+Linen layer in mla_jax/layers/ (the NNX module is made from the first two), its cache
 type and empty-cache init in mla_jax/cache.py, and add one KINDS entry here (and its name to
 config's ATTENTION_KINDS); the model, `mla-jax info`, init_cache and the bench suites ask here.
 
@@ -21,8 +22,10 @@ import jax.numpy as jnp
 
 from mla_jax.cache import (QMAX, Cache, LayerCache, init_kv_cache, init_latent_cache)
 from mla_jax.config.model import ModelConfig
-from mla_jax.layers.attention import MultiHeadAttention
-from mla_jax.layers.mla import MultiHeadLatentAttention, mla_absorbed_weights
+from mla_jax.layers.attention import MultiHeadAttention, mha_attention, mha_specs
+from mla_jax.layers.mla import (MultiHeadLatentAttention, mla_absorbed_weights, mla_attention,
+                                mla_specs)
+from mla_jax.layers.params import ParamSpecs, unbox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +33,11 @@ class AttentionKind:
   """What the library needs to know about one attention kind."""
 
   name: str
-  layer: type[nn.Module]  # called as layer(config)(x, cache=, lengths=, num_tokens=, attn_impl=)
+  layer: type[nn.Module]  # the Linen module: layer(config)(x, cache=, lengths=, num_tokens=, attn_impl=)
+  param_specs: Callable[[ModelConfig], ParamSpecs]  # its parameters (names, shapes, logical axes)
+  # the math, pure: (config, params, x, *, cache, lengths, num_tokens, attn_impl, absorbed,
+  # record) -> (y, cache); the Linen and the NNX modules both call it
+  apply: Callable[..., tuple[jax.Array, Optional[LayerCache]]]
   # (config, batch_size, max_len, value dtype name) -> an empty layer cache
   init_cache: Callable[[ModelConfig, int, int, str], LayerCache]
   # config -> what one token's cache holds per layer, for `mla-jax info`
@@ -53,12 +60,13 @@ def _describe_kv(config: ModelConfig) -> str:
   return f"{config.kv_heads} kv heads x (k {config.qk_head_dim} + v {config.v_head_dim})"
 
 
-_MLA = AttentionKind("mla", MultiHeadLatentAttention, init_latent_cache, _describe_latent,
-                     quantizable=True, absorbed_weights=mla_absorbed_weights)
+_MLA = AttentionKind("mla", MultiHeadLatentAttention, mla_specs, mla_attention, init_latent_cache,
+                     _describe_latent, quantizable=True, absorbed_weights=mla_absorbed_weights)
 # The baselines differ only in their number of key/value heads (config.kv_heads).
 KINDS: dict[str, AttentionKind] = {
     "mla": _MLA,
-    **{name: AttentionKind(name, MultiHeadAttention, init_kv_cache, _describe_kv)
+    **{name: AttentionKind(name, MultiHeadAttention, mha_specs, mha_attention, init_kv_cache,
+                           _describe_kv)
        for name in ("mha", "gqa", "mqa")},
 }
 
@@ -88,7 +96,7 @@ def absorbed_weights(config: ModelConfig, params: dict) -> dict:
   unrolled) is not config.scan_layers', or a kv_b_proj of another shape than the config's.
   """
   absorb = attention_kind(config).absorbed_weights
-  return {} if absorb is None else absorb(config, params)
+  return {} if absorb is None else absorb(config, unbox(params))
 
 
 def _check_sizes(config: ModelConfig, batch_size: int, max_len: int) -> None:

@@ -13,8 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import nnx
+
 from mla_jax.cache import Cache
 from mla_jax.kinds import absorbed_weights, init_cache
+from mla_jax.layers.params import unbox
 from mla_jax.model import Transformer
 
 
@@ -192,12 +195,15 @@ def decode_step(params, token: jax.Array, cache: Cache, key: jax.Array,
   return decode_token(model, params, token, cache, key, sampler, attn_impl, absorbed)
 
 
-def stream(model: Transformer, params, prompt: Sequence[int], *, max_new_tokens: int,
-           temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
-           eos_id: Optional[int] = None, seed: int = 0) -> Iterator[int]:
+def stream(model: Transformer, params, prompt: Optional[Sequence[int]] = None, *,
+           max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
+           top_p: Optional[float] = None, eos_id: Optional[int] = None,
+           seed: int = 0) -> Iterator[int]:
   """Yields one prompt's new tokens as they are sampled (one host round trip per token: for
   interactive output; `generate` runs the whole loop on the device). Same keys, same tokens.
-  Validation and compilation happen in this call; the returned iterator only runs."""
+  Validation and compilation happen in this call; the returned iterator only runs.
+  stream(linen_model, params, prompt, ...) or stream(nnx_model, prompt, ...)."""
+  model, params, prompt = as_linen(model, params, prompt, "stream")
   cfg = model.config
   check_sampling(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, eos_id)
   (row,) = _prompt_rows([prompt], cfg.vocab_size)
@@ -226,6 +232,26 @@ def stream(model: Transformer, params, prompt: Sequence[int], *, max_new_tokens:
   return tokens()
 
 
+def as_linen(model, params, prompts, function: str):
+  """(Linen Transformer, plain parameter tree, prompts) for generate/stream called either as
+  f(linen_model, params, prompts) or f(nnx_model, prompts): an mla_jax.nnx.Transformer holds its
+  parameters, which are the Linen model's tree, so it runs through the same compiled programs.
+  Raises TypeError for an NNX model given parameters too, or a Linen model given none."""
+  if isinstance(model, nnx.Module):
+    from mla_jax.nnx import Transformer as NNXTransformer, model_params
+    if not isinstance(model, NNXTransformer):
+      raise TypeError(f"{function} takes an mla_jax.nnx.Transformer or an mla_jax.Transformer, "
+                      f"got {type(model).__name__}")
+    if prompts is not None:
+      raise TypeError(f"an NNX model holds its parameters: call {function}(model, prompts, ...)"
+                      f" without params")
+    return Transformer(model.config, remat=model.remat), model_params(model), params
+  if prompts is None:
+    raise TypeError(f"{function}(model, params, prompts, ...) needs the prompts (the Linen "
+                    "Transformer takes its parameters as an argument)")
+  return model, unbox(params), prompts
+
+
 def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int) -> int:
   """Longest prompt + max_new_tokens, refused past the model's max_seq_len before any compute."""
   total = longest_prompt + max_new_tokens
@@ -235,11 +261,12 @@ def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int) -> 
   return total
 
 
-def generate(model: Transformer, params, prompts, *, max_new_tokens: int,
+def generate(model: Transformer, params, prompts=None, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_id: Optional[int] = None, seed: int = 0, pad_id: int = 0,
              return_lengths: bool = False, attention_mask=None, lengths=None):
-  """Continues each prompt by max_new_tokens tokens.
+  """Continues each prompt by max_new_tokens tokens: generate(linen_model, params, prompts, ...)
+  or generate(nnx_model, prompts, ...) (an mla_jax.nnx.Transformer holds its parameters).
 
   prompts: token lists of any lengths, or an int array [B,T] with exactly one of
     attention_mask [B,T]: 1 on real tokens, 0 on padding, which may be on the left (Hugging
@@ -253,6 +280,7 @@ def generate(model: Transformer, params, prompts, *, max_new_tokens: int,
   tokens, then its new tokens, then pad_id (after an EOS, and for shorter prompts), whatever
   side the input was padded on. With return_lengths, also each row's real length [B].
   """
+  model, params, prompts = as_linen(model, params, prompts, "generate")
   cfg = model.config
   check_sampling(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, eos_id)
   rows = _prompt_rows(prompts, cfg.vocab_size, attention_mask, lengths)

@@ -13,15 +13,27 @@ in the `mesh:` config, never in the layers. Mesh axes:
 
 Meshes use AxisType.Auto: shardings are given at jit boundaries and on a few activations through
 constrain(), and XLA propagates the rest; no jnp call in the model needs a sharding argument.
+
+A user's own model. The library's layers annotate their parameters with these logical names
+(Linen: nn.with_logical_partitioning boxes, read by nn.get_partition_spec; NNX: each nnx.Param's
+out_sharding). `shard(tree, mesh, rules=...)` reads those annotations first, then the name
+tables, and maps logical names with the user's rules laid over RULES: a dict or flax-style
+sequence of (logical name, mesh axes or None) pairs, the first pair of a name winning, as in
+flax's logical_axis_rules; rules set with `nn.logical_axis_rules(...)` apply too, and also to the
+activations constrain() pins. A leaf with no annotation and no table entry, or a logical name
+with no rule, is refused with the annotation or the rule to add.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
+from flax import nnx
+from flax.core import meta
+from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
@@ -105,15 +117,84 @@ def make_mesh(sizes: dict[str, int], devices: Optional[Sequence[jax.Device]] = N
                        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_to_spec(axes: Sequence[Optional[str]]) -> PartitionSpec:
-  return PartitionSpec(*(RULES[a] if a is not None else None for a in axes))
+MeshAxes = Optional[Union[str, tuple[str, ...]]]
+Rules = Union[Mapping[str, MeshAxes], Sequence[tuple[str, MeshAxes]]]
 
 
-def _dim_mesh_axes(path, leaf) -> list[tuple[Optional[str], tuple[str, ...]]]:
+def _rule_pairs(rules: Rules) -> list[tuple[str, MeshAxes]]:
+  if isinstance(rules, Mapping):
+    return list(rules.items())
+  pairs = []
+  for entry in rules:
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)):
+      raise ValueError(f"sharding rule {entry!r} is invalid: each rule is a (logical name, mesh "
+                       "axes) pair, e.g. ('mlp', 'tensor') or ('embed', None)")
+    pairs.append((entry[0], entry[1]))
+  return pairs
+
+
+def resolve_rules(rules: Optional[Rules] = None) -> dict[str, Optional[tuple[str, ...]]]:
+  """Logical name -> mesh axes: RULES, then flax's logical_axis_rules context, then `rules`
+  (each later source overrides; within one sequence the first pair of a name wins, as flax
+  reads its rules). Mesh axes are normalised to a tuple or None. Raises ValueError for a rule
+  that is not a (name, axes) pair or whose axes are not mesh axis names."""
+  resolved: dict[str, Optional[tuple[str, ...]]] = dict(RULES)
+  for source in (flax_spmd.get_logical_axis_rules() or (), rules or ()):
+    seen = set()
+    for name, axes in _rule_pairs(source):
+      if name in seen:
+        continue
+      seen.add(name)
+      normalised = None if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      for axis in normalised or ():
+        if axis not in MESH_AXES:
+          raise ValueError(f"sharding rule ({name!r}, {axes!r}) names mesh axis {axis!r}: "
+                           f"allowed {', '.join(MESH_AXES)} (or None to replicate)")
+      resolved[name] = normalised
+  return resolved
+
+
+def logical_to_spec(axes: Sequence[Optional[str]], rules: Optional[Rules] = None,
+                    where: str = "") -> PartitionSpec:
+  """Logical axes -> the PartitionSpec under resolve_rules(rules). Raises ValueError naming the
+  rule to add for a logical name no rule maps."""
+  table = resolve_rules(rules)
+  for a in axes:
+    if a is not None and a not in table:
+      raise ValueError(f"logical axis {a!r}{' of ' + where if where else ''} has no sharding "
+                       f"rule: pass rules with ({a!r}, <mesh axes>), e.g. ({a!r}, 'tensor') to "
+                       f"split it or ({a!r}, None) to replicate it")
+  return PartitionSpec(*(table[a] if a is not None else None for a in axes))
+
+
+def _is_annotated(x: Any) -> bool:
+  """A flax box (nn.Partitioned) or an NNX Variable: a leaf that may carry logical axes."""
+  return isinstance(x, (meta.AxisMetadata, nnx.Variable))
+
+
+def _annotation(leaf: Any) -> Optional[tuple[Optional[str], ...]]:
+  if isinstance(leaf, meta.Partitioned):
+    return tuple(leaf.names)
+  if isinstance(leaf, nnx.Variable):
+    names = leaf.get_metadata().get("out_sharding")
+    return None if not names else tuple(names)
+  return None
+
+
+def _value(leaf: Any) -> Any:
+  if isinstance(leaf, meta.AxisMetadata):
+    return leaf.unbox()
+  if isinstance(leaf, nnx.Variable):
+    return leaf.get_value()
+  return leaf
+
+
+def _dim_mesh_axes(path, leaf, rules: Optional[Rules] = None, axes_table=None
+                   ) -> list[tuple[Optional[str], tuple[str, ...]]]:
   """(logical axis, mesh axes it is split over) for each dimension of a leaf."""
-  axes = leaf_axes(path, leaf)
+  axes = leaf_axes(path, leaf, axes_table)
   out = []
-  for logical, entry in zip(axes, logical_to_spec(axes)):
+  for logical, entry in zip(axes, logical_to_spec(axes, rules, jax.tree_util.keystr(path))):
     mesh_axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
     out.append((logical, mesh_axes))
   return out
@@ -132,38 +213,58 @@ def _under_stacked_layers(path) -> bool:
   return any(getattr(key, "key", None) == "layers" for key in path)
 
 
-def leaf_axes(path, leaf) -> tuple[Optional[str], ...]:
-  """Logical axes of a parameter, an optimizer moment mirroring one, or a cache array.
+def leaf_axes(path, leaf, axes_table: Optional[Mapping[str, Sequence[Optional[str]]]] = None
+              ) -> tuple[Optional[str], ...]:
+  """Logical axes of a parameter, an optimizer moment mirroring one, or a cache array: the
+  leaf's own annotation (a flax box's names, an nnx.Variable's out_sharding), else its name in
+  axes_table (the caller's: leaf name -> axes), PARAM_AXES or CACHE_AXES.
 
-  Scalars (step counters) are replicated. A named array missing from the tables is an error, so
-  no parameter can silently go unsharded.
+  Scalars (step counters) are replicated. An array with none of these is an error naming the
+  annotation to add, so no parameter can silently go unsharded.
   """
+  annotated = _annotation(leaf)
+  value = _value(leaf)
+  if annotated is not None:
+    if len(annotated) != np.ndim(value):
+      raise ValueError(f"{jax.tree_util.keystr(path)} of shape {np.shape(value)} is annotated "
+                       f"with {len(annotated)} logical axes {annotated}: one per dimension")
+    return annotated
+  leaf = value
   if np.ndim(leaf) == 0:
     return ()
   name = _leaf_name(path)
-  axes = PARAM_AXES.get(name, CACHE_AXES.get(name))
+  axes = (axes_table or {}).get(name, PARAM_AXES.get(name, CACHE_AXES.get(name)))
   if axes is not None and _under_stacked_layers(path) and np.ndim(leaf) == len(axes) + 1:
-    axes = ("layers",) + axes  # model.scan_layers: [L, ...] under params['layers']
+    axes = ("layers",) + tuple(axes)  # model.scan_layers: [L, ...] under params['layers']
   if axes is None or len(axes) != np.ndim(leaf):
+    dims = ", ".join(["'...'"] * np.ndim(leaf))
     raise ValueError(f"no logical axes for array {jax.tree_util.keystr(path)} of shape "
-                     f"{np.shape(leaf)}: add its name to PARAM_AXES or CACHE_AXES in "
-                     "mla_jax/sharding.py")
-  return axes
+                     f"{np.shape(leaf)}: annotate it (Linen: nn.with_logical_partitioning(init, "
+                     f"({dims})); NNX: nnx.Param(value, out_sharding=({dims}))) or pass "
+                     f"axes={{{name!r}: ({dims})}}, one logical name (or None) per dimension")
+  return tuple(axes)
 
 
-def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-  """NamedShardings for every leaf (arrays or ShapeDtypeStructs), checking divisibility."""
+def tree_shardings(tree: Any, mesh: Mesh, rules: Optional[Rules] = None,
+                   axes: Optional[Mapping[str, Sequence[Optional[str]]]] = None) -> Any:
+  """NamedShardings for every leaf (arrays, ShapeDtypeStructs, flax boxes or nnx Variables,
+  each box getting one sharding), checking divisibility. rules: the caller's logical-name ->
+  mesh-axes rules over RULES (resolve_rules); axes: leaf name -> logical axes for the caller's
+  own unannotated leaves. Raises ValueError naming the leaf and the annotation, rule or mesh
+  size to change."""
+  resolved = resolve_rules(rules)  # validated once, before any leaf
 
   def sharding(path, leaf):
-    for dim, (logical, mesh_axes) in enumerate(_dim_mesh_axes(path, leaf)):
+    shape = np.shape(_value(leaf))
+    for dim, (logical, mesh_axes) in enumerate(_dim_mesh_axes(path, leaf, resolved, axes)):
       ways = math.prod(mesh.shape[a] for a in mesh_axes)
-      if np.shape(leaf)[dim] % ways:
+      if shape[dim] % ways:
         named = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in mesh_axes)
         raise ValueError(f"{named} does not divide dimension {dim} ('{logical}', size "
-                         f"{np.shape(leaf)[dim]}) of {jax.tree_util.keystr(path)}")
-    return NamedSharding(mesh, logical_to_spec(leaf_axes(path, leaf)))
+                         f"{shape[dim]}) of {jax.tree_util.keystr(path)}")
+    return NamedSharding(mesh, logical_to_spec(leaf_axes(path, leaf, axes), resolved))
 
-  return jax.tree_util.tree_map_with_path(sharding, tree)
+  return jax.tree_util.tree_map_with_path(sharding, tree, is_leaf=_is_annotated)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -179,33 +280,45 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
 
 
+def mesh_axes_of(logical: str) -> tuple[str, ...]:
+  """The mesh axes a logical name is split over under the current rules (() if replicated)."""
+  return resolve_rules().get(logical) or ()
+
+
 def sequence_split() -> Optional[dict[str, tuple[str, ...]]]:
   """Under a mesh that splits the cache's sequence axis ('cache_seq') over more than one device:
   the mesh axes of the cache's batch and sequence, for flash-decoding's split over S
   (layers/flash_decode.split_over_sequence); None otherwise."""
   mesh = jax.sharding.get_abstract_mesh()
-  seq = RULES["cache_seq"] or ()
-  if mesh.empty or math.prod(mesh.shape[a] for a in seq) == 1:
+  if mesh.empty:
     return None
-  return {"batch_axes": RULES["cache_batch"], "seq_axes": seq}
+  seq = mesh_axes_of("cache_seq")
+  if math.prod(mesh.shape[a] for a in seq) == 1:
+    return None
+  return {"batch_axes": mesh_axes_of("cache_batch"), "seq_axes": seq}
 
 
-def shard(tree: Any, mesh: Mesh) -> Any:
-  """Places a parameter or cache tree on the mesh as the tables say."""
-  return jax.device_put(tree, tree_shardings(tree, mesh))
+def shard(tree: Any, mesh: Mesh, rules: Optional[Rules] = None,
+          axes: Optional[Mapping[str, Sequence[Optional[str]]]] = None) -> Any:
+  """Places a parameter, optimizer-state or cache tree on the mesh: each leaf by its logical
+  axes (its annotation, else `axes`, else the library's tables) mapped by `rules` over RULES
+  (see tree_shardings). The tree keeps its structure (boxes stay boxes, an nnx.State stays
+  one: apply it with nnx.update(model, shard(nnx.state(model), mesh)))."""
+  return jax.device_put(tree, tree_shardings(tree, mesh, rules, axes))
 
 
 def sharded_cached_apply(model, mesh: Mesh, params: Any, cache: Any, attn_impl: str = "auto",
-                         absorbed: Any = None):
+                         absorbed: Any = None, rules: Optional[Rules] = None):
   """`model.apply` with a cache, jitted for params and cache laid out on `mesh` by the tables:
   tokens [B,T] and logits follow the cache's batch sharding, the cache is donated and comes back
   with the sharding it went in with, so a decode loop keeps it in place step after step.
   absorbed: absorbed_weights(config, params) (laid out like kv_b_proj over heads); with it the
   returned function is run(params, token_ids, cache, absorbed), and the absorbed and flash paths
-  read W_UK and W_UV without transposing them each call."""
-  param_shardings, cache_shardings = tree_shardings(params, mesh), tree_shardings(cache, mesh)
-  tokens = NamedSharding(mesh, logical_to_spec(("cache_batch", None)))
-  logits = NamedSharding(mesh, logical_to_spec(("cache_batch", None, "vocab")))
+  read W_UK and W_UV without transposing them each call. rules: as for shard."""
+  param_shardings = tree_shardings(params, mesh, rules)
+  cache_shardings = tree_shardings(cache, mesh, rules)
+  tokens = NamedSharding(mesh, logical_to_spec(("cache_batch", None), rules))
+  logits = NamedSharding(mesh, logical_to_spec(("cache_batch", None, "vocab"), rules))
   if absorbed is None:
     apply = jax.jit(
         lambda p, t, c: model.apply({"params": p}, t, cache=c, attn_impl=attn_impl),
@@ -215,7 +328,8 @@ def sharded_cached_apply(model, mesh: Mesh, params: Any, cache: Any, attn_impl: 
     apply = jax.jit(
         lambda p, t, c, a: model.apply({"params": p, "absorbed": a}, t, cache=c,
                                        attn_impl=attn_impl),
-        in_shardings=(param_shardings, tokens, cache_shardings, tree_shardings(absorbed, mesh)),
+        in_shardings=(param_shardings, tokens, cache_shardings,
+                      tree_shardings(absorbed, mesh, rules)),
         out_shardings=(logits, cache_shardings), donate_argnums=(2,))
 
   def run(params, token_ids, cache, *absorbed):  # [B,T] int32 -> (logits [B,T,V], cache)
@@ -225,13 +339,14 @@ def sharded_cached_apply(model, mesh: Mesh, params: Any, cache: Any, attn_impl: 
   return run
 
 
-def bytes_per_device(tree: Any, sizes: dict[str, int]) -> int:
+def bytes_per_device(tree: Any, sizes: dict[str, int], rules: Optional[Rules] = None) -> int:
   """Bytes of a tree's arrays that one device holds when laid out by the tables on a mesh of
   these sizes; shapes only, so it sizes a 671B model on a laptop (uneven splits round up)."""
   total = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    shape = list(np.shape(leaf))
-    for dim, (_, mesh_axes) in enumerate(_dim_mesh_axes(path, leaf)):
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_annotated)[0]:
+    value = _value(leaf)
+    shape = list(np.shape(value))
+    for dim, (_, mesh_axes) in enumerate(_dim_mesh_axes(path, leaf, rules)):
       shape[dim] = -(-shape[dim] // math.prod(sizes.get(a, 1) for a in mesh_axes))
-    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+    total += math.prod(shape) * np.dtype(value.dtype).itemsize
   return total

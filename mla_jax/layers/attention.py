@@ -25,19 +25,83 @@ from mla_jax.layers.flash_decode import (grouped_decode_partials, normalize,
                                          split_over_sequence)
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
                                     resolve_attn_impl)
-from mla_jax.layers.params import weight
+from mla_jax.layers.params import ParamSpecs, cast, declare, projection
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.layers.rope import apply_rope, rope_cos_sin
 from mla_jax.sharding import sequence_split
 
 
-class MultiHeadAttention(nn.Module):
-  """x [B,T,D] -> (y [B,T,D], updated KVCache or None); G = config.kv_heads key/value heads.
+def mha_specs(config: ModelConfig) -> ParamSpecs:
+  """q_proj [D,H,N+R], k_proj [D,G,N+R], v_proj [D,G,V], o_proj [H,V,D]; G = config.kv_heads."""
+  cfg = config
+  d, h, g, v, k_dim = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.v_head_dim, cfg.qk_head_dim
+  return {"q_proj": projection(cfg, (d, h, k_dim), ("embed", "heads", "head_dim")),
+          "k_proj": projection(cfg, (d, g, k_dim), ("embed", "kv_heads", "head_dim")),
+          "v_proj": projection(cfg, (d, g, v), ("embed", "kv_heads", "head_dim")),
+          "o_proj": projection(cfg, (h, v, d), ("heads", "head_dim", "embed"))}
+
+
+def mha_attention(config: ModelConfig, params: dict, x: jax.Array, *,
+                  cache: Optional[KVCache] = None, lengths: Optional[jax.Array] = None,
+                  num_tokens: Optional[jax.Array] = None, attn_impl: str = "auto",
+                  absorbed: Optional[dict] = None, record=None
+                  ) -> tuple[jax.Array, Optional[KVCache]]:
+  """MHA/GQA/MQA as a pure function: x [B,T,D] -> (y [B,T,D], updated KVCache or None), with
+  the weights of mha_specs; the arguments mean what they mean for mla_attention (absorbed and
+  record are accepted for the same signature: this layer has no absorbed weights).
 
   attn_impl: 'flash' (the default with a cache, via 'auto') walks the K/V cache in blocks with
   the same flash-decoding loop as MLA, so comparisons stay fair; 'naive' and 'absorbed' (no
   latent to absorb into: the same thing here) run the plain einsum path over the whole cache.
   """
+  del absorbed, record
+  cfg = config
+  b, t, d = x.shape
+  h, g, n, v = cfg.num_heads, cfg.kv_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+  k_dim = cfg.qk_head_dim
+  impl = resolve_attn_impl(attn_impl, t, cache is not None)
+  dtype = jnp.dtype(cfg.dtype)
+  x = x.astype(dtype)
+  positions, num_tokens = query_positions(b, t, cache is not None, lengths, num_tokens)  # [B,T]
+  cos, sin = rope_cos_sin(positions, cfg)  # [B,T,R/2]
+
+  def with_rope(z: jax.Array) -> jax.Array:  # [B,T,heads,N+R], rotate the last R features
+    return jnp.concatenate([z[..., :n], apply_rope(z[..., n:], cos, sin, cfg.rope_interleave)],
+                           axis=-1)
+
+  q = with_rope(jnp.einsum("BTD,DHK->BTHK", x, cast(params["q_proj"], cfg)))
+  k = with_rope(jnp.einsum("BTD,DGK->BTGK", x, cast(params["k_proj"], cfg)))
+  val = jnp.einsum("BTD,DGV->BTGV", x, cast(params["v_proj"], cfg))
+
+  new = KVCache(k=jnp.swapaxes(k, 1, 2), v=jnp.swapaxes(val, 1, 2))  # [B,G,T,K], [B,G,T,V]
+  new_cache = None if cache is None else write_cache(new, cache, lengths)
+  q = q.reshape(b, t, g, h // g, k_dim)  # query heads grouped under their key/value head
+  if impl == "flash":
+    keys = new if cache is None else new_cache
+    kv_lengths = jnp.full((b,), t, jnp.int32) if cache is None else lengths + num_tokens
+    partials = functools.partial(grouped_decode_partials, scale=cfg.softmax_scale,
+                                 block_size=cfg.decode_block_size)
+    split = None if cache is None else sequence_split()
+    if split is None:
+      out = normalize(*partials(q, keys.k, keys.v, kv_lengths, positions)[1:])
+    else:
+      out = split_over_sequence(partials, (q,), (keys.k, keys.v), kv_lengths, positions,
+                                seq_axis=KVCache.seq_axis, **split)
+    out = out.astype(dtype)  # [B,T,G,J,V]
+  else:
+    cached = None if new_cache is None else jax.tree_util.tree_map(load_float, new_cache)
+    keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
+    scores = einsum_f32("BTGJK,BGSK->BGJTS", q, keys.k)
+    scores = scores.reshape(b, h, t, -1)  # [B,H,T,S], head = g * (H/G) + j
+    probs = masked_softmax(scores * cfg.softmax_scale, mask).reshape(b, g, h // g, t, -1)
+    out = einsum_f32("BGJTS,BGSV->BTGJV", probs.astype(dtype), keys.v).astype(dtype)
+  return jnp.einsum("BTHV,HVD->BTD", out.reshape(b, t, h, v), cast(params["o_proj"], cfg)), \
+      new_cache
+
+
+class MultiHeadAttention(nn.Module):
+  """x [B,T,D] -> (y [B,T,D], updated KVCache or None): mha_attention as a Linen module;
+  G = config.kv_heads key/value heads."""
 
   config: ModelConfig
 
@@ -45,45 +109,5 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x: jax.Array, *, cache: Optional[KVCache] = None,
                lengths: Optional[jax.Array] = None, num_tokens: Optional[jax.Array] = None,
                attn_impl: str = "auto") -> tuple[jax.Array, Optional[KVCache]]:
-    cfg = self.config
-    b, t, d = x.shape
-    h, g, n, v = cfg.num_heads, cfg.kv_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
-    k_dim = cfg.qk_head_dim
-    impl = resolve_attn_impl(attn_impl, t, cache is not None)
-    dtype = jnp.dtype(cfg.dtype)
-    x = x.astype(dtype)
-    positions, num_tokens = query_positions(b, t, cache is not None, lengths, num_tokens)  # [B,T]
-    cos, sin = rope_cos_sin(positions, cfg)  # [B,T,R/2]
-
-    def with_rope(z: jax.Array) -> jax.Array:  # [B,T,heads,N+R], rotate the last R features
-      return jnp.concatenate([z[..., :n], apply_rope(z[..., n:], cos, sin, cfg.rope_interleave)],
-                             axis=-1)
-
-    q = with_rope(jnp.einsum("BTD,DHK->BTHK", x, weight(self, "q_proj", (d, h, k_dim))))
-    k = with_rope(jnp.einsum("BTD,DGK->BTGK", x, weight(self, "k_proj", (d, g, k_dim))))
-    val = jnp.einsum("BTD,DGV->BTGV", x, weight(self, "v_proj", (d, g, v)))
-
-    new = KVCache(k=jnp.swapaxes(k, 1, 2), v=jnp.swapaxes(val, 1, 2))  # [B,G,T,K], [B,G,T,V]
-    new_cache = None if cache is None else write_cache(new, cache, lengths)
-    q = q.reshape(b, t, g, h // g, k_dim)  # query heads grouped under their key/value head
-    if impl == "flash":
-      keys = new if cache is None else new_cache
-      kv_lengths = jnp.full((b,), t, jnp.int32) if cache is None else lengths + num_tokens
-      partials = functools.partial(grouped_decode_partials, scale=cfg.softmax_scale,
-                                   block_size=cfg.decode_block_size)
-      split = None if cache is None else sequence_split()
-      if split is None:
-        out = normalize(*partials(q, keys.k, keys.v, kv_lengths, positions)[1:])
-      else:
-        out = split_over_sequence(partials, (q,), (keys.k, keys.v), kv_lengths, positions,
-                                  seq_axis=KVCache.seq_axis, **split)
-      out = out.astype(dtype)  # [B,T,G,J,V]
-    else:
-      cached = None if new_cache is None else jax.tree_util.tree_map(load_float, new_cache)
-      keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
-      scores = einsum_f32("BTGJK,BGSK->BGJTS", q, keys.k)
-      scores = scores.reshape(b, h, t, -1)  # [B,H,T,S], head = g * (H/G) + j
-      probs = masked_softmax(scores * cfg.softmax_scale, mask).reshape(b, g, h // g, t, -1)
-      out = einsum_f32("BGJTS,BGSV->BTGJV", probs.astype(dtype), keys.v).astype(dtype)
-    y = jnp.einsum("BTHV,HVD->BTD", out.reshape(b, t, h, v), weight(self, "o_proj", (h, v, d)))
-    return y, new_cache
+    return mha_attention(self.config, declare(self, mha_specs(self.config)), x, cache=cache,
+                         lengths=lengths, num_tokens=num_tokens, attn_impl=attn_impl)

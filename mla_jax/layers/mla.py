@@ -29,7 +29,7 @@ collection the layer derives them from kv_b_proj per call: same numbers, slower.
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -40,8 +40,8 @@ from mla_jax.config.model import ModelConfig
 from mla_jax.layers.flash_decode import mla_decode_partials, normalize, split_over_sequence
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
                                     resolve_attn_impl)
-from mla_jax.layers.norms import RMSNorm
-from mla_jax.layers.params import weight
+from mla_jax.layers.norms import rms_norm
+from mla_jax.layers.params import ParamSpecs, cast, declare, norm_specs, projection
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.layers.rope import apply_rope, rope_cos_sin
 from mla_jax.sharding import sequence_split
@@ -107,12 +107,157 @@ def per_head(x: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.swapaxes(out, 0, 1).reshape(b, t, h, w.shape[-1])
 
 
+def mla_specs(config: ModelConfig) -> ParamSpecs:
+  """MLA's weights (Hugging Face's names, input axes first): q_proj [D,H,N+R], or with
+  q_lora_rank Q the bottleneck q_a_proj [D,Q], q_a_layernorm, q_b_proj [Q,H,N+R]; then
+  kv_a_proj_with_mqa [D,C+R], kv_a_layernorm [C], kv_b_proj [C,H,N+V], o_proj [H,V,D]."""
+  cfg = config
+  d, h, n, r, v, c = (cfg.hidden_size, cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                      cfg.v_head_dim, cfg.kv_lora_rank)
+  specs: ParamSpecs = {}
+  if cfg.q_lora_rank is None:
+    specs["q_proj"] = projection(cfg, (d, h, n + r), ("embed", "heads", "head_dim"))
+  else:
+    specs["q_a_proj"] = projection(cfg, (d, cfg.q_lora_rank), ("embed", "q_lora"))
+    specs["q_a_layernorm"] = norm_specs(cfg.q_lora_rank, cfg.param_dtype)
+    specs["q_b_proj"] = projection(cfg, (cfg.q_lora_rank, h, n + r), ("q_lora", "heads", "head_dim"))
+  specs["kv_a_proj_with_mqa"] = projection(cfg, (d, c + r), ("embed", "kv_lora"))
+  specs["kv_a_layernorm"] = norm_specs(c, cfg.param_dtype)
+  specs["kv_b_proj"] = projection(cfg, (c, h, n + v), ("kv_lora", "heads", "head_dim"))
+  specs["o_proj"] = projection(cfg, (h, v, d), ("heads", "head_dim", "embed"))
+  return specs
+
+
+Record = Callable[[str, jax.Array], None]
+
+
+def _no_record(name: str, value: jax.Array) -> None:
+  del name, value
+
+
+def mla_attention(config: ModelConfig, params: dict, x: jax.Array, *,
+                  cache: Optional[LatentCache] = None, lengths: Optional[jax.Array] = None,
+                  num_tokens: Optional[jax.Array] = None, attn_impl: str = "auto",
+                  absorbed: Optional[dict] = None, record: Record = _no_record
+                  ) -> tuple[jax.Array, Optional[LatentCache]]:
+  """MLA as a pure function: x [B,T,D] -> (y [B,T,D], updated LatentCache or None).
+
+  params: the tree of mla_specs (arrays). cache: this layer's LatentCache [B,S,...]; lengths
+  [B]: tokens already in it (required with a cache); num_tokens [B]: real tokens among the T new
+  ones (default all T; the rest is right padding of a ragged batch, never attended to later).
+  absorbed: {"w_uk" [H,N,C], "w_uv" [H,C,V]} from absorbed_weights, else they are split out of
+  kv_b_proj per call. record(name, tensor) sees the intermediates (q_lat, probs, ...).
+  Raises ValueError for an unknown attn_impl, a cache without lengths, or absorbed weights of
+  another shape.
+  """
+  cfg = config
+  b, t, d = x.shape
+  n, c = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+  impl = resolve_attn_impl(attn_impl, t, cache is not None)
+  dtype = jnp.dtype(cfg.dtype)
+  x = x.astype(dtype)
+  positions, num_tokens = query_positions(b, t, cache is not None, lengths, num_tokens)  # [B,T]
+  cos, sin = rope_cos_sin(positions, cfg)  # [B,T,R/2] each
+
+  # Queries: optionally through their own low-rank bottleneck Q (DeepSeek-V2/V3; not V2-Lite).
+  if cfg.q_lora_rank is None:
+    q = jnp.einsum("BTD,DHK->BTHK", x, cast(params["q_proj"], cfg))
+  else:
+    q_a = jnp.einsum("BTD,DQ->BTQ", x, cast(params["q_a_proj"], cfg))
+    q_a = rms_norm(params["q_a_layernorm"], q_a, cfg.latent_norm_eps, dtype)
+    q = jnp.einsum("BTQ,QHK->BTHK", q_a, cast(params["q_b_proj"], cfg))
+  q_nope = q[..., :n]  # [B,T,H,N]
+  q_rope = apply_rope(q[..., n:], cos, sin, cfg.rope_interleave)  # [B,T,H,R]
+
+  # The latent and the shared RoPE key: all that is cached.
+  kv_a = jnp.einsum("BTD,DM->BTM", x, cast(params["kv_a_proj_with_mqa"], cfg))  # M=C+R
+  c_kv = rms_norm(params["kv_a_layernorm"], kv_a[..., :c], cfg.latent_norm_eps, dtype)  # [B,T,C]
+  k_rope = apply_rope(kv_a[:, :, None, c:], cos, sin, cfg.rope_interleave)[:, :, 0]  # [B,T,R]
+  for name, value in (("q_nope", q_nope), ("q_rope", q_rope), ("c_kv", c_kv), ("k_rope", k_rope)):
+    record(name, value)
+
+  new = LatentCache(c_kv=c_kv, k_rope=k_rope)
+  new_cache = None if cache is None else write_cache(encode_latent(new, cache), cache, lengths)
+  w_kv_b = cast(params["kv_b_proj"], cfg)  # [C,H,N+V]
+
+  if impl == "flash":
+    w_uk, w_uv = _absorbed(cfg, w_kv_b, absorbed)  # [H,N,C], [H,C,V]
+    q_lat = per_head(q_nope, w_uk)  # BTHN,HNC->BTHC
+    out_lat = _flash(cfg, q_lat, q_rope, new if cache is None else new_cache, lengths,
+                     num_tokens, positions).astype(dtype)  # [B,T,H,C]
+    out = per_head(out_lat, w_uv)  # BTHC,HCV->BTHV
+    record("q_lat", q_lat)
+    record("out_lat", out_lat)
+  else:
+    cached = None if new_cache is None else latent_values(new_cache)
+    keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
+    c_all, k_rope_all = keys.c_kv, keys.k_rope  # [B,S,C], [B,S,R]
+    rope_scores = einsum_f32("BTHR,BSR->BHTS", q_rope, k_rope_all)
+    if impl == "naive":
+      w_uk, w_uv = w_kv_b[..., :n], w_kv_b[..., n:]  # [C,H,N], [C,H,V]: plain matmuls here
+      k_nope = jnp.einsum("BSC,CHN->BSHN", c_all, w_uk)
+      values = jnp.einsum("BSC,CHV->BSHV", c_all, w_uv)
+      nope_scores = einsum_f32("BTHN,BSHN->BHTS", q_nope, k_nope)
+      probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
+      out = einsum_f32("BHTS,BSHV->BTHV", probs.astype(dtype), values).astype(dtype)
+      record("k_nope", k_nope)
+      record("values", values)
+    else:
+      w_uk, w_uv = _absorbed(cfg, w_kv_b, absorbed)  # [H,N,C], [H,C,V]
+      q_lat = per_head(q_nope, w_uk)  # BTHN,HNC->BTHC
+      nope_scores = einsum_f32("BTHC,BSC->BHTS", q_lat, c_all)
+      probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
+      out_lat = einsum_f32("BHTS,BSC->BTHC", probs.astype(dtype), c_all).astype(dtype)
+      out = per_head(out_lat, w_uv)  # BTHC,HCV->BTHV
+      record("q_lat", q_lat)
+      record("out_lat", out_lat)
+    record("probs", probs)
+
+  y = jnp.einsum("BTHV,HVD->BTD", out, cast(params["o_proj"], cfg))
+  record("attn_out", out)
+  return y, new_cache
+
+
+def _absorbed(cfg: ModelConfig, w_kv_b: jax.Array, absorbed: Optional[dict]
+              ) -> tuple[jax.Array, jax.Array]:
+  """W_UK [H,N,C] and W_UV [H,C,V] in the compute dtype: the caller's absorbed weights
+  (absorbed_weights) when given, else transposed out of kv_b_proj [C,H,N+V] here."""
+  if absorbed is None:
+    return split_kv_b_proj(w_kv_b, cfg.qk_nope_head_dim)
+  w_uk, w_uv = absorbed["w_uk"], absorbed["w_uv"]
+  h, n, v, c = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+  if w_uk.shape != (h, n, c) or w_uv.shape != (h, c, v):
+    raise ValueError(f"the 'absorbed' collection's w_uk {tuple(w_uk.shape)} / w_uv "
+                     f"{tuple(w_uv.shape)} do not fit this layer (expected ({h}, {n}, {c}) "
+                     f"/ ({h}, {c}, {v})): make it with absorbed_weights(config, params) "
+                     "for this model")
+  return cast(w_uk, cfg), cast(w_uv, cfg)
+
+
+def _flash(cfg: ModelConfig, q_lat, q_rope, keys: LatentCache, lengths, num_tokens,
+           positions) -> jax.Array:
+  """Flash-decoding over `keys` (the updated cache, or without one the new entries): out_lat
+  [B,T,H,C] float32. A cache split over the mesh's sequence axis is walked shard by shard."""
+  b, t = positions.shape
+  kv_lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths + num_tokens
+  latent, decode_block = latent_operand(keys)  # a quantized latent is decoded per block
+  partials = functools.partial(mla_decode_partials, scale=cfg.softmax_scale,
+                               block_size=cfg.decode_block_size, dequantize=decode_block)
+  split = sequence_split() if lengths is not None else None
+  if split is None:
+    return normalize(*partials(q_lat, q_rope, latent, keys.k_rope, kv_lengths, positions)[1:])
+  return split_over_sequence(partials, (q_lat, q_rope), (latent, keys.k_rope), kv_lengths,
+                             positions, **split)
+
+
 class MultiHeadLatentAttention(nn.Module):
-  """x [B,T,D] -> (y [B,T,D], updated LatentCache or None).
+  """x [B,T,D] -> (y [B,T,D], updated LatentCache or None): mla_attention as a Linen module.
 
   cache: this layer's LatentCache [B,S,...]; lengths [B]: tokens already in it (required with a
   cache); num_tokens [B]: real tokens among the T new ones (default all T; the rest is right
-  padding of a ragged batch and is never attended to later).
+  padding of a ragged batch and is never attended to later). Under flax's
+  nn.logical_axis_rules the parameters are boxed with their logical axes (layers/params.py); the "absorbed" collection, when given, holds W_UK and W_UV;
+  intermediates are sown for inspection (apply with mutable=['intermediates']).
   """
 
   config: ModelConfig
@@ -121,103 +266,10 @@ class MultiHeadLatentAttention(nn.Module):
   def __call__(self, x: jax.Array, *, cache: Optional[LatentCache] = None,
                lengths: Optional[jax.Array] = None, num_tokens: Optional[jax.Array] = None,
                attn_impl: str = "auto") -> tuple[jax.Array, Optional[LatentCache]]:
-    cfg = self.config
-    b, t, d = x.shape
-    h, n, r, v, c = (cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
-                     cfg.kv_lora_rank)
-    impl = resolve_attn_impl(attn_impl, t, cache is not None)
-    dtype = jnp.dtype(cfg.dtype)
-    x = x.astype(dtype)
-    positions, num_tokens = query_positions(b, t, cache is not None, lengths, num_tokens)  # [B,T]
-    cos, sin = rope_cos_sin(positions, cfg)  # [B,T,R/2] each
-
-    # Queries: optionally through their own low-rank bottleneck Q (DeepSeek-V2/V3; not V2-Lite).
-    if cfg.q_lora_rank is None:
-      q = jnp.einsum("BTD,DHK->BTHK", x, weight(self, "q_proj", (d, h, n + r)))
-    else:
-      q_a = jnp.einsum("BTD,DQ->BTQ", x, weight(self, "q_a_proj", (d, cfg.q_lora_rank)))
-      q_a = RMSNorm(cfg.latent_norm_eps, dtype, cfg.param_dtype, name="q_a_layernorm")(q_a)
-      q = jnp.einsum("BTQ,QHK->BTHK", q_a, weight(self, "q_b_proj", (cfg.q_lora_rank, h, n + r)))
-    q_nope = q[..., :n]  # [B,T,H,N]
-    q_rope = apply_rope(q[..., n:], cos, sin, cfg.rope_interleave)  # [B,T,H,R]
-
-    # The latent and the shared RoPE key: all that is cached.
-    kv_a = jnp.einsum("BTD,DM->BTM", x, weight(self, "kv_a_proj_with_mqa", (d, c + r)))  # M=C+R
-    c_kv = RMSNorm(cfg.latent_norm_eps, dtype, cfg.param_dtype,
-                   name="kv_a_layernorm")(kv_a[..., :c])  # [B,T,C]
-    k_rope = apply_rope(kv_a[:, :, None, c:], cos, sin, cfg.rope_interleave)[:, :, 0]  # [B,T,R]
-    self._record(q_nope=q_nope, q_rope=q_rope, c_kv=c_kv, k_rope=k_rope)
-
-    new = LatentCache(c_kv=c_kv, k_rope=k_rope)
-    new_cache = None if cache is None else write_cache(encode_latent(new, cache), cache, lengths)
-    w_kv_b = weight(self, "kv_b_proj", (c, h, n + v))  # [C,H,N+V]
-
-    if impl == "flash":
-      w_uk, w_uv = self._absorbed(w_kv_b)  # [H,N,C], [H,C,V]
-      q_lat = per_head(q_nope, w_uk)  # BTHN,HNC->BTHC
-      out_lat = self._flash(q_lat, q_rope, new if cache is None else new_cache, lengths,
-                            num_tokens, positions).astype(dtype)  # [B,T,H,C]
-      out = per_head(out_lat, w_uv)  # BTHC,HCV->BTHV
-      self._record(q_lat=q_lat, out_lat=out_lat)
-    else:
-      cached = None if new_cache is None else latent_values(new_cache)
-      keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
-      c_all, k_rope_all = keys.c_kv, keys.k_rope  # [B,S,C], [B,S,R]
-      rope_scores = einsum_f32("BTHR,BSR->BHTS", q_rope, k_rope_all)
-      if impl == "naive":
-        w_uk, w_uv = w_kv_b[..., :n], w_kv_b[..., n:]  # [C,H,N], [C,H,V]: plain matmuls here
-        k_nope = jnp.einsum("BSC,CHN->BSHN", c_all, w_uk)
-        values = jnp.einsum("BSC,CHV->BSHV", c_all, w_uv)
-        nope_scores = einsum_f32("BTHN,BSHN->BHTS", q_nope, k_nope)
-        probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
-        out = einsum_f32("BHTS,BSHV->BTHV", probs.astype(dtype), values).astype(dtype)
-        self._record(k_nope=k_nope, values=values)
-      else:
-        w_uk, w_uv = self._absorbed(w_kv_b)  # [H,N,C], [H,C,V]
-        q_lat = per_head(q_nope, w_uk)  # BTHN,HNC->BTHC
-        nope_scores = einsum_f32("BTHC,BSC->BHTS", q_lat, c_all)
-        probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
-        out_lat = einsum_f32("BHTS,BSC->BTHC", probs.astype(dtype), c_all).astype(dtype)
-        out = per_head(out_lat, w_uv)  # BTHC,HCV->BTHV
-        self._record(q_lat=q_lat, out_lat=out_lat)
-      self._record(probs=probs)
-
-    y = jnp.einsum("BTHV,HVD->BTD", out, weight(self, "o_proj", (h, v, d)))
-    self._record(attn_out=out)
-    return y, new_cache
-
-  def _absorbed(self, w_kv_b: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """W_UK [H,N,C] and W_UV [H,C,V] in the compute dtype: from the "absorbed" collection when
-    the caller made it (absorbed_weights), else transposed out of kv_b_proj [C,H,N+V] here."""
+    params = declare(self, mla_specs(self.config))
+    absorbed = None
     if self.has_variable("absorbed", "w_uk"):
-      cfg = self.config
-      w_uk, w_uv = self.get_variable("absorbed", "w_uk"), self.get_variable("absorbed", "w_uv")
-      h, n, v, c = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-      if w_uk.shape != (h, n, c) or w_uv.shape != (h, c, v):
-        raise ValueError(f"the 'absorbed' collection's w_uk {tuple(w_uk.shape)} / w_uv "
-                         f"{tuple(w_uv.shape)} do not fit this layer (expected ({h}, {n}, {c}) "
-                         f"/ ({h}, {c}, {v})): make it with absorbed_weights(config, params) "
-                         "for this model")
-      dtype = jnp.dtype(cfg.dtype)
-      return w_uk.astype(dtype), w_uv.astype(dtype)
-    return split_kv_b_proj(w_kv_b, self.config.qk_nope_head_dim)
-
-  def _flash(self, q_lat, q_rope, keys: LatentCache, lengths, num_tokens, positions) -> jax.Array:
-    """Flash-decoding over `keys` (the updated cache, or without one the new entries): out_lat
-    [B,T,H,C] float32. A cache split over the mesh's sequence axis is walked shard by shard."""
-    cfg = self.config
-    b, t = positions.shape
-    kv_lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths + num_tokens
-    latent, decode_block = latent_operand(keys)  # a quantized latent is decoded per block
-    partials = functools.partial(mla_decode_partials, scale=cfg.softmax_scale,
-                                 block_size=cfg.decode_block_size, dequantize=decode_block)
-    split = sequence_split() if lengths is not None else None
-    if split is None:
-      return normalize(*partials(q_lat, q_rope, latent, keys.k_rope, kv_lengths, positions)[1:])
-    return split_over_sequence(partials, (q_lat, q_rope), (latent, keys.k_rope), kv_lengths,
-                               positions, **split)
-
-  def _record(self, **tensors: jax.Array) -> None:
-    """Sows intermediates for inspection (apply with mutable=['intermediates']); free otherwise."""
-    for name, value in tensors.items():
-      self.sow("intermediates", name, value)
+      absorbed = {name: self.get_variable("absorbed", name) for name in ("w_uk", "w_uv")}
+    return mla_attention(self.config, params, x, cache=cache, lengths=lengths,
+                         num_tokens=num_tokens, attn_impl=attn_impl, absorbed=absorbed,
+                         record=lambda name, value: self.sow("intermediates", name, value))

@@ -24,7 +24,7 @@ masked dense product over all E groups, as dear as the dense reference (measured
 below is the one function a backend's grouped-matmul kernel (ragged_dot where it is native,
 megablox on TPU) would replace.
 
-With a mesh whose `tensor` axis holds the experts (sharding.RULES["expert"]), dispatch runs
+With a mesh whose `tensor` axis holds the experts (the "expert" sharding rule), dispatch runs
 expert-parallel under shard_map: activations are replicated over that axis already (the batch is
 split over data and fsdp), so each device computes only its own experts' pairs for its own
 tokens and one psum over `tensor` combines them, the same collective as a tensor-parallel MLP;
@@ -41,10 +41,10 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from mla_jax.config.model import ModelConfig
-from mla_jax.layers.mlp import SwiGLU
-from mla_jax.layers.params import weight
+from mla_jax.layers.mlp import swiglu, swiglu_specs
+from mla_jax.layers.params import ParamSpec, ParamSpecs, cast, declare, projection
 from mla_jax.layers.precision import einsum_f32
-from mla_jax.sharding import PARAM_AXES, RULES, logical_to_spec
+from mla_jax.sharding import PARAM_AXES, logical_to_spec, mesh_axes_of
 
 
 def _group_mask(group_scores: jax.Array, topk_group: int, experts_per_group: int) -> jax.Array:
@@ -177,7 +177,7 @@ def _expert_parallel_ways() -> int:
   if mesh.empty:
     return 1
   ways = 1
-  for axis in RULES["expert"] or ():
+  for axis in mesh_axes_of("expert"):
     ways *= mesh.shape[axis]
   return ways
 
@@ -194,15 +194,15 @@ def _all_gather_but_experts(w: jax.Array, spec: P, expert_axes: tuple[str, ...])
 
 
 def dispatch_expert_parallel(x, experts, weights, w_gate, w_up, w_down) -> jax.Array:
-  """dispatch_experts with the experts split over the mesh axes of RULES['expert']: each device
+  """dispatch_experts with the experts split over the mesh axes of the 'expert' rule: each device
   runs its own E / ways experts on its tokens (split over the batch axes as the rest of the
   model splits them, replicated over the expert axes), then one psum over the expert axes
   combines them. Every mesh axis is manual here (XLA's partitioner aborts on the gathers of a
   partially manual one when fsdp > 1); the weights' other splits (fsdp) are all-gathered."""
   mesh = jax.sharding.get_abstract_mesh()
-  expert_axes = tuple(RULES["expert"])
+  expert_axes = mesh_axes_of("expert")
   e_local = w_gate.shape[0] // _expert_parallel_ways()
-  token_axes = tuple(a for a in RULES["batch"] or () if mesh.shape[a] > 1)
+  token_axes = tuple(a for a in mesh_axes_of("batch") if mesh.shape[a] > 1)
   ways = 1
   for a in token_axes:
     ways *= mesh.shape[a]
@@ -225,6 +225,62 @@ def dispatch_expert_parallel(x, experts, weights, w_gate, w_up, w_down) -> jax.A
                                                           w_down)
 
 
+def moe_specs(config: ModelConfig) -> ParamSpecs:
+  """The router gate [D,E] (float32, like DeepSeek's), V3's e_score_correction_bias [E], the
+  routed experts' stacked SwiGLU weights [E,D,I] / [E,I,D] and the shared experts' SwiGLU."""
+  cfg = config
+  d, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+  specs: ParamSpecs = {"gate": ParamSpec((d, e), ("embed", "expert"),
+                                         nn.initializers.normal(cfg.initializer_range))}
+  if cfg.topk_method == "noaux_tc":  # V3 only; set by load balancing outside the gradient
+    specs["e_score_correction_bias"] = ParamSpec((e,), ("expert",), nn.initializers.zeros)
+  for name, shape in (("experts_gate_proj", (e, d, i)), ("experts_up_proj", (e, d, i)),
+                      ("experts_down_proj", (e, i, d))):
+    specs[name] = projection(cfg, shape, PARAM_AXES[name])
+  if cfg.n_shared_experts:
+    specs["shared_experts"] = swiglu_specs(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts)
+  return specs
+
+
+def deepseek_moe(config: ModelConfig, params: dict, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x [B,T,D] -> (y [B,T,D], the expert-balance loss: aux_loss_alpha * balance_loss, a float32
+  scalar, 0 when aux_loss_alpha is 0), with the weights of moe_specs."""
+  cfg = config
+  b, t, d = x.shape
+  e = cfg.n_routed_experts
+  router = jnp.asarray(params["gate"]).astype(jnp.float32)  # [D,E]
+  bias = jnp.zeros((e,), jnp.float32)
+  if cfg.topk_method == "noaux_tc":
+    bias = jax.lax.stop_gradient(jnp.asarray(params["e_score_correction_bias"], jnp.float32))
+  tokens = x.reshape(b * t, d)  # [N,D]
+  logits = einsum_f32("ND,DE->NE", tokens, router)  # [N,E]
+  scores = jax.nn.softmax(logits, -1) if cfg.scoring_func == "softmax" else jax.nn.sigmoid(logits)
+  experts, weights = route_topk(scores, bias, cfg)  # [N,K], [N,K]
+
+  w_gate, w_up, w_down = (cast(params[name], cfg) for name in (
+      "experts_gate_proj", "experts_up_proj", "experts_down_proj"))  # [E,D,I], [E,D,I], [E,I,D]
+  if cfg.moe_impl == "dense":
+    out = _dense_experts(tokens, dense_weights(experts, weights, e), w_gate, w_up, w_down)
+  else:
+    ways = _expert_parallel_ways()
+    run = dispatch_expert_parallel if ways > 1 and e % ways == 0 else dispatch_experts
+    out = run(tokens, experts, weights, w_gate, w_up, w_down)
+  out = out.reshape(b, t, d)
+  if cfg.n_shared_experts:
+    out = out + swiglu(cfg, params["shared_experts"], x)
+  aux = jnp.zeros((), jnp.float32)
+  if cfg.aux_loss_alpha > 0:
+    aux = cfg.aux_loss_alpha * balance_loss(scores, dense_weights(experts, weights, e), cfg)
+  return out, aux
+
+
+def _dense_experts(x, combine, w_gate, w_up, w_down) -> jax.Array:
+  """Every expert on every token: x [N,D], combine [N,E] -> [N,D]."""
+  hidden = nn.silu(jnp.einsum("ND,EDI->NEI", x, w_gate)) * jnp.einsum("ND,EDI->NEI", x, w_up)
+  expert_out = jnp.einsum("NEI,EID->NED", hidden, w_down)
+  return jnp.einsum("NED,NE->ND", expert_out, combine.astype(expert_out.dtype))
+
+
 class DeepSeekMoE(nn.Module):
   """x [B,T,D] -> [B,T,D]. With aux_loss_alpha > 0 it sows the expert-balance loss into the
   'losses' collection (apply with mutable=['losses'] to read it)."""
@@ -233,44 +289,10 @@ class DeepSeekMoE(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.config
-    b, t, d = x.shape
-    e, i = cfg.n_routed_experts, cfg.moe_intermediate_size
-    router = self.param("gate", nn.initializers.normal(cfg.initializer_range), (d, e),
-                        jnp.float32)  # [D,E], kept in float32 like DeepSeek's
-    bias = jnp.zeros((e,), jnp.float32)
-    if cfg.topk_method == "noaux_tc":  # V3 only; set by load balancing outside the gradient
-      bias = jax.lax.stop_gradient(self.param("e_score_correction_bias", nn.initializers.zeros,
-                                              (e,), jnp.float32))
-    tokens = x.reshape(b * t, d)  # [N,D]
-    logits = einsum_f32("ND,DE->NE", tokens, router)  # [N,E]
-    scores = jax.nn.softmax(logits, -1) if cfg.scoring_func == "softmax" else jax.nn.sigmoid(logits)
-    experts, weights = route_topk(scores, bias, cfg)  # [N,K], [N,K]
-
-    w_gate = weight(self, "experts_gate_proj", (e, d, i))
-    w_up = weight(self, "experts_up_proj", (e, d, i))
-    w_down = weight(self, "experts_down_proj", (e, i, d))
-    if cfg.moe_impl == "dense":
-      out = self._dense(tokens, dense_weights(experts, weights, e), w_gate, w_up, w_down)
-    else:
-      ways = _expert_parallel_ways()
-      run = dispatch_expert_parallel if ways > 1 and e % ways == 0 else dispatch_experts
-      out = run(tokens, experts, weights, w_gate, w_up, w_down)
-    out = out.reshape(b, t, d)
-    if cfg.n_shared_experts:
-      out = out + SwiGLU(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts,
-                         name="shared_experts")(x)
-    if cfg.aux_loss_alpha > 0:
-      self.sow("losses", "expert_balance", cfg.aux_loss_alpha * balance_loss(
-          scores, dense_weights(experts, weights, e), cfg))
+    out, aux = deepseek_moe(self.config, declare(self, moe_specs(self.config)), x)
+    if self.config.aux_loss_alpha > 0:
+      self.sow("losses", "expert_balance", aux)
     return out
-
-  @staticmethod
-  def _dense(x, combine, w_gate, w_up, w_down) -> jax.Array:
-    """Every expert on every token: x [N,D], combine [N,E] -> [N,D]."""
-    hidden = nn.silu(jnp.einsum("ND,EDI->NEI", x, w_gate)) * jnp.einsum("ND,EDI->NEI", x, w_up)
-    expert_out = jnp.einsum("NEI,EID->NED", hidden, w_down)
-    return jnp.einsum("NED,NE->ND", expert_out, combine.astype(expert_out.dtype))
 
 
 def balance_loss(scores: jax.Array, weights: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -6,6 +6,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mla_jax.layers.params import declare, norm_specs
+
+
+def rms_norm(params: dict, x: jax.Array, eps: float, dtype=jnp.float32) -> jax.Array:
+  """x [..., F] / rms(x) * params['scale'] [F] over the last axis -> [..., F] in `dtype`."""
+  xf = x.astype(jnp.float32)
+  normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (normed * jnp.asarray(params["scale"]).astype(jnp.float32)).astype(dtype)
+
 
 class RMSNorm(nn.Module):
   """x / rms(x) * scale over the last axis; the scale starts at ones like Hugging Face's."""
@@ -16,7 +25,5 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:  # [..., F] -> [..., F]
-    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)  # [F]
-    xf = x.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+    params = declare(self, norm_specs(x.shape[-1], self.param_dtype))
+    return rms_norm(params, x, self.eps, self.dtype)
