@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from pathlib import Path
 
 import jax
@@ -161,6 +162,18 @@ def test_tiny_yaml_spells_out_the_built_in_defaults():
 def test_train_and_data_sections_validate(override, message):
   with pytest.raises(ValueError, match=message.replace(".", r"\.").replace(r"\.*", ".*")):
     load_config(None, *override.split())
+
+
+@pytest.mark.parametrize("override", ["train.sample_temperature=.nan", "train.learning_rate=.nan",
+                                      "train.grad_clip=.inf", "model.rope_theta=.inf",
+                                      "data.val_fraction=.nan", "model.rms_norm_eps=-.inf"])
+def test_non_finite_floats_are_refused(override):
+  """NaN passes every `<` range check and inf most of them: refused by kind, for every float."""
+  key, value = override.split("=")
+  shown = {".nan": "nan", ".inf": "inf", "-.inf": "-inf"}[value]
+  with pytest.raises(ValueError, match=rf"^{re.escape(key)}={shown} is invalid: expected a finite "
+                                       r"number$"):
+    load_config(None, override)
 
 
 def test_top_level_overrides():
