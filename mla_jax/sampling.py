@@ -258,8 +258,8 @@ def decode_step(params, token: jax.Array, cache: Cache, key: jax.Array,
   return decode_token(model, params, token, cache, key, sampler, attn_impl, absorbed)
 
 
-_STREAM_PROMPT = ("stream takes one prompt, a flat list of token ids such as [5, 9, 2]; for several "
-                  "prompts use generate")
+_STREAM_PROMPT = ("stream takes one prompt, a flat list of token ids such as [5, 9, 2]; for "
+                  "several prompts use generate")
 
 
 def stream(model: Transformer, params, prompt: Sequence[int], *, max_new_tokens: int,
