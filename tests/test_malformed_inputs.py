@@ -283,3 +283,33 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
   from mla_jax.config import parse_yaml
 
   assert parse_yaml("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n")["c"] == {"x": 3, "y": 2}
+
+
+def test_prompt_file_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path, capsys):
+  """read_text's UnicodeDecodeError reached the user as 'codec can't decode byte 0xe9 in
+  position 9', naming no file; the check runs before the checkpoint is read."""
+  prompts = tmp_path / "latin1.txt"
+  prompts.write_bytes("hello\ncafé au lait\n".encode("latin-1"))
+  assert main(["generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt-file",
+               str(prompts)]) == 2
+  assert capsys.readouterr().err == (
+      f"mla-jax: error: --prompt-file {str(prompts)!r} is not UTF-8 text: byte offset 9 (line 2) "
+      "is 0xe9 (invalid continuation byte); save the file as UTF-8\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "nan"], "temperature=nan is invalid: must be a finite number >= 0 (0 = "
+                               "greedy, 1 = the model's own distribution)"),
+    (["--temperature", "inf"], "temperature=inf is invalid: must be a finite number >= 0"),
+    (["--top-p", "nan"], "top_p=nan is invalid: must be in (0, 1] (a finite number), or None for "
+                         "no top-p"),
+])
+def test_cli_refuses_non_finite_sampling_options_in_one_line(tmp_path, capsys, args, message):
+  """Checked from the workdir's config.yaml alone, before any weights are read."""
+  from mla_jax.config import Config
+  from mla_jax.workdir import write_config
+
+  write_config(tmp_path, Config(workdir=str(tmp_path)))
+  assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x", *args]) == 2
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith("mla-jax: error: " + message), line
