@@ -81,6 +81,31 @@ def describe(config: ModelConfig) -> list[str]:
   ]
 
 
+def cache_width_warning(config: ModelConfig) -> Optional[str]:
+  """A warning line when MLA's cached latent (kv_lora_rank + qk_rope_head_dim per token per layer)
+  is wider than what MHA with the same heads caches (K and V of every head): the cache MLA exists
+  to shrink is then larger than the baseline's. None when it is not (or attention is not MLA)."""
+  if config.attention != "mla":
+    return None
+  latent = config.cache_elements_per_token_per_layer()
+  mha = dataclasses.replace(config, attention="mha", num_kv_heads=None, cache_dtype=None)
+  kv = mha.cache_elements_per_token_per_layer()
+  if latent <= kv:
+    return None
+  return (f"mla-jax: warning: model.kv_lora_rank + model.qk_rope_head_dim = {config.kv_lora_rank} "
+          f"+ {config.qk_rope_head_dim} = {latent:,} elements per token per layer is wider than "
+          f"MHA's cache with the same heads ({config.num_heads} heads x (k {config.qk_head_dim} + "
+          f"v {config.v_head_dim}) = {kv:,}): the MLA cache is then larger than MHA's, by "
+          f"{latent - kv:,} elements per token per layer ({latent / kv:.2f}x its size); lower "
+          f"model.kv_lora_rank below {kv - config.qk_rope_head_dim:,} for a smaller one")
+
+
+def _warn_cache_width(config: ModelConfig) -> None:
+  warning = cache_width_warning(config)
+  if warning:
+    print(warning, file=sys.stderr)
+
+
 def _resolve_config(args: argparse.Namespace) -> Config:
   """CONFIG is optional: a first positional with '=' in it is already an override."""
   return load_config_args(([] if args.config is None else [args.config]) + list(args.overrides))
@@ -88,6 +113,7 @@ def _resolve_config(args: argparse.Namespace) -> Config:
 
 def _info(args: argparse.Namespace) -> int:
   config = _resolve_config(args)
+  _warn_cache_width(config.model)
   named = args.config is not None and "=" not in args.config
   print(f"config: {args.config if named else '(built-in defaults = configs/tiny.yaml)'}")
   for line in describe(config.model):
@@ -113,9 +139,15 @@ def _start_distributed(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+  config = _resolve_config(args)
+  _warn_cache_width(config.model)
+  if args.print_config:  # nothing is trained, no workdir is made, JAX is not imported
+    import yaml
+
+    sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return 0
   from mla_jax.train.loop import TrainingError, sample_text, train
 
-  config = _resolve_config(args)
   _start_distributed(args)
   try:
     summary = train(config)
@@ -181,14 +213,23 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _read_prompt_file(name: str) -> list[str]:
-  """One prompt per line; blank lines are skipped and reported (they hold no prompt)."""
+  """One prompt per line; blank lines are skipped and reported (they hold no prompt). Raises
+  ValueError for a directory, a missing file, or bytes that are not UTF-8 (naming the offset)."""
   path = Path(name)
   if path.is_dir():
     raise ValueError(f"--prompt-file {name!r} is a directory; expected a text file with one "
                      "prompt per line")
   if not path.is_file():
     raise ValueError(f"--prompt-file {name!r} does not exist")
-  lines = path.read_text().splitlines()
+  data = path.read_bytes()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as err:
+    line = data.count(b"\n", 0, err.start) + 1
+    raise ValueError(f"--prompt-file {name!r} is not UTF-8 text: byte offset {err.start:,} "
+                     f"(line {line}) is 0x{data[err.start]:02x} ({err.reason}); save the file as "
+                     "UTF-8") from None
+  lines = text.splitlines()
   blank = [i + 1 for i, line in enumerate(lines) if not line.strip()]
   texts = [line for line in lines if line.strip()]
   if not texts:
@@ -376,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
       "model on the Python standard library's sources",
       epilog=TRAIN_EPILOG % {"presets": ", ".join(presets())})
   _config_arguments(train)
+  train.add_argument("--print-config", action="store_true",
+                     help="print the resolved config (CONFIG with the overrides applied, workdir "
+                     "resolved) as YAML and exit, without training or creating the workdir")
   multi = train.add_argument_group("multi-process (one command per process or host)")
   multi.add_argument("--distributed", action="store_true",
                      help="call jax.distributed.initialize() and let JAX find the coordinator")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mla_jax.cache import (QMAX, Cache, LayerCache, init_kv_cache, init_latent_cache)
-from mla_jax.config.model import ModelConfig
+from mla_jax.config.model import CACHE_DTYPES, DTYPES, ModelConfig
 from mla_jax.layers.attention import MultiHeadAttention, mha_attention, mha_specs
 from mla_jax.layers.mla import (MultiHeadLatentAttention, mla_absorbed_weights, mla_attention,
                                 mla_specs)
@@ -107,12 +107,35 @@ def _check_sizes(config: ModelConfig, batch_size: int, max_len: int) -> None:
                      f"{config.max_seq_len}]")
 
 
+# What a cache may store: model.cache_dtype's choices, and float16, which model.dtype may give.
+LAYER_CACHE_DTYPES = tuple(dict.fromkeys(CACHE_DTYPES + DTYPES))
+
+
+def _cache_dtype_name(config: ModelConfig, dtype) -> str:
+  """The cache dtype's name: config.kv_cache_dtype for None, else one of LAYER_CACHE_DTYPES given
+  as a name or a dtype (jnp.bfloat16, np.int8, ...). Raises ValueError naming the allowed list."""
+  if dtype is None:
+    return config.kv_cache_dtype
+  name = dtype
+  if not isinstance(dtype, str):
+    try:
+      name = jnp.dtype(dtype).name
+    except TypeError:
+      name = None
+  if name not in LAYER_CACHE_DTYPES:
+    raise ValueError(f"cache dtype={dtype!r} is invalid: allowed "
+                     f"{', '.join(LAYER_CACHE_DTYPES)} (a name or a dtype), or None for "
+                     "model.cache_dtype, else model.dtype")
+  return name
+
+
 def init_layer_cache(config: ModelConfig, batch_size: int, max_len: int,
                      dtype: Optional[jnp.dtype] = None) -> LayerCache:
-  """An empty cache for one attention layer (a LatentCache for MLA, else a KVCache)."""
+  """An empty cache for one attention layer (a LatentCache for MLA, else a KVCache). Raises
+  ValueError for a batch_size or max_len out of range, a dtype not in LAYER_CACHE_DTYPES, or
+  int8/int4 for an attention kind that caches K/V."""
   _check_sizes(config, batch_size, max_len)
-  kind = config.kv_cache_dtype if dtype is None else str(jnp.dtype(dtype)) if not isinstance(
-      dtype, str) else dtype
+  kind = _cache_dtype_name(config, dtype)
   attention = attention_kind(config)
   if kind in QMAX and not attention.quantizable:
     raise ValueError(f"cache dtype {kind} quantizes MLA's latent; attention={config.attention}"
@@ -127,7 +150,8 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int,
   its uint16 bit patterns (read with load_float; see mla_jax/cache.py); int8 / int4 (packed
   two per uint8) latents with a float32 scale per token and a bfloat16 (uint16) RoPE key.
   MLA layers get a LatentCache (c_kv [B,S,C], k_rope [B,S,R]); MHA/GQA/MQA layers a KVCache,
-  head-major (k [B,G,S,K], v [B,G,S,V])."""
+  head-major (k [B,G,S,K], v [B,G,S,V]). dtype (a name or a dtype of LAYER_CACHE_DTYPES) overrides
+  the config's; anything else, or a size out of range, raises ValueError (init_layer_cache)."""
   layers = tuple(init_layer_cache(config, batch_size, max_len, dtype)
                  for _ in range(config.num_layers))
   return Cache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))

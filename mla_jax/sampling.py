@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -50,19 +50,49 @@ class Sampler:
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _is_integer(value) -> bool:
+  """A Python or NumPy integer, not a bool (True is an int to Python, never a token id or seed)."""
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+  """A finite real number (Python or NumPy, not a bool): NaN and inf sample nothing sensible."""
+  return (isinstance(value, (int, float, np.integer, np.floating))
+          and not isinstance(value, (bool, np.bool_)) and bool(np.isfinite(value)))
+
+
+def check_token_id(name: str, value, vocab_size: int) -> None:
+  """Raises ValueError unless `value` is an integer id in [0, vocab_size) (eos_id, pad_id)."""
+  if not _is_integer(value) or not 0 <= value < vocab_size:
+    raise ValueError(f"{name}={value!r} is invalid: must be an integer token id in [0, "
+                     f"vocab_size={vocab_size})")
+
+
+def check_seed(seed) -> None:
+  """Raises ValueError unless `seed` is an integer (jax.random.key's seed)."""
+  if not _is_integer(seed):
+    raise ValueError(f"seed={seed!r} is invalid: must be an integer, e.g. seed=0 "
+                     f"(got {type(seed).__name__})")
+
+
 def check_sampling(vocab_size: int, max_new_tokens: int, temperature: float, top_k: Optional[int],
                     top_p: Optional[float], eos_id: Optional[int]) -> None:
-  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+  """Raises ValueError naming the first invalid option: max_new_tokens not a positive integer,
+  temperature not a finite number >= 0, top_k not an integer in [1, vocab_size], top_p not a
+  finite number in (0, 1], eos_id not a token id in [0, vocab_size)."""
+  if not _is_integer(max_new_tokens) or max_new_tokens <= 0:
     raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid: must be a positive integer")
-  if not isinstance(temperature, (int, float)) or temperature < 0:
-    raise ValueError(f"temperature={temperature!r} is invalid: must be >= 0 (0 = greedy)")
-  if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
-                            or not 1 <= top_k <= vocab_size):
-    raise ValueError(f"top_k={top_k!r} is invalid: must be in [1, vocab_size={vocab_size}]")
-  if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-    raise ValueError(f"top_p={top_p!r} is invalid: must be in (0, 1]")
-  if eos_id is not None and not 0 <= eos_id < vocab_size:
-    raise ValueError(f"eos_id={eos_id!r} is invalid: must be in [0, vocab_size={vocab_size})")
+  if not _is_number(temperature) or temperature < 0:
+    raise ValueError(f"temperature={temperature!r} is invalid: must be a finite number >= 0 "
+                     "(0 = greedy, 1 = the model's own distribution)")
+  if top_k is not None and (not _is_integer(top_k) or not 1 <= top_k <= vocab_size):
+    raise ValueError(f"top_k={top_k!r} is invalid: must be in [1, vocab_size={vocab_size}] (an "
+                     "integer), or None for no top-k")
+  if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+    raise ValueError(f"top_p={top_p!r} is invalid: must be in (0, 1] (a finite number), or None "
+                     "for no top-p")
+  if eos_id is not None:
+    check_token_id("eos_id", eos_id, vocab_size)
 
 
 _ARRAY_NEEDS_MASK = (
@@ -108,6 +138,38 @@ def _real_spans(shape: tuple[int, int], attention_mask, lengths) -> list[tuple[i
   return spans
 
 
+_PROMPTS_SHAPE = ("prompts must be a list of token-id lists, one per prompt: [[5, 9, 2]] for one "
+                  "prompt, [[5, 9, 2], [3]] for two")
+
+
+def _prompt_list(prompts) -> list:
+  """prompts as a list of per-prompt sequences; a flat list of ids (one prompt not wrapped in a
+  list), a string or a non-sequence raises ValueError saying the shape expected."""
+  if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Iterable):
+    raise ValueError(f"{_PROMPTS_SHAPE} (or an int array [B,T]); got {type(prompts).__name__}")
+  items = list(prompts)
+  if items and all(_is_integer(p) for p in items):
+    raise ValueError(f"{_PROMPTS_SHAPE}; got a flat list of {len(items)} ints: for one prompt "
+                     f"wrap it, generate(model, params, [prompt], ...)")
+  return items
+
+
+def _list_row(index: int, prompt, hint: str = _PROMPTS_SHAPE) -> np.ndarray:
+  """One prompt as an array: an int array, or a sequence of integer ids. Anything else (a string,
+  a number, a nested list) raises ValueError naming the prompt and ending with `hint`."""
+  if isinstance(prompt, (np.ndarray, jax.Array)):
+    return np.asarray(prompt)
+  if isinstance(prompt, (str, bytes)) or not isinstance(prompt, Iterable):
+    raise ValueError(f"prompt {index} must be a sequence of token ids, got "
+                     f"{type(prompt).__name__} {prompt!r:.40}: {hint}")
+  prompt = list(prompt)
+  for position, token in enumerate(prompt):
+    if not _is_integer(token):
+      raise ValueError(f"prompt {index} must hold integer token ids, got {token!r:.40} "
+                       f"({type(token).__name__}) at position {position}: {hint}")
+  return np.asarray(prompt, np.int64)
+
+
 def _prompt_rows(prompts: Union[Sequence[Sequence[int]], np.ndarray, jax.Array], vocab_size: int,
                  attention_mask=None, lengths=None) -> list[np.ndarray]:
   """Each prompt's real tokens as int32 [T_b]; arrays need attention_mask or lengths."""
@@ -121,10 +183,14 @@ def _prompt_rows(prompts: Union[Sequence[Sequence[int]], np.ndarray, jax.Array],
     if attention_mask is not None or lengths is not None:
       raise ValueError("attention_mask and lengths go with a prompts array [B,T]; a list of token "
                        "lists already gives each prompt's length")
-    rows = [np.asarray(list(p)) for p in prompts]
+    rows = [_list_row(i, p) for i, p in enumerate(_prompt_list(prompts))]
   if not rows:
     raise ValueError("prompts is empty: give at least one prompt")
   for i, row in enumerate(rows):
+    if row.ndim != 1:
+      raise ValueError(f"prompt {i} must be a flat sequence of token ids, got nested values of "
+                       f"shape {row.shape}: give prompts as [[id, id, ...], ...], one list per "
+                       "prompt")
     if row.size == 0:
       raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
     if not np.issubdtype(row.dtype, np.integer):
@@ -195,6 +261,10 @@ def decode_step(params, token: jax.Array, cache: Cache, key: jax.Array,
   return decode_token(model, params, token, cache, key, sampler, attn_impl, absorbed)
 
 
+_STREAM_PROMPT = ("stream takes one prompt, a flat list of token ids such as [5, 9, 2]; for "
+                  "several prompts use generate")
+
+
 def stream(model: Transformer, params, prompt: Optional[Sequence[int]] = None, *,
            max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, eos_id: Optional[int] = None,
@@ -202,11 +272,16 @@ def stream(model: Transformer, params, prompt: Optional[Sequence[int]] = None, *
   """Yields one prompt's new tokens as they are sampled (one host round trip per token: for
   interactive output; `generate` runs the whole loop on the device). Same keys, same tokens.
   Validation and compilation happen in this call; the returned iterator only runs.
-  stream(linen_model, params, prompt, ...) or stream(nnx_model, prompt, ...)."""
+  stream(linen_model, params, prompt, ...) or stream(nnx_model, prompt, ...).
+
+  Raises ValueError, before any compute, for: a prompt that is not one flat sequence of token ids
+  in [0, vocab_size), an invalid sampling option (check_sampling: NaN or inf temperature or top_p
+  included), a seed that is not an integer, or prompt + max_new_tokens past model.max_seq_len."""
   model, params, prompt = as_linen(model, params, prompt, "stream")
   cfg = model.config
   check_sampling(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, eos_id)
-  (row,) = _prompt_rows([prompt], cfg.vocab_size)
+  check_seed(seed)
+  (row,) = _prompt_rows([_list_row(0, prompt, _STREAM_PROMPT)], cfg.vocab_size)
   max_len = cache_length(len(row), max_new_tokens, cfg.max_seq_len)
   sampler = Sampler(float(temperature), top_k, None if top_p is None else float(top_p))
   keys = jax.random.split(jax.random.key(seed), max_new_tokens)
@@ -274,7 +349,10 @@ def generate(model: Transformer, params, prompts=None, *, max_new_tokens: int,
     lengths [B]: the first lengths[b] tokens of row b are real, the rest is padding (the form
       generate itself returns).
   An array with neither, both, or padding between real tokens raises ValueError: padding
-  cannot be told from tokens, so it is refused rather than guessed.
+  cannot be told from tokens, so it is refused rather than guessed. So do, before any compute:
+  a flat list of ids (one prompt not wrapped in a list), ids outside [0, vocab_size), an invalid
+  sampling option (check_sampling), a pad_id outside [0, vocab_size) and a seed that is not an
+  integer.
 
   Returns int32 [B, L] with L = longest prompt + max_new_tokens: row b is prompt b's real
   tokens, then its new tokens, then pad_id (after an EOS, and for shorter prompts), whatever
@@ -283,6 +361,8 @@ def generate(model: Transformer, params, prompts=None, *, max_new_tokens: int,
   model, params, prompts = as_linen(model, params, prompts, "generate")
   cfg = model.config
   check_sampling(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, eos_id)
+  check_token_id("pad_id", pad_id, cfg.vocab_size)
+  check_seed(seed)
   rows = _prompt_rows(prompts, cfg.vocab_size, attention_mask, lengths)
   prompt_lengths = np.array([len(r) for r in rows], np.int32)
   longest = int(prompt_lengths.max())

@@ -26,6 +26,7 @@ with no rule, is refused with the annotation or the rule to add.
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -90,8 +91,34 @@ CACHE_AXES: dict[str, tuple[Optional[str], ...]] = {
 }
 
 
+_MESH_SIZE_RANGE = "a positive device count, or -1 for the remaining devices (one axis at most)"
+
+
+def _check_mesh_axes(sizes: dict[str, int]) -> None:
+  """Raises ValueError naming the axis for a name not in MESH_AXES, a missing axis, or a size
+  that is not a positive integer or -1."""
+  if not isinstance(sizes, Mapping):
+    raise ValueError(f"mesh sizes must be a dict of {', '.join(MESH_AXES)} to device counts, got "
+                     f"{type(sizes).__name__} {sizes!r:.40}")
+  for axis, size in sizes.items():
+    if axis not in MESH_AXES:
+      close = difflib.get_close_matches(str(axis), MESH_AXES, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ValueError(f"mesh axis {axis!r} is unknown{hint}: allowed {', '.join(MESH_AXES)}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (
+        size <= 0 and size != -1):
+      raise ValueError(f"mesh.{axis}={size!r} is invalid: must be {_MESH_SIZE_RANGE}")
+  missing = [axis for axis in MESH_AXES if axis not in sizes]
+  if missing:
+    raise ValueError(f"mesh sizes have no {', '.join(missing)}: give all of "
+                     f"{', '.join(MESH_AXES)} (1 for an axis not split)")
+
+
 def mesh_shape(sizes: dict[str, int], device_count: int) -> dict[str, int]:
-  """Resolves one -1 ("the remaining devices") and checks the product is the device count."""
+  """Resolves one -1 ("the remaining devices") and checks the product is the device count.
+  Raises ValueError naming the axis for an unknown or missing axis name (MESH_AXES), a size that
+  is neither a positive integer nor -1, more than one -1, or a product other than device_count."""
+  _check_mesh_axes(sizes)
   unknown = [axis for axis, size in sizes.items() if size == -1]
   if len(unknown) > 1:
     raise ValueError(f"mesh axes {unknown} are all -1: at most one axis may take the remainder")
@@ -111,6 +138,8 @@ def mesh_shape(sizes: dict[str, int], device_count: int) -> dict[str, int]:
 
 
 def make_mesh(sizes: dict[str, int], devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A mesh over `devices` (default: all) with every axis of MESH_AXES sized by `sizes`, e.g.
+  {"data": -1, "fsdp": 1, "tensor": 2, "sequence": 1}; ValueError as mesh_shape says."""
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(sizes, len(devices))
   return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, devices=devices,

@@ -258,3 +258,50 @@ def test_paths_that_cannot_work_are_refused_in_one_line_before_any_work(case, tm
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("mla-jax: error: ") and expected in err, err
   assert not (tmp_path / "o").exists()
+
+
+WIDE_LATENT_WARNING = (
+    "mla-jax: warning: model.kv_lora_rank + model.qk_rope_head_dim = 600 + 16 = 616 elements per "
+    "token per layer is wider than MHA's cache with the same heads (4 heads x (k 48 + v 32) = "
+    "320): the MLA cache is then larger than MHA's, by 296 elements per token per layer (1.93x "
+    "its size); lower model.kv_lora_rank below 304 for a smaller one")
+
+
+def test_info_warns_when_the_latent_is_wider_than_mhas_cache(capsys):
+  assert main(["info", "model.kv_lora_rank=600"]) == 0
+  captured = capsys.readouterr()
+  assert captured.err.splitlines() == [WIDE_LATENT_WARNING]
+  assert "vs MHA with the same heads (320 elements per token per layer): 192.50% of its cache" in (
+      captured.out)
+  assert main(["info", "model.kv_lora_rank=304"]) == 0  # 304 + 16 = 320: as wide, no warning
+  assert main(["info", "model.kv_lora_rank=600", "model.attention=mha"]) == 0  # no latent at all
+  assert capsys.readouterr().err == ""
+
+
+def test_train_warns_when_the_latent_is_wider_than_mhas_cache(capsys, monkeypatch, tmp_path):
+  import mla_jax.train.loop as loop
+
+  def stop(config):
+    raise loop.TrainingError("stopped by the test")
+
+  monkeypatch.setattr(loop, "train", stop)
+  assert main(["train", "model.kv_lora_rank=600", f"workdir={tmp_path / 'w'}"]) == 1
+  assert capsys.readouterr().err.splitlines() == [WIDE_LATENT_WARNING,
+                                                  "mla-jax: error: stopped by the test"]
+
+
+def test_train_print_config_prints_the_resolved_yaml_and_trains_nothing(capsys, tmp_path,
+                                                                        monkeypatch):
+  """--print-config: the preset with its overrides and the resolved workdir, as YAML that
+  reads back to the same Config; no workdir is made."""
+  monkeypatch.chdir(tmp_path)
+  assert main(["train", "tiny_mqa", "train.steps=50", "model.kv_lora_rank=8",
+               "--print-config"]) == 0
+  captured = capsys.readouterr()
+  assert captured.err == ""
+  expected = mla_jax.load_config("tiny_mqa", "train.steps=50", "model.kv_lora_rank=8")
+  assert captured.out.startswith("model:\n  vocab_size: 260\n")
+  assert f"\nworkdir: {expected.workdir}\n" in captured.out
+  (tmp_path / "printed.yaml").write_text(captured.out)
+  assert mla_jax.load_config(tmp_path / "printed.yaml") == expected
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["printed.yaml"]  # no runs/

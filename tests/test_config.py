@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from pathlib import Path
 
 import jax
@@ -163,6 +164,18 @@ def test_train_and_data_sections_validate(override, message):
     load_config(None, *override.split())
 
 
+@pytest.mark.parametrize("override", ["train.sample_temperature=.nan", "train.learning_rate=.nan",
+                                      "train.grad_clip=.inf", "model.rope_theta=.inf",
+                                      "data.val_fraction=.nan", "model.rms_norm_eps=-.inf"])
+def test_non_finite_floats_are_refused(override):
+  """NaN passes every `<` range check and inf most of them: refused by kind, for every float."""
+  key, value = override.split("=")
+  shown = {".nan": "nan", ".inf": "inf", "-.inf": "-inf"}[value]
+  with pytest.raises(ValueError, match=rf"^{re.escape(key)}={shown} is invalid: expected a finite "
+                                       r"number$"):
+    load_config(None, override)
+
+
 def test_top_level_overrides():
   cfg = load_config(None, "workdir=runs/x", "seed=7", "train.steps=20", "train.warmup_steps=2",
                     "data.path=/tmp/t.txt")
@@ -267,3 +280,32 @@ def test_the_small_preset_can_be_shortened_with_one_override():
   """Its warmup follows the default rule, so train.steps alone shortens it (issue 9, item 2)."""
   config = mla_jax.load_config("small", "train.steps=50")
   assert config.train.warmup == 5
+
+
+@pytest.mark.parametrize("field, given, name", [
+    ("dtype", jnp.bfloat16, "bfloat16"), ("dtype", jnp.dtype("float16"), "float16"),
+    ("param_dtype", jnp.float32, "float32"), ("cache_dtype", jnp.int8, "int8"),
+    ("cache_dtype", jnp.bfloat16, "bfloat16"),
+])
+def test_dtype_objects_are_normalised_to_their_names(tmp_path, field, given, name):
+  """ModelConfig(dtype=jnp.bfloat16) was refused with 'expected a string' (load_hf takes one);
+  the name is stored, so the config still serialises to a workdir's YAML and to JSON."""
+  import json
+
+  from mla_jax.workdir import read_workdir_config, write_config
+
+  model = ModelConfig(**{field: given})
+  assert getattr(model, field) == name and type(getattr(model, field)) is str
+  assert model == ModelConfig(**{field: name})
+  config = mla_jax.Config(model=model, workdir=str(tmp_path))
+  write_config(tmp_path, config)
+  assert read_workdir_config(tmp_path) == config
+  assert json.loads(json.dumps(config.to_dict()))["model"][field] == name
+
+
+def test_dtype_objects_outside_the_allowed_list_are_still_named():
+  with pytest.raises(ValueError, match=r"^model\.dtype='int8' is invalid: allowed: float32, "
+                                       r"bfloat16, float16$"):
+    ModelConfig(dtype=jnp.int8)
+  with pytest.raises(ValueError, match=r"^model\.param_dtype='float64' is invalid: allowed: "):
+    ModelConfig(param_dtype=float)

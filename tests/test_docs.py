@@ -50,7 +50,8 @@ BASH_BLOCKS = {
     "results.md": {},
     "sharding.md": {"pod": "test_pod_command_as_written (slow)"},
     "testing.md": {},
-    "training.md": {"training examples": "test_training_examples_run (slow)"},
+    "training.md": {"training examples": "test_training_examples_run (slow)",
+                    "print config": "test_print_config_block_as_written"},
 }
 
 
@@ -189,6 +190,19 @@ def test_training_examples_run(tmp_path):
     assert result.returncode == 0, (command, result.stderr)
     assert "final: step 4" in result.stdout, command
   assert (tmp_path / "runs" / "long" / "checkpoints" / "4").is_dir()
+
+
+def test_print_config_block_as_written(tmp_path):
+  """training.md's --print-config line verbatim: run.yaml is the resolved config, nothing else
+  is written (no runs/)."""
+  from mla_jax.config import load_config
+
+  command = bash("training.md", "print config").strip()
+  result = subprocess.run(["bash", "-c", command.replace("mla-jax", shlex.quote(MLA_JAX), 1)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and result.stderr == "", (command, result.stderr)
+  assert load_config(tmp_path / "run.yaml") == load_config("tiny_mqa", "train.steps=50")
+  assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
 
 
 @pytest.mark.slow

@@ -248,3 +248,68 @@ def test_cli_prints_one_line_for_each_malformed_input(hf_dir, converted, tmp_pat
     assert process.returncode == 2, (name, err)
     assert re.fullmatch("mla-jax: error: " + runs[name][1] + "\n", err), (name, err)
     assert out == "", name
+
+
+# ---- Silent and unclear cases a new user hit: each refused by kind, in one line ---------------
+
+@pytest.mark.parametrize("text, problem", [
+    ("model:\n  kv_lora_rank: 16\n  hidden_size: 64\n  kv_lora_rank: 32\n",
+     "is not valid YAML: duplicate key 'kv_lora_rank' (first at line 2; keep one) at line 4 "
+     "column 3; fix that line"),
+    ("model: {}\ntrain:\n  steps: 5\nmodel:\n  hidden_size: 64\n",
+     "is not valid YAML: duplicate key 'model' (first at line 1; keep one) at line 4 column 1; "
+     "fix that line"),
+    ("", "is empty: write its sections (model:, train:, ...), or give no config for the built-in "
+         "defaults"),
+    ("# model:\n\n#   kv_lora_rank: 16\n", "holds no YAML (lines 1-3 blank or comments only): "
+                                          "write its sections"),
+])
+def test_duplicate_keys_and_empty_yaml_files_are_refused(tmp_path, capsys, text, problem):
+  """PyYAML keeps the last of two equal keys and reads an empty file as None (the defaults)."""
+  path = tmp_path / "run.yaml"
+  path.write_text(text)
+  expected = f"config file {str(path)!r} {problem}"
+  with pytest.raises(ValueError, match="^" + re.escape(expected)):
+    load_config(path)
+  assert main(["info", str(path)]) == 2
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith("mla-jax: error: " + expected)
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
+  path = tmp_path / "merge.yaml"
+  path.write_text("model: &m {hidden_size: 64, num_heads: 2}\ntrain:\n  steps: 5\n")
+  assert load_config(path).model.hidden_size == 64
+  from mla_jax.config import parse_yaml
+
+  assert parse_yaml("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n")["c"] == {"x": 3, "y": 2}
+
+
+def test_prompt_file_that_is_not_utf8_names_the_file_and_byte_offset(tmp_path, capsys):
+  """read_text's UnicodeDecodeError reached the user as 'codec can't decode byte 0xe9 in
+  position 9', naming no file; the check runs before the checkpoint is read."""
+  prompts = tmp_path / "latin1.txt"
+  prompts.write_bytes("hello\ncafé au lait\n".encode("latin-1"))
+  assert main(["generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt-file",
+               str(prompts)]) == 2
+  assert capsys.readouterr().err == (
+      f"mla-jax: error: --prompt-file {str(prompts)!r} is not UTF-8 text: byte offset 9 (line 2) "
+      "is 0xe9 (invalid continuation byte); save the file as UTF-8\n")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "nan"], "temperature=nan is invalid: must be a finite number >= 0 (0 = "
+                               "greedy, 1 = the model's own distribution)"),
+    (["--temperature", "inf"], "temperature=inf is invalid: must be a finite number >= 0"),
+    (["--top-p", "nan"], "top_p=nan is invalid: must be in (0, 1] (a finite number), or None for "
+                         "no top-p"),
+])
+def test_cli_refuses_non_finite_sampling_options_in_one_line(tmp_path, capsys, args, message):
+  """Checked from the workdir's config.yaml alone, before any weights are read."""
+  from mla_jax.config import Config
+  from mla_jax.workdir import write_config
+
+  write_config(tmp_path, Config(workdir=str(tmp_path)))
+  assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x", *args]) == 2
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith("mla-jax: error: " + message), line

@@ -183,6 +183,29 @@ def test_temperature_sampling_matches_softmax_frequencies():
     (dict(temperature=-0.1), "temperature=-0.1"),
     (dict(top_k=0), r"top_k=0 is invalid: must be in \[1, vocab_size=61\]"),
     (dict(prompts=[[1, 61]]), r"prompt 0 has token ids outside \[0, vocab_size=61\)"),
+    # Non-finite floats pass every `<` comparison: NaN sampled garbage, inf sampled uniformly.
+    (dict(temperature=float("nan")), r"^temperature=nan is invalid: must be a finite number >= 0 "
+                                     r"\(0 = greedy"),
+    (dict(temperature=float("inf")), r"^temperature=inf is invalid: must be a finite number >= 0"),
+    (dict(temperature=True), r"^temperature=True is invalid"),
+    (dict(top_p=float("nan")), r"^top_p=nan is invalid: must be in \(0, 1\] \(a finite number\)"),
+    (dict(top_k=2.0), r"^top_k=2.0 is invalid: must be in \[1, vocab_size=61\] \(an integer\)"),
+    (dict(eos_id=1.5), r"^eos_id=1.5 is invalid: must be an integer token id in \[0, "
+                       r"vocab_size=61\)$"),
+    (dict(pad_id=-1), r"^pad_id=-1 is invalid: must be an integer token id in \[0, "
+                      r"vocab_size=61\)$"),
+    (dict(pad_id=61), r"^pad_id=61 is invalid: must be an integer token id in \[0, "),
+    (dict(seed=1.5), r"^seed=1.5 is invalid: must be an integer"),
+    (dict(seed="3"), r"^seed='3' is invalid: must be an integer"),
+    (dict(seed=True), r"^seed=True is invalid: must be an integer"),
+    (dict(prompts=[1, 2, 3]), r"^prompts must be a list of token-id lists, one per prompt: "
+                              r"\[\[5, 9, 2\]\] for one prompt.*; got a flat list of 3 ints: for "
+                              r"one prompt wrap it, generate\(model, params, \[prompt\], \.\.\.\)$"),
+    (dict(prompts="hello"), r"^prompts must be a list of token-id lists.* got str$"),
+    (dict(prompts=[[1, 2], 3]), r"^prompt 1 must be a sequence of token ids, got int 3: prompts "
+                                r"must be a list of token-id lists"),
+    (dict(prompts=[[1, [2]]]), r"^prompt 0 must hold integer token ids, got \[2\] \(list\) at "
+                               r"position 1: "),
 ])
 def test_bad_requests_are_refused_before_compute(model_and_params, kwargs, message):
   model, params = model_and_params
@@ -190,6 +213,27 @@ def test_bad_requests_are_refused_before_compute(model_and_params, kwargs, messa
   request.update(kwargs)
   with pytest.raises(ValueError, match=message):
     generate(model, params, request.pop("prompts"), **request)
+
+
+@pytest.mark.parametrize("prompt, kwargs, message", [
+    ([[1, 2]], {}, r"^prompt 0 must hold integer token ids, got \[1, 2\] \(list\) at position 0: "
+                   r"stream takes one prompt, a flat list of token ids such as \[5, 9, 2\]; for "
+                   r"several prompts use generate$"),
+    ([1, 2], dict(temperature=float("nan")), r"^temperature=nan is invalid"),
+    ([1, 2], dict(seed=0.5), r"^seed=0.5 is invalid: must be an integer"),
+])
+def test_stream_refuses_bad_requests_before_compute(model_and_params, prompt, kwargs, message):
+  model, params = model_and_params
+  with pytest.raises(ValueError, match=message):
+    stream(model, params, prompt, max_new_tokens=3, **kwargs)
+
+
+def test_numpy_scalars_and_iterables_stay_accepted(model_and_params):
+  """The stricter checks still take NumPy numbers and any iterable of ids."""
+  model, params = model_and_params
+  out = generate(model, params, (range(1, 4) for _ in range(1)), max_new_tokens=2,
+                 temperature=np.float32(0.5), seed=np.int64(3), pad_id=np.int32(0))
+  assert out.shape == (1, 5) and out[0, :3].tolist() == [1, 2, 3]
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ rules table says."""
 
 import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -111,6 +112,38 @@ def test_every_parameter_has_logical_axes_and_rules_cover_them():
 def test_mesh_sizes_are_checked(sizes, message):
   with pytest.raises(ValueError, match=message):
     mesh_shape(sizes, 8)
+
+
+ALLOWED_SIZES = ("must be a positive device count, or -1 for the remaining devices (one axis "
+                 "at most)")
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"dta": 2, "fsdp": 1, "tensor": 1, "sequence": 4},
+     "mesh axis 'dta' is unknown (did you mean 'data'?): allowed data, fsdp, tensor, sequence"),
+    ({"data": 8, "model": 1, "tensor": 1, "sequence": 1},
+     "mesh axis 'model' is unknown: allowed data, fsdp, tensor, sequence"),
+    ({"data": 8}, "mesh sizes have no fsdp, tensor, sequence: give all of data, fsdp, tensor, "
+                  "sequence (1 for an axis not split)"),
+    ({"data": 8, "fsdp": 0, "tensor": 1, "sequence": 1}, f"mesh.fsdp=0 is invalid: {ALLOWED_SIZES}"),
+    ({"data": -2, "fsdp": 1, "tensor": 1, "sequence": 1},
+     f"mesh.data=-2 is invalid: {ALLOWED_SIZES}"),
+    ({"data": -8, "fsdp": -1, "tensor": 1, "sequence": 1},
+     f"mesh.data=-8 is invalid: {ALLOWED_SIZES}"),
+    ({"data": 8.0, "fsdp": 1, "tensor": 1, "sequence": 1},
+     f"mesh.data=8.0 is invalid: {ALLOWED_SIZES}"),
+    ({"data": 8, "fsdp": True, "tensor": 1, "sequence": 1},
+     f"mesh.fsdp=True is invalid: {ALLOWED_SIZES}"),
+    ([8, 1, 1, 1], "mesh sizes must be a dict of data, fsdp, tensor, sequence to device counts, "
+                   "got list [8, 1, 1, 1]"),
+])
+def test_mesh_axes_and_sizes_are_named(sizes, message):
+  """A misspelled axis used to raise KeyError('data') from make_mesh, and negative sizes (-2 and
+  -8 on 8 devices) a product message about a mesh no one asked for."""
+  with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+    mesh_shape(sizes, 8)
+  with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+    make_mesh(sizes)
 
 
 def test_indivisible_dimensions_name_the_mesh_axis():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any, Optional
 
@@ -21,7 +22,8 @@ def _did_you_mean(name: str, candidates: list[str]) -> str:
 
 def _check_type(field: str, value: Any, annotation: Any) -> Any:
   """Checks one YAML/Python value against a field's annotation; returns it (ints widen to float,
-  integral floats such as 1e3 narrow to int)."""
+  integral floats such as 1e3 narrow to int). Raises ValueError naming the field for a value of
+  the wrong type, and for NaN or infinity where a float is due."""
   optional = typing.get_origin(annotation) is typing.Union
   if optional:
     if value is None:
@@ -40,6 +42,8 @@ def _check_type(field: str, value: Any, annotation: Any) -> Any:
   if annotation is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       _fail(field, value, "expected a number" + (" or null" if optional else ""))
+    if not math.isfinite(value):  # .nan / .inf pass every `<` check below and poison the run
+      _fail(field, value, "expected a finite number" + (" or null" if optional else ""))
     return float(value)
   if annotation is str:
     if not isinstance(value, str):

@@ -22,7 +22,26 @@ if not PRESETS_DIR.is_dir():
 
 class _Loader(yaml.SafeLoader):
   """YAML with YAML 1.2's numbers: `1e-3`, `3E-4` and `.5` are floats, as a user means them
-  (PyYAML's YAML 1.1 resolver reads an exponent without a dot as a string)."""
+  (PyYAML's YAML 1.1 resolver reads an exponent without a dot as a string). A key given twice in
+  one mapping is a ConstructorError at its second line (PyYAML alone keeps the last silently)."""
+
+  def construct_mapping(self, node, deep=False):
+    if isinstance(node, yaml.MappingNode):
+      self._check_unique_keys(node)
+    return super().construct_mapping(node, deep=deep)
+
+  def _check_unique_keys(self, node: yaml.MappingNode) -> None:
+    """The keys written in this mapping are distinct (a `<<: *anchor` merge may be overridden)."""
+    seen: dict[Any, Any] = {}
+    for key_node, _ in node.value:
+      if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+        continue
+      key = self.construct_object(key_node)
+      if key in seen:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"duplicate key {key!r} (first at line {seen[key].line + 1}; keep one)",
+            key_node.start_mark)
+      seen[key] = key_node.start_mark
 
 
 _Loader.add_implicit_resolver(
@@ -130,12 +149,27 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def read_yaml(path: Path) -> Any:
-  """A YAML file's contents; a syntax error is a ValueError naming the file, line and column."""
+  """A YAML file's contents. Raises ValueError naming the file for a syntax error or a key given
+  twice in one mapping (with the line and column), and for a file with no YAML document in it
+  (empty, or comments only), which would otherwise read as None."""
+  text = Path(path).read_text()
   try:
-    return parse_yaml(Path(path).read_text())
+    value = parse_yaml(text)
   except yaml.YAMLError as err:
     raise ValueError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}; "
                      "fix that line") from None
+  if value is None:
+    raise ValueError(f"config file {str(path)!r} {_holds_nothing(text)}: write its sections "
+                     "(model:, train:, ...), or give no config for the built-in defaults")
+  return value
+
+
+def _holds_nothing(text: str) -> str:
+  """How a YAML text that parsed to nothing looks: empty, or lines 1-N blank or comments."""
+  lines = len(text.splitlines())
+  if not lines:
+    return "is empty"
+  return f"holds no YAML (line{'s 1-' if lines > 1 else ' '}{lines} blank or comments only)"
 
 
 def presets() -> list[str]:
@@ -169,7 +203,7 @@ def load_config(path: Optional[str | Path], *overrides: str) -> Config:
   if path is not None:
     file = resolve_config_path(path)
     name = file.stem
-    raw = read_yaml(file) or {}
+    raw = read_yaml(file)
     if not isinstance(raw, dict):
       raise ValueError(f"config file {str(path)!r} must hold a mapping of sections")
   for text in overrides:
