@@ -40,6 +40,20 @@ def check_writable_directory(path: str | Path, name: str) -> None:
   if not os.access(parent, os.W_OK | os.X_OK):
     raise ValueError(f"{name}={str(path)!r} cannot be written: no write permission in "
                      f"{str(parent)!r}; choose another directory")
+  _probe_write(path, parent, name)
+
+
+def _probe_write(path: Path, parent: Path, name: str) -> None:
+  """Creates and removes an empty directory in `parent`: permission bits do not tell (root
+  passes os.access everywhere), a read-only or special file system only says no when written.
+  Raises ValueError naming `name` and the file system's reason."""
+  import tempfile
+
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".mla-jax-write-check-", dir=parent))
+  except OSError as err:
+    raise ValueError(f"{name}={str(path)!r} cannot be written: creating a directory in "
+                     f"{str(parent)!r} failed ({err.strerror}); choose another directory") from None
 
 
 class CheckpointError(ValueError):

@@ -113,9 +113,13 @@ def _start_distributed(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+  from mla_jax.config.loader import DEFAULT_NAME
+  from mla_jax.train.checks import check_inputs
+
+  config = _resolve_config(args).with_default_workdir(DEFAULT_NAME)
+  check_inputs(config)  # before JAX is imported: a mistake costs what `mla-jax info` costs
   from mla_jax.train.loop import TrainingError, sample_text, train
 
-  config = _resolve_config(args)
   _start_distributed(args)
   try:
     summary = train(config)

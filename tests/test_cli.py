@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -258,3 +259,36 @@ def test_paths_that_cannot_work_are_refused_in_one_line_before_any_work(case, tm
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("mla-jax: error: ") and expected in err, err
   assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["read_only_parent", "workdir_is_a_file", "workdir_under_a_file",
+                                  "data_path_missing", "vocab_too_small"])
+def test_train_config_errors_come_before_jax_is_imported(case, tmp_path):
+  """Each config error of `train` is refused as fast as `mla-jax info` would: one line, exit 2,
+  and JAX never imported (so no data was read and nothing compiled)."""
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  read_only = Path("/sys/mla-jax-test/run")  # sysfs: no directory can be made there, even by root
+  override, expected = {
+      "read_only_parent": (f"workdir={read_only}", re.escape(
+          f"workdir='{read_only}' cannot be written: ") + r"(creating a directory in '/sys' failed "
+          r"\([^)]+\)|no write permission in '/sys'); choose another directory"),
+      "workdir_is_a_file": (f"workdir={a_file}", re.escape(
+          f"workdir='{a_file}' is a file; give a directory path (new or existing)")),
+      "workdir_under_a_file": (f"workdir={a_file}/sub", re.escape(
+          f"workdir='{a_file}/sub' cannot be created: '{a_file}' is a file, not a directory")),
+      "data_path_missing": (f"data.path={tmp_path}/nope.txt", re.escape(
+          f"data.path='{tmp_path}/nope.txt' does not exist; give a text file, a directory of text "
+          "files or a glob, or data.path=null for the Python standard library")),
+      "vocab_too_small": ("model.vocab_size=100", re.escape(
+          "model.vocab_size=100 is invalid: the byte tokenizer needs at least 259")),
+  }[case]
+  workdir = [] if override.startswith("workdir") else [f"workdir={tmp_path}/w"]
+  code = ("import sys; from mla_jax.cli import main; rc = main(sys.argv[1:]); "
+          "print('jax imported' if 'jax' in sys.modules else 'no jax'); sys.exit(rc)")
+  result = subprocess.run([sys.executable, "-c", code, "train", override, *workdir],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr
+  assert re.fullmatch("mla-jax: error: " + expected + "\n", result.stderr), result.stderr
+  assert result.stdout == "no jax\n"
+  assert not (tmp_path / "w").exists()
