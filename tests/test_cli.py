@@ -292,3 +292,37 @@ def test_train_config_errors_come_before_jax_is_imported(case, tmp_path):
   assert re.fullmatch("mla-jax: error: " + expected + "\n", result.stderr), result.stderr
   assert result.stdout == "no jax\n"
   assert not (tmp_path / "w").exists()
+
+
+def _assert_stopped_by_sigint(process: subprocess.Popen) -> None:
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 130, (process.returncode, err)
+  assert err.splitlines() == [
+      "mla-jax: stopped by SIGINT before training started; no checkpoint was saved"], err
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+@pytest.mark.parametrize("delay_s", [0.2, 0.5, 1.0])
+def test_ctrl_c_in_the_first_second_of_train_exits_130_in_one_line(delay_s, tmp_path):
+  """Ctrl-C while the command starts (imports, setup), before the training loop's handler."""
+  import signal
+  import time
+
+  process = subprocess.Popen([MLA_JAX, "train", f"workdir={tmp_path / 'w'}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(delay_s)
+  process.send_signal(signal.SIGINT)
+  _assert_stopped_by_sigint(process)
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("after", ["import mla_jax", "import mla_jax.config.loader",
+                                   "from mla_jax.cli import build_parser"])
+def test_ctrl_c_during_the_commands_imports_exits_130_in_one_line(after, tmp_path):
+  """The same without a clock: the console script's start, with SIGINT sent at a known import."""
+  code = (f"import os, signal, sys; sys.argv = ['mla-jax', 'train', 'workdir={tmp_path}/w']; "
+          f"{after}; os.kill(os.getpid(), signal.SIGINT); from mla_jax.cli import main; "
+          "sys.exit(main())")
+  process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  _assert_stopped_by_sigint(process)

@@ -132,8 +132,8 @@ def _train(config: Config, log: Callable[[str], None], progress: bool) -> dict:
   if corpus.binary_files:
     (first, share), count = corpus.binary_files[0], len(corpus.binary_files)
     log(f"warning: {count} of the files sampled in data.path look binary (more than "
-        f"{MAX_NON_TEXT:.0%} non-text bytes), e.g. {first!r} ({share:.1%}); they are trained on as "
-        "bytes: narrow data.path to the text files (a glob such as 'dir/**/*.py') to leave them out")
+        f"{MAX_NON_TEXT:.0%} non-text bytes), e.g. {first!r} ({share:.1%}); they are trained on "
+        "as bytes: narrow data.path to the text files (a glob such as 'dir/**/*.py') to leave them out")
   log(f"unigram entropy of the validation tokens: {unigram_entropy(corpus.val):.4f} nats/token "
       "(the loss of a model that ignores context)")
   started = time.perf_counter()
