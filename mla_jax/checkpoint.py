@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -64,6 +65,7 @@ class CheckpointError(ValueError):
 def _reading(directory: Path, step: int) -> Iterator[None]:
   """Turns whatever orbax/tensorstore raise on a damaged checkpoint (JSON, manifest or array
   errors) into one CheckpointError that names the checkpoint and says what to do."""
+  _quiet_closed_loop_callbacks()
   try:
     yield
   except Exception as err:  # noqa: BLE001 -- any failure to read is the same news to the user
@@ -77,12 +79,32 @@ def _reading(directory: Path, step: int) -> Iterator[None]:
       cause = first_line.split(f'local file "{files[-1]}": ', 1)[-1].split(" [tensorstore_spec")[0]
       detail = f"{files[-1]}: {cause if len(cause) <= 200 else cause[:200] + ' ...'}"
     else:
+      first_line = first_line.split(" See full TensorStore details")[0]
       detail = f"{type(err).__name__}: " + (
           first_line if len(first_line) <= 200 else first_line[:200] + " ...")
     raise CheckpointError(
         f"checkpoint {step_dir} cannot be read ({detail}): it is damaged or incomplete; delete "
         "that directory to fall back to an earlier checkpoint, or write it again (train or "
         "convert)") from None
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Silences one kind of traceback (idempotent): when a damaged checkpoint makes orbax's
+  restore fail, orbax closes its event loop while tensorstore's other reads are in flight, and
+  each one that finishes later reports "RuntimeError: Event loop is closed" from its own thread
+  (through sys.unraisablehook), dozens of tracebacks around the CheckpointError that explains
+  the failure. Every other unraisable exception is reported as before."""
+  if getattr(sys.unraisablehook, "quiets_closed_loop", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    value = unraisable.exc_value
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.quiets_closed_loop = True
+  sys.unraisablehook = hook
 
 
 def _damaged_json_file(step_dir: Path) -> Optional[Path]:

@@ -248,3 +248,51 @@ def test_cli_prints_one_line_for_each_malformed_input(hf_dir, converted, tmp_pat
     assert process.returncode == 2, (name, err)
     assert re.fullmatch("mla-jax: error: " + runs[name][1] + "\n", err), (name, err)
     assert out == "", name
+
+
+def _damage(path: Path, kind: str) -> None:
+  data = path.read_bytes()
+  if kind == "truncated":
+    path.write_bytes(data[:len(data) // 2])
+  elif kind == "garbage":
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, max(len(data), 16),
+                                                        dtype=np.uint8).tobytes())
+  else:
+    path.unlink()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "missing"])
+def test_generate_on_an_overwritten_checkpoint_says_it_is_damaged_in_one_line(converted, tmp_path,
+                                                                              kind):
+  """Files inside checkpoints/<step>/ truncated, overwritten with garbage or deleted: one line
+  naming the checkpoint, never orbax's "Event loop is closed" tracebacks from its reader threads."""
+  import shutil
+
+  workdirs = {}
+  for target in ("params/manifest.ocdbt", "data", "params/array_metadatas/process_0",
+                 "meta/metadata"):
+    if kind == "missing" and target == "params/array_metadatas/process_0":
+      continue  # orbax does not need it to restore: the parameters load intact
+    workdir = tmp_path / target.replace("/", "_")
+    shutil.copytree(converted[0], workdir)
+    (workdir / "special_tokens.json").unlink()  # bytes fit its 300 ids: on to the checkpoint
+    step = workdir / "checkpoints" / "0"
+    if target == "data":  # the largest file of the OCDBT store: the arrays themselves
+      target = str(max((step / "params" / "d").iterdir(),
+                       key=lambda p: p.stat().st_size).relative_to(step))
+    _damage(step / target, kind)
+    workdirs[target] = workdir
+  processes = {target: subprocess.Popen(
+      [str(Path(sys.executable).parent / "mla-jax"), "generate", "--checkpoint", str(workdir),
+       "--prompt", "hi", "--max-new-tokens", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for target, workdir in workdirs.items()}
+  for target, process in processes.items():
+    out, err = process.communicate(timeout=300)
+    step = (workdirs[target] / "checkpoints" / "0").resolve()
+    assert process.returncode == 2, (target, err)
+    assert re.fullmatch(re.escape(f"mla-jax: error: checkpoint {step} cannot be read (") + r".+"
+                        + re.escape("): it is damaged or incomplete; delete that directory to fall "
+                                    "back to an earlier checkpoint, or write it again (train or "
+                                    "convert)\n"), err), (target, err)
+    assert f"{step}/{target.split('/')[0]}" in err  # the part of the checkpoint that failed
+    assert "Event loop is closed" not in err and "Traceback" not in err
