@@ -296,3 +296,24 @@ def test_generate_on_an_overwritten_checkpoint_says_it_is_damaged_in_one_line(co
                                     "convert)\n"), err), (target, err)
     assert f"{step}/{target.split('/')[0]}" in err  # the part of the checkpoint that failed
     assert "Event loop is closed" not in err and "Traceback" not in err
+
+
+def test_a_failed_restore_silences_only_closed_event_loop_reports(converted, tmp_path,
+                                                                 monkeypatch):
+  """The deterministic half of the test above: after a restore, what orbax's reader threads
+  report (through sys.unraisablehook) is dropped for that one message, passed on for any other."""
+  import shutil
+  import types
+
+  reported = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(str(u.exc_value)))
+  shutil.copytree(converted[0], tmp_path / "w")
+  _damage(tmp_path / "w" / "checkpoints" / "0" / "params" / "manifest.ocdbt", "truncated")
+  with pytest.raises(CheckpointError):
+    load_trained(tmp_path / "w")
+  reported.clear()  # what the failed restore itself reported
+  for message in ("Event loop is closed", "something else"):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError,
+                                             exc_value=RuntimeError(message), exc_traceback=None,
+                                             err_msg=None, object=None))
+  assert reported == ["something else"]
