@@ -317,3 +317,46 @@ def test_a_failed_restore_silences_only_closed_event_loop_reports(converted, tmp
                                              exc_value=RuntimeError(message), exc_traceback=None,
                                              err_msg=None, object=None))
   assert reported == ["something else"]
+
+
+def _tokenizer_json(vocab: int) -> str:
+  """A minimal word-level tokenizer.json with ids 0..vocab-1."""
+  return json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+                     "normalizer": None, "pre_tokenizer": {"type": "Whitespace"},
+                     "post_processor": None, "decoder": None,
+                     "model": {"type": "WordLevel", "unk_token": "t0",
+                               "vocab": {f"t{i}": i for i in range(vocab)}}})
+
+
+@pytest.mark.parametrize("fault", ["tokenizer_not_json", "tokenizer_ids_past_vocab",
+                                   "integer_weights"])
+def test_convert_refuses_before_writing_anything(hf_dir, tmp_path, fault):
+  directory = _copy(hf_dir, tmp_path / "hf")
+  if fault == "tokenizer_not_json":
+    (directory / "tokenizer.json").write_text("<html>404: Not Found</html>")
+    expected = re.escape(f"{directory / 'tokenizer.json'} is not valid JSON (Expecting value at "
+                         "line 1 column 1): the file is truncated or damaged; download it again")
+  elif fault == "tokenizer_ids_past_vocab":
+    (directory / "tokenizer.json").write_text(_tokenizer_json(400))
+    expected = re.escape(f"{directory / 'tokenizer.json'} has token ids up to 399, beyond the "
+                         "model's vocab_size=300 (ids 0..299): it is another model's tokenizer; "
+                         "copy the one from this model's repository")
+  else:
+    tensors = dict(safetensors_numpy.load_file(str(directory / "model.safetensors")))
+    tensors["model.norm.weight"] = np.ones(32, np.int8)
+    safetensors_numpy.save_file(tensors, str(directory / "model.safetensors"))
+    expected = re.escape(f"tensor model.norm.weight in {directory / 'model.safetensors'} has "
+                         "integer dtype int8: mla-jax converts floating-point weights (float32, "
+                         "bfloat16, float16, FP8 with scales); give the model's unquantized "
+                         "safetensors")
+  with pytest.raises(ValueError) as error:
+    convert_hf(directory, tmp_path / "out", log=lambda _: None)
+  assert re.fullmatch(expected, str(error.value)), str(error.value)
+  assert not (tmp_path / "out").exists()  # no half-written workdir
+
+
+def test_convert_copies_a_tokenizer_that_fits(hf_dir, tmp_path):
+  directory = _copy(hf_dir, tmp_path / "hf")
+  (directory / "tokenizer.json").write_text(_tokenizer_json(300))
+  out = convert_hf(directory, tmp_path / "out", log=lambda _: None)
+  assert load_tokenizer(out).encode("t5 t299") == [5, 299]
