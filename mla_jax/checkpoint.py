@@ -88,19 +88,27 @@ def _reading(directory: Path, step: int) -> Iterator[None]:
         "convert)") from None
 
 
+def _abandoned_read(unraisable) -> bool:
+  """An unraisable report of a read left behind by a failed restore (see below)."""
+  value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    return True
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
 def _quiet_closed_loop_callbacks() -> None:
   """Silences one kind of traceback (idempotent): when a damaged checkpoint makes orbax's
   restore fail, orbax closes its event loop while tensorstore's other reads are in flight, and
   each one that finishes later reports "RuntimeError: Event loop is closed" from its own thread
-  (through sys.unraisablehook), dozens of tracebacks around the CheckpointError that explains
-  the failure. Every other unraisable exception is reported as before."""
+  (through sys.unraisablehook), and orbax's abandoned read coroutines report their own errors
+  when collected: dozens of tracebacks around the CheckpointError that explains the failure.
+  Every other unraisable exception is reported as before."""
   if getattr(sys.unraisablehook, "quiets_closed_loop", False):
     return
   previous = sys.unraisablehook
 
   def hook(unraisable) -> None:
-    value = unraisable.exc_value
-    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+    if not _abandoned_read(unraisable):
       previous(unraisable)
 
   hook.quiets_closed_loop = True

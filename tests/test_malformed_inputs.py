@@ -317,6 +317,13 @@ def test_a_failed_restore_silences_only_closed_event_loop_reports(converted, tmp
                                              exc_value=RuntimeError(message), exc_traceback=None,
                                              err_msg=None, object=None))
   assert reported == ["something else"]
+  from orbax.checkpoint._src.serialization import serialization  # an abandoned orbax read
+
+  read = serialization.async_deserialize(None, None)  # a coroutine, never run
+  sys.unraisablehook(types.SimpleNamespace(exc_type=Exception, exc_value=Exception("read"),
+                                           exc_traceback=None, err_msg=None, object=read))
+  read.close()
+  assert reported == ["something else"]
 
 
 def _tokenizer_json(vocab: int) -> str:
