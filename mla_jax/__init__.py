@@ -4,7 +4,11 @@ The public names below are imported on first use (PEP 562), so `import mla_jax` 
 `mla-jax` command start without importing JAX; the command sets its signal handlers first.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from mla_jax.interrupts import exit_on_signals_if_the_command
+
+exit_on_signals_if_the_command()  # the console script imports this package first
+
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402  (after the handlers)
 
 from mla_jax._lazy import lazy_exports
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -40,6 +41,20 @@ def check_writable_directory(path: str | Path, name: str) -> None:
   if not os.access(parent, os.W_OK | os.X_OK):
     raise ValueError(f"{name}={str(path)!r} cannot be written: no write permission in "
                      f"{str(parent)!r}; choose another directory")
+  _probe_write(path, parent, name)
+
+
+def _probe_write(path: Path, parent: Path, name: str) -> None:
+  """Creates and removes an empty directory in `parent`: permission bits do not tell (root
+  passes os.access everywhere), a read-only or special file system only says no when written.
+  Raises ValueError naming `name` and the file system's reason."""
+  import tempfile
+
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".mla-jax-write-check-", dir=parent))
+  except OSError as err:
+    raise ValueError(f"{name}={str(path)!r} cannot be written: creating a directory in "
+                     f"{str(parent)!r} failed ({err.strerror}); choose another directory") from None
 
 
 class CheckpointError(ValueError):
@@ -50,6 +65,7 @@ class CheckpointError(ValueError):
 def _reading(directory: Path, step: int) -> Iterator[None]:
   """Turns whatever orbax/tensorstore raise on a damaged checkpoint (JSON, manifest or array
   errors) into one CheckpointError that names the checkpoint and says what to do."""
+  _quiet_closed_loop_callbacks()
   try:
     yield
   except Exception as err:  # noqa: BLE001 -- any failure to read is the same news to the user
@@ -63,12 +79,40 @@ def _reading(directory: Path, step: int) -> Iterator[None]:
       cause = first_line.split(f'local file "{files[-1]}": ', 1)[-1].split(" [tensorstore_spec")[0]
       detail = f"{files[-1]}: {cause if len(cause) <= 200 else cause[:200] + ' ...'}"
     else:
+      first_line = first_line.split(" See full TensorStore details")[0]
       detail = f"{type(err).__name__}: " + (
           first_line if len(first_line) <= 200 else first_line[:200] + " ...")
     raise CheckpointError(
         f"checkpoint {step_dir} cannot be read ({detail}): it is damaged or incomplete; delete "
         "that directory to fall back to an earlier checkpoint, or write it again (train or "
         "convert)") from None
+
+
+def _abandoned_read(unraisable) -> bool:
+  """An unraisable report of a read left behind by a failed restore (see below)."""
+  value, code = unraisable.exc_value, getattr(unraisable.object, "cr_code", None)
+  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    return True
+  return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """Silences one kind of traceback (idempotent): when a damaged checkpoint makes orbax's
+  restore fail, orbax closes its event loop while tensorstore's other reads are in flight, and
+  each one that finishes later reports "RuntimeError: Event loop is closed" from its own thread
+  (through sys.unraisablehook), and orbax's abandoned read coroutines report their own errors
+  when collected: dozens of tracebacks around the CheckpointError that explains the failure.
+  Every other unraisable exception is reported as before."""
+  if getattr(sys.unraisablehook, "quiets_closed_loop", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable) -> None:
+    if not _abandoned_read(unraisable):
+      previous(unraisable)
+
+  hook.quiets_closed_loop = True
+  sys.unraisablehook = hook
 
 
 def _damaged_json_file(step_dir: Path) -> Optional[Path]:

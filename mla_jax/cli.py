@@ -139,13 +139,17 @@ def _start_distributed(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-  config = _resolve_config(args)
+  from mla_jax.config.loader import DEFAULT_NAME
+  from mla_jax.train.checks import check_inputs
+
+  config = _resolve_config(args).with_default_workdir(DEFAULT_NAME)
   _warn_cache_width(config.model)
   if args.print_config:  # nothing is trained, no workdir is made, JAX is not imported
     import yaml
 
     sys.stdout.write(yaml.safe_dump(config.to_dict(), sort_keys=False))
     return 0
+  check_inputs(config)  # before JAX is imported: a mistake costs what `mla-jax info` costs
   from mla_jax.train.loop import TrainingError, sample_text, train
 
   _start_distributed(args)

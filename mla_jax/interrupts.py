@@ -14,6 +14,10 @@ and a watcher thread reads it:
   orbax writes each checkpoint to a temporary directory and renames it when complete, so the
   last complete checkpoint stays the latest.
 
+Before install() can run (the command's own imports and argument parsing), the `mla-jax`
+command's first import, the mla_jax package, sets plain handlers that do the same immediate
+exit (exit_on_signals_if_the_command); a program importing mla_jax keeps its own handlers.
+
 Exit status: 128 + the signal number whenever a signal stopped the command, so a script can tell
 an interrupted run (130, 143) from a finished one (0).
 """
@@ -33,6 +37,26 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def exit_code(name: str) -> int:
   """128 + the signal's number: 130 for SIGINT, 143 for SIGTERM."""
   return 128 + int(signal.Signals[name])
+
+
+def exit_on_signals() -> None:
+  """For the command's start-up, before `install()` can run (imports, argument parsing): a
+  signal ends the process at once with one line and 128 + its number, instead of a
+  KeyboardInterrupt traceback out of whichever import it hit. `install()` replaces these
+  handlers, and puts them back when its block ends."""
+  def handler(signum: int, frame) -> None:
+    Interrupts._exit_now(signal.Signals(signum).name, INTERRUPTS.stage)
+
+  for sig in SIGNALS:
+    signal.signal(sig, handler)
+
+
+def exit_on_signals_if_the_command() -> None:
+  """exit_on_signals() when this process is the `mla-jax` command (its console script, or
+  `python -m mla_jax.cli`); a program that imports mla_jax keeps its own signal handling."""
+  script = os.path.basename(sys.argv[0]) if getattr(sys, "argv", None) else ""
+  if script == "mla-jax" or list(getattr(sys, "orig_argv", []))[1:3] == ["-m", "mla_jax.cli"]:
+    exit_on_signals()
 
 
 class Interrupts:

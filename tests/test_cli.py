@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -305,3 +306,70 @@ def test_train_print_config_prints_the_resolved_yaml_and_trains_nothing(capsys, 
   (tmp_path / "printed.yaml").write_text(captured.out)
   assert mla_jax.load_config(tmp_path / "printed.yaml") == expected
   assert sorted(p.name for p in tmp_path.iterdir()) == ["printed.yaml"]  # no runs/
+
+
+@pytest.mark.parametrize("case", ["read_only_parent", "workdir_is_a_file", "workdir_under_a_file",
+                                  "data_path_missing", "vocab_too_small"])
+def test_train_config_errors_come_before_jax_is_imported(case, tmp_path):
+  """Each config error of `train` is refused as fast as `mla-jax info` would: one line, exit 2,
+  and JAX never imported (so no data was read and nothing compiled)."""
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  read_only = Path("/sys/mla-jax-test/run")  # sysfs: no directory can be made there, even by root
+  override, expected = {
+      "read_only_parent": (f"workdir={read_only}", re.escape(
+          f"workdir='{read_only}' cannot be written: ") + r"(creating a directory in '/sys' failed "
+          r"\([^)]+\)|no write permission in '/sys'); choose another directory"),
+      "workdir_is_a_file": (f"workdir={a_file}", re.escape(
+          f"workdir='{a_file}' is a file; give a directory path (new or existing)")),
+      "workdir_under_a_file": (f"workdir={a_file}/sub", re.escape(
+          f"workdir='{a_file}/sub' cannot be created: '{a_file}' is a file, not a directory")),
+      "data_path_missing": (f"data.path={tmp_path}/nope.txt", re.escape(
+          f"data.path='{tmp_path}/nope.txt' does not exist; give a text file, a directory of text "
+          "files or a glob, or data.path=null for the Python standard library")),
+      "vocab_too_small": ("model.vocab_size=100", re.escape(
+          "model.vocab_size=100 is invalid: the byte tokenizer needs at least 259")),
+  }[case]
+  workdir = [] if override.startswith("workdir") else [f"workdir={tmp_path}/w"]
+  code = ("import sys; from mla_jax.cli import main; rc = main(sys.argv[1:]); "
+          "print('jax imported' if 'jax' in sys.modules else 'no jax'); sys.exit(rc)")
+  result = subprocess.run([sys.executable, "-c", code, "train", override, *workdir],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr
+  assert re.fullmatch("mla-jax: error: " + expected + "\n", result.stderr), result.stderr
+  assert result.stdout == "no jax\n"
+  assert not (tmp_path / "w").exists()
+
+
+def _assert_stopped_by_sigint(process: subprocess.Popen) -> None:
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 130, (process.returncode, err)
+  assert err.splitlines() == [
+      "mla-jax: stopped by SIGINT before training started; no checkpoint was saved"], err
+  assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+@pytest.mark.parametrize("delay_s", [0.2, 0.5, 1.0])
+def test_ctrl_c_in_the_first_second_of_train_exits_130_in_one_line(delay_s, tmp_path):
+  """Ctrl-C while the command starts (imports, setup), before the training loop's handler."""
+  import signal
+  import time
+
+  process = subprocess.Popen([MLA_JAX, "train", f"workdir={tmp_path / 'w'}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  time.sleep(delay_s)
+  process.send_signal(signal.SIGINT)
+  _assert_stopped_by_sigint(process)
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("after", ["import mla_jax", "import mla_jax.config.loader",
+                                   "from mla_jax.cli import build_parser"])
+def test_ctrl_c_during_the_commands_imports_exits_130_in_one_line(after, tmp_path):
+  """The same without a clock: the console script's start, with SIGINT sent at a known import."""
+  code = (f"import os, signal, sys; sys.argv = ['mla-jax', 'train', 'workdir={tmp_path}/w']; "
+          f"{after}; os.kill(os.getpid(), signal.SIGINT); from mla_jax.cli import main; "
+          "sys.exit(main())")
+  process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  _assert_stopped_by_sigint(process)

@@ -1,4 +1,5 @@
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,3 +69,54 @@ def test_batches_are_a_pure_function_of_seed_and_step():
 def test_unigram_entropy():
   assert unigram_entropy(np.array([0, 1, 2, 3] * 5)) == pytest.approx(np.log(4))
   assert unigram_entropy(np.array([7] * 9)) == pytest.approx(0.0)
+
+
+def _binary(path, size=20_000):
+  path.write_bytes(np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes())
+  return path
+
+
+@pytest.mark.parametrize("kind", ["binary_file", "directory_of_binaries", "dev_zero"])
+def test_data_that_is_not_text_is_refused_with_its_share(tmp_path, kind):
+  """A binary file, a directory of them, and /dev/zero (endless: only a prefix is read)."""
+  if kind == "binary_file":
+    path, files = _binary(tmp_path / "weights.bin"), 1
+  elif kind == "directory_of_binaries":
+    for i in range(3):
+      _binary(tmp_path / f"blob{i}.bin")
+    (tmp_path / "notes.txt").write_text("a little text " * 100)
+    path, files = tmp_path, 4
+  else:
+    path, files = Path("/dev/zero"), 1
+  with pytest.raises(ValueError) as error:
+    load_corpus(DataConfig(path=str(path)), min_tokens=129)
+  share = r"(\d+\.\d)%"
+  match = re.fullmatch(
+      re.escape(f"data.path='{path}' is not text: ") + share + r" of the ([\d,]+) bytes sampled "
+      + re.escape(f"(the first 8,192 bytes of {files} file(s)) are control bytes or invalid UTF-8, "
+                  "more than the 10% allowed") + r"(; e\.g\. '[^']+blob\d\.bin')?"
+      + re.escape("; give a text file, a directory of text files or a glob of them (e.g. "
+                  "data.path='corpus/**/*.txt')"), str(error.value))
+  assert match, str(error.value)
+  assert float(match.group(1)) > 10
+  if kind == "dev_zero":
+    assert match.group(1) == "100.0" and match.group(2) == "8,192"  # a bounded prefix
+
+
+def test_a_few_binary_files_in_a_text_corpus_are_listed_not_refused(tmp_path):
+  for i in range(20):
+    (tmp_path / f"doc{i}.txt").write_text(f"document number {i}, plain text; " * 300)
+  _binary(tmp_path / "image.png", size=1000)
+  corpus = load_corpus(DataConfig(path=str(tmp_path)), min_tokens=17)
+  assert corpus.num_files == 21
+  ((path, share),) = corpus.binary_files
+  assert path == str(tmp_path / "image.png") and share > 0.5
+
+
+def test_non_text_bytes_counts_control_bytes_and_invalid_utf8():
+  from mla_jax.train.data import non_text_bytes
+
+  assert non_text_bytes("déf λ(x):\n\tpass\r\n\x1b[0m".encode()) == 0
+  assert non_text_bytes(b"\x00\x01ab\x7f") == 3
+  assert non_text_bytes(b"ab\xff\xfecd") == 2
+  assert non_text_bytes("ok λ".encode()[:-1]) == 0  # a character cut by the sample's end

@@ -313,3 +313,122 @@ def test_cli_refuses_non_finite_sampling_options_in_one_line(tmp_path, capsys, a
   assert main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x", *args]) == 2
   (line,) = capsys.readouterr().err.splitlines()
   assert line.startswith("mla-jax: error: " + message), line
+
+
+def _damage(path: Path, kind: str) -> None:
+  data = path.read_bytes()
+  if kind == "truncated":
+    path.write_bytes(data[:len(data) // 2])
+  elif kind == "garbage":
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, max(len(data), 16),
+                                                        dtype=np.uint8).tobytes())
+  else:
+    path.unlink()
+
+
+@pytest.mark.parametrize("kind", ["truncated", "garbage", "missing"])
+def test_generate_on_an_overwritten_checkpoint_says_it_is_damaged_in_one_line(converted, tmp_path,
+                                                                              kind):
+  """Files inside checkpoints/<step>/ truncated, overwritten with garbage or deleted: one line
+  naming the checkpoint, never orbax's "Event loop is closed" tracebacks from its reader threads."""
+  import shutil
+
+  workdirs = {}
+  for target in ("params/manifest.ocdbt", "data", "params/array_metadatas/process_0",
+                 "meta/metadata"):
+    if kind == "missing" and target == "params/array_metadatas/process_0":
+      continue  # orbax does not need it to restore: the parameters load intact
+    workdir = tmp_path / target.replace("/", "_")
+    shutil.copytree(converted[0], workdir)
+    (workdir / "special_tokens.json").unlink()  # bytes fit its 300 ids: on to the checkpoint
+    step = workdir / "checkpoints" / "0"
+    if target == "data":  # the largest file of the OCDBT store: the arrays themselves
+      target = str(max((step / "params" / "d").iterdir(),
+                       key=lambda p: p.stat().st_size).relative_to(step))
+    _damage(step / target, kind)
+    workdirs[target] = workdir
+  processes = {target: subprocess.Popen(
+      [str(Path(sys.executable).parent / "mla-jax"), "generate", "--checkpoint", str(workdir),
+       "--prompt", "hi", "--max-new-tokens", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True) for target, workdir in workdirs.items()}
+  for target, process in processes.items():
+    out, err = process.communicate(timeout=300)
+    step = (workdirs[target] / "checkpoints" / "0").resolve()
+    assert process.returncode == 2, (target, err)
+    assert re.fullmatch(re.escape(f"mla-jax: error: checkpoint {step} cannot be read (") + r".+"
+                        + re.escape("): it is damaged or incomplete; delete that directory to fall "
+                                    "back to an earlier checkpoint, or write it again (train or "
+                                    "convert)\n"), err), (target, err)
+    assert f"{step}/{target.split('/')[0]}" in err  # the part of the checkpoint that failed
+    assert "Event loop is closed" not in err and "Traceback" not in err
+
+
+def test_a_failed_restore_silences_only_closed_event_loop_reports(converted, tmp_path,
+                                                                 monkeypatch):
+  """The deterministic half of the test above: after a restore, what orbax's reader threads
+  report (through sys.unraisablehook) is dropped for that one message, passed on for any other."""
+  import shutil
+  import types
+
+  reported = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda u: reported.append(str(u.exc_value)))
+  shutil.copytree(converted[0], tmp_path / "w")
+  _damage(tmp_path / "w" / "checkpoints" / "0" / "params" / "manifest.ocdbt", "truncated")
+  with pytest.raises(CheckpointError):
+    load_trained(tmp_path / "w")
+  reported.clear()  # what the failed restore itself reported
+  for message in ("Event loop is closed", "something else"):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=RuntimeError,
+                                             exc_value=RuntimeError(message), exc_traceback=None,
+                                             err_msg=None, object=None))
+  assert reported == ["something else"]
+  from orbax.checkpoint._src.serialization import serialization  # an abandoned orbax read
+
+  read = serialization.async_deserialize(None, None)  # a coroutine, never run
+  sys.unraisablehook(types.SimpleNamespace(exc_type=Exception, exc_value=Exception("read"),
+                                           exc_traceback=None, err_msg=None, object=read))
+  read.close()
+  assert reported == ["something else"]
+
+
+def _tokenizer_json(vocab: int) -> str:
+  """A minimal word-level tokenizer.json with ids 0..vocab-1."""
+  return json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+                     "normalizer": None, "pre_tokenizer": {"type": "Whitespace"},
+                     "post_processor": None, "decoder": None,
+                     "model": {"type": "WordLevel", "unk_token": "t0",
+                               "vocab": {f"t{i}": i for i in range(vocab)}}})
+
+
+@pytest.mark.parametrize("fault", ["tokenizer_not_json", "tokenizer_ids_past_vocab",
+                                   "integer_weights"])
+def test_convert_refuses_before_writing_anything(hf_dir, tmp_path, fault):
+  directory = _copy(hf_dir, tmp_path / "hf")
+  if fault == "tokenizer_not_json":
+    (directory / "tokenizer.json").write_text("<html>404: Not Found</html>")
+    expected = re.escape(f"{directory / 'tokenizer.json'} is not valid JSON (Expecting value at "
+                         "line 1 column 1): the file is truncated or damaged; download it again")
+  elif fault == "tokenizer_ids_past_vocab":
+    (directory / "tokenizer.json").write_text(_tokenizer_json(400))
+    expected = re.escape(f"{directory / 'tokenizer.json'} has token ids up to 399, beyond the "
+                         "model's vocab_size=300 (ids 0..299): it is another model's tokenizer; "
+                         "copy the one from this model's repository")
+  else:
+    tensors = dict(safetensors_numpy.load_file(str(directory / "model.safetensors")))
+    tensors["model.norm.weight"] = np.ones(32, np.int8)
+    safetensors_numpy.save_file(tensors, str(directory / "model.safetensors"))
+    expected = re.escape(f"tensor model.norm.weight in {directory / 'model.safetensors'} has "
+                         "integer dtype int8: mla-jax converts floating-point weights (float32, "
+                         "bfloat16, float16, FP8 with scales); give the model's unquantized "
+                         "safetensors")
+  with pytest.raises(ValueError) as error:
+    convert_hf(directory, tmp_path / "out", log=lambda _: None)
+  assert re.fullmatch(expected, str(error.value)), str(error.value)
+  assert not (tmp_path / "out").exists()  # no half-written workdir
+
+
+def test_convert_copies_a_tokenizer_that_fits(hf_dir, tmp_path):
+  directory = _copy(hf_dir, tmp_path / "hf")
+  (directory / "tokenizer.json").write_text(_tokenizer_json(300))
+  out = convert_hf(directory, tmp_path / "out", log=lambda _: None)
+  assert load_tokenizer(out).encode("t5 t299") == [5, 299]

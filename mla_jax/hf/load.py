@@ -48,7 +48,7 @@ def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None,
   config = model_config_from_hf(hf_config, str(config_file), dtype=name, param_dtype=name)
   tensors: dict[str, np.ndarray] = {}
   for file in _safetensors_files(directory):
-    tensors.update(read_safetensors(file))
+    tensors.update(_float_tensors(file, read_safetensors(file)))
   tensors = dequantize_fp8(tensors, _fp8_block(hf_config, str(config_file)), str(directory))
   tensors, mtp = split_mtp_tensors(config, tensors, mtp_layer_count(hf_config, str(config_file)))
   if mtp:
@@ -72,6 +72,38 @@ def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None,
   return Transformer(config), params
 
 
+def _float_tensors(file: Path, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The tensors of one file, all floating point (FP8 included). Raises ValueError naming the
+  first integer or boolean one: a model's weights are never integers, and converting them would
+  silently turn stored codes into values (a quantized checkpoint needs its own dequantizer)."""
+  for name, tensor in tensors.items():
+    dtype = np.dtype(tensor.dtype)
+    if dtype.kind in "biu":  # bfloat16 and FP8 (ml_dtypes) are kind "V"
+      raise ValueError(f"tensor {name} in {file} has integer dtype {dtype.name}: "
+                       "mla-jax converts floating-point weights (float32, bfloat16, float16, FP8 "
+                       "with scales); give the model's unquantized safetensors")
+  return tensors
+
+
+def _check_tokenizer(directory: Path, vocab_size: int) -> None:
+  """Raises ValueError naming the source's tokenizer.json when it is not JSON, not a tokenizer
+  the tokenizers library reads, or has token ids beyond the model's vocab_size (they would index
+  past the embedding table)."""
+  from mla_jax import workdir as layout
+  from mla_jax.tokenizers import HFTokenizer
+
+  path = layout.tokenizer_path(directory)
+  if not path.is_file():
+    return
+  read_json(path)  # names the file and the position when it is not JSON
+  tokenizer = HFTokenizer(path, eos_id=None)._tokenizer
+  ids = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+  if ids > vocab_size:
+    raise ValueError(f"{path} has token ids up to {ids - 1}, beyond the model's vocab_size="
+                     f"{vocab_size} (ids 0..{vocab_size - 1}): it is another model's tokenizer; "
+                     "copy the one from this model's repository")
+
+
 def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32",
                log: Callable[[str], None] = _note) -> Path:
   """Writes a Hugging Face DeepseekV2/V3 directory as an mla-jax workdir that `mla-jax generate`
@@ -90,6 +122,7 @@ def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32",
     raise ValueError(f"--out {str(workdir)!r} already holds checkpoints; choose a new directory")
   model, params = load_hf(source, dtype=dtype, log=log)  # every check happens before writing
   directory = Path(source).expanduser()
+  _check_tokenizer(directory, model.config.vocab_size)
   hf_config = read_json(directory / "config.json")
   eos = hf_config.get("eos_token_id")
   eos = eos if isinstance(eos, int) and not isinstance(eos, bool) else None

@@ -1,6 +1,7 @@
 """`mla-jax train`, split by concept: the train step and Trainer (train/step.py), the loop
-(train/loop.py), the memory pre-check (train/memory.py), the corpus and batches (train/data.py)
-and the metrics files (train/metrics.py).
+(train/loop.py), the checks made before any work (train/checks.py), the memory pre-check
+(train/memory.py), the corpus and batches (train/data.py) and the metrics files
+(train/metrics.py).
 
 Every name is imported on first use (PEP 562), so `from mla_jax.train.data import batch_at`
 imports no optimizer. Restoring a workdir's parameters is mla_jax.workdir's, which imports no
@@ -13,7 +14,8 @@ _NAMES = {  # name -> the module that defines it
     **dict.fromkeys(("NEVER_APPLY_NONFINITE", "TrainState", "Trainer", "TrainingError",
                      "apply_gradients", "compute_grads", "loss_fn", "make_optimizer"),
                     "mla_jax.train.step"),
-    **dict.fromkeys(("check_inputs", "sample_text", "train"), "mla_jax.train.loop"),
+    **dict.fromkeys(("sample_text", "train"), "mla_jax.train.loop"),
+    "check_inputs": "mla_jax.train.checks",
     **dict.fromkeys(("check_memory", "device_memory_available", "host_memory_available",
                      "step_memory"), "mla_jax.train.memory"),
     **dict.fromkeys(("TRAIN_STREAM", "VAL_STREAM", "Corpus", "batch_at", "load_corpus",

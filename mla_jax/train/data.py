@@ -9,6 +9,7 @@ grain: sampling random windows from one in-memory array is a few lines and needs
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import glob
 import hashlib
@@ -23,6 +24,14 @@ from mla_jax.tokenizers import ByteTokenizer
 
 TRAIN_STREAM, VAL_STREAM = 0, 1  # batch_at's streams: training batches, fixed validation batches
 
+# The text check reads a bounded prefix of each file (never a whole one: a device such as
+# /dev/zero never ends) before anything is loaded. Text in any language, as UTF-8, has no
+# non-text bytes; executables, archives and compressed or numeric data are mostly non-text.
+SAMPLE_BYTES = 8192  # per file
+MAX_SAMPLED_FILES = 4096  # spread evenly over a larger corpus
+MAX_NON_TEXT = 0.10  # the largest share of non-text bytes a corpus (or a file, for the note) has
+_CONTROL = bytes(b for b in range(32) if b not in b"\t\n\v\f\r\x1b") + b"\x7f"
+
 
 def stdlib_root() -> Path:
   return Path(sysconfig.get_paths()["stdlib"])
@@ -35,7 +44,7 @@ def list_files(path: Optional[str]) -> list[Path]:
     return sorted(p for p in root.rglob("*.py")
                   if "site-packages" not in p.relative_to(root).parts and p.is_file())
   target = Path(path).expanduser()
-  if target.is_file():
+  if target.is_file() or (target.exists() and not target.is_dir()):  # a device: text-checked
     return [target]
   if target.is_dir():
     return sorted(p for p in target.rglob("*") if p.is_file())
@@ -55,6 +64,7 @@ class Corpus:
   val: np.ndarray  # [N_val]
   num_files: int
   source: str
+  binary_files: tuple[tuple[str, float], ...] = ()  # (path, non-text share) of files over the limit
 
 
 def _tokens(chunks: list[bytes]) -> np.ndarray:
@@ -67,12 +77,76 @@ def _tokens(chunks: list[bytes]) -> np.ndarray:
   return np.concatenate(pieces)
 
 
+def non_text_bytes(data: bytes) -> int:
+  """How many bytes of `data` are not text: control bytes other than tab, newlines, form feed and
+  escape, and bytes of invalid UTF-8 (a character cut at the end of `data` is not counted)."""
+  control = len(data) - len(data.translate(None, _CONTROL))
+  invalid = [0]
+
+  def count(err: UnicodeDecodeError) -> tuple[str, int]:
+    invalid[0] += err.end - err.start
+    return "", err.end
+
+  codecs.register_error("mla_jax.count_invalid_utf8", count)
+  codecs.getincrementaldecoder("utf-8")("mla_jax.count_invalid_utf8").decode(data, final=False)
+  return control + invalid[0]
+
+
+def _sample(path: Path) -> bytes:
+  """The first SAMPLE_BYTES of a file; an unreadable one is a ValueError naming it."""
+  try:
+    with open(path, "rb") as f:
+      return f.read(SAMPLE_BYTES)
+  except OSError as err:
+    raise ValueError(f"data file {str(path)!r} cannot be read ({err.strerror})") from None
+
+
+def check_text(files: list[Path], name: str) -> tuple[tuple[str, float], ...]:
+  """Samples a prefix of each file (at most MAX_SAMPLED_FILES, evenly spread) and returns the
+  (path, share) of files whose non-text share exceeds MAX_NON_TEXT, so they can be reported.
+
+  Raises ValueError naming `name` (data.path=...) and the share when more than MAX_NON_TEXT of
+  all sampled bytes are not text: a binary file, a directory of binaries, a device."""
+  stride = max(1, -(-len(files) // MAX_SAMPLED_FILES))
+  sampled, non_text, binary = 0, 0, []
+  for path in files[::stride]:
+    data = _sample(path)
+    bad = non_text_bytes(data)
+    sampled, non_text = sampled + len(data), non_text + bad
+    if data and bad / len(data) > MAX_NON_TEXT:
+      binary.append((str(path), bad / len(data)))
+  if sampled and non_text / sampled > MAX_NON_TEXT:
+    files_read = len(files[::stride])
+    example = f"; e.g. {binary[0][0]!r}" if binary and len(files) > 1 else ""
+    raise ValueError(
+        f"{name} is not text: {non_text / sampled:.1%} of the {sampled:,} bytes sampled (the first "
+        f"{SAMPLE_BYTES:,} bytes of {files_read} file(s)) are control bytes or invalid UTF-8, more "
+        f"than the {MAX_NON_TEXT:.0%} allowed{example}; give a text file, a directory of text "
+        "files or a glob of them (e.g. data.path='corpus/**/*.txt')")
+  return tuple(binary)
+
+
+def _regular(files: list[Path], name: str) -> None:
+  """Raises ValueError for a path that is not a regular file (a device or pipe, which the text
+  check read a prefix of): training reads each file whole, twice for a pipe."""
+  special = [f for f in files if not f.is_file()]
+  if special:
+    raise ValueError(f"{name}: {str(special[0])!r} is not a regular file (a device or pipe); "
+                     "save the text to a file and give that")
+
+
 def load_corpus(config: DataConfig, min_tokens: int) -> Corpus:
-  """Reads and splits the corpus; errors name data.path when it is unusable for min_tokens."""
+  """Reads and splits the corpus. Raises ValueError naming data.path when it matches no file,
+  is not text (check_text: before any file is read whole), is a device or pipe, or has too few
+  tokens for min_tokens. Files that look binary in a corpus that is text overall are kept and
+  listed in Corpus.binary_files."""
   source = config.path if config.path is not None else f"Python stdlib at {stdlib_root()}"
   files = list_files(config.path)
+  name = f"data.path={config.path!r}"
   if not files:
-    raise ValueError(f"data.path={config.path!r} matches no files")
+    raise ValueError(f"{name} matches no files")
+  binary = check_text(files, name) if config.path is not None else ()  # before reading any whole
+  _regular(files, name)
   contents = [(f, f.read_bytes()) for f in files]
   contents = [(f, data) for f, data in contents if data]
   if not contents:
@@ -92,7 +166,8 @@ def load_corpus(config: DataConfig, min_tokens: int) -> Corpus:
       (val if _is_validation(relative, config.val_fraction) else train).append(data)
     if not val:  # a handful of files can all hash to train; hold out the last one
       val.append(train.pop())
-  corpus = Corpus(train=_tokens(train), val=_tokens(val), num_files=len(contents), source=source)
+  corpus = Corpus(train=_tokens(train), val=_tokens(val), num_files=len(contents), source=source,
+                  binary_files=binary)
   for split in ("train", "val"):
     if len(getattr(corpus, split)) < min_tokens:
       raise ValueError(f"data.path={config.path!r}: the {split} split has "

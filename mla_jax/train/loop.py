@@ -23,14 +23,16 @@ from typing import Any, Callable, Optional
 import jax
 
 from mla_jax import workdir as layout
-from mla_jax.checkpoint import Checkpoints, check_writable_directory
+from mla_jax.checkpoint import Checkpoints
 from mla_jax.config.loader import DEFAULT_NAME
 from mla_jax.config.run import Config
 from mla_jax.interrupts import INTERRUPTS
 from mla_jax.model import Transformer
 from mla_jax.sampling import generate
 from mla_jax.tokenizers import ByteTokenizer
-from mla_jax.train.data import TRAIN_STREAM, Corpus, batch_at, load_corpus, unigram_entropy
+from mla_jax.train.checks import check_inputs
+from mla_jax.train.data import (MAX_NON_TEXT, TRAIN_STREAM, Corpus, batch_at, load_corpus,
+                                unigram_entropy)
 from mla_jax.train.memory import check_memory
 from mla_jax.train.metrics import MetricsLog, plot_losses
 from mla_jax.train.step import Trainer, TrainingError, TrainState
@@ -90,13 +92,6 @@ class _Progress:
       self.metrics_log.close()
 
 
-def check_inputs(config: Config) -> None:
-  """What the config alone cannot know: the tokenizer's constraint."""
-  if config.model.vocab_size < ByteTokenizer.vocab_size:
-    raise ValueError(f"model.vocab_size={config.model.vocab_size} is invalid: the byte tokenizer "
-                     f"needs at least {ByteTokenizer.vocab_size}")
-
-
 def _print(line: str) -> None:
   print(line, flush=True)  # a log file sees each line when it happens, not in 8 KiB blocks
 
@@ -113,13 +108,12 @@ def train(config: Config, log: Callable[[str], None] = _print, progress: bool = 
 
 def _train(config: Config, log: Callable[[str], None], progress: bool) -> dict:
   tc = config.train
-  check_inputs(config)
+  check_inputs(config)  # config, workdir and data path: before JAX does anything
   trainer = Trainer.build(config)  # validates mesh, batch split and sharded dimensions
   main_process = jax.process_index() == 0  # only process 0 logs and writes files besides orbax's
   if not main_process:
     log, progress = (lambda _: None), False
   workdir = Path(config.workdir)
-  check_writable_directory(workdir, "workdir")
   resume_step = check_workdir(config)
   summary = {"start_step": resume_step or 0, "final_step": resume_step or 0, "interrupted": None,
              "already_complete": False, "main_process": main_process,
@@ -135,6 +129,11 @@ def _train(config: Config, log: Callable[[str], None], progress: bool) -> dict:
   log(f"data: {corpus.source}: {corpus.num_files} files, {len(corpus.train):,} train / "
       f"{len(corpus.val):,} validation tokens; {jax.device_count()} device(s) in "
       f"{jax.process_count()} process(es), mesh {mesh}")
+  if corpus.binary_files:
+    (first, share), count = corpus.binary_files[0], len(corpus.binary_files)
+    log(f"warning: {count} of the files sampled in data.path look binary (more than "
+        f"{MAX_NON_TEXT:.0%} non-text bytes), e.g. {first!r} ({share:.1%}); they are trained on "
+        "as bytes: narrow data.path to the text files (a glob such as 'dir/**/*.py') to leave them out")
   log(f"unigram entropy of the validation tokens: {unigram_entropy(corpus.val):.4f} nats/token "
       "(the loss of a model that ignores context)")
   started = time.perf_counter()
