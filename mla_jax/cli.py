@@ -338,18 +338,27 @@ Exit status: 0 done (or already complete), 1 training failed, 2 bad input, 130 s
   resume)."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-  """Every option's default in --help; epilogs keep their line breaks."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """Every option's default in --help, once; epilogs keep their line breaks.
+
+  An option whose help already says "(default" is shown as written; one with a `default_help`
+  attribute (e.g. a bench option whose default depends on --quick) gets "(default: TEXT)"; a
+  required option gets no default; every other one gets argparse's "(default: VALUE)"."""
 
   def _get_help_string(self, action):
-    if "(default" in (action.help or ""):  # the help already says it in words
-      return action.help
+    text = action.help or ""
+    if "(default" in text:  # the help already says it in words
+      return text
+    if getattr(action, "default_help", None) is not None:
+      return f"{text} (default: {action.default_help})"
+    if action.required:
+      return text
     return super()._get_help_string(action)
 
 
 def _command(commands, name: str, run, **kwargs) -> argparse.ArgumentParser:
   """A subcommand whose --help shows every default."""
-  parser = commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+  parser = commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
   parser.set_defaults(run=run)
   return parser
 
@@ -412,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   from mla_jax.bench import add_bench_parser  # light: suites are imported when one runs
 
-  add_bench_parser(commands, _HelpFormatter).set_defaults(run=_bench)
+  add_bench_parser(commands, HelpFormatter).set_defaults(run=_bench)
   return parser
 
 
