@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   add_quick_option(parser, "--prompt-tokens", full=16, quick=4, type=int,
                    help="prompt length; the rest of the context is generated")
   parser.add_argument("--max-batch", type=int, default=None,
-                      help="cap every batch (the table says when it applied)")
+                      help="cap every batch; the table says when it applied (default: no cap)")
   parser.add_argument("--layers", type=int, default=1, help="decoder layers in the model")
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                       help="model and cache dtype (default: float32 on CPU, bfloat16 otherwise)")
