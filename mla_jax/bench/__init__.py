@@ -102,7 +102,8 @@ def suite_parser(name: str) -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog=f"mla-jax bench {name}", description=SUITES[name],
                                    formatter_class=HelpFormatter)
   parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes that run in seconds to minutes (the tests use this)")
+                      help="tiny sizes (the tests use this): seconds to a few minutes on a 2-core "
+                           "CPU, docs/results.md")
   parser.add_argument("--out", default=None, metavar="DIR",
                       help=f"where SUITE.md, SUITE.json and SUITE.png go (default: {OUT}, with "
                            f"--quick: {QUICK_OUT}, which git ignores; --quick refuses the "
