@@ -75,17 +75,18 @@ class Progress:
   """Progress lines on stderr while a suite runs, each with the seconds since the suite began:
   `mla-jax bench decode [12.3 s]: MLA flash, context 1,024`. stdout keeps the table alone."""
 
-  def __init__(self, suite: str = "bench"):
+  def __init__(self, suite: Optional[str] = None):
     self.restart(suite)
 
-  def restart(self, suite: str) -> None:
-    """Starts the clock for `suite` (bench.run calls this before each suite)."""
+  def restart(self, suite: Optional[str]) -> None:
+    """Starts the clock for `suite` (bench.run calls this before each suite; None: unnamed, as
+    when a test calls a suite's functions directly)."""
     self.suite, self.start = suite, time.perf_counter()
 
   def __call__(self, message: str) -> None:
     elapsed = time.perf_counter() - self.start
-    print(f"mla-jax bench {self.suite} [{elapsed:.1f} s]: {message}", file=sys.stderr,
-          flush=True)
+    name = "mla-jax bench" if self.suite is None else f"mla-jax bench {self.suite}"
+    print(f"{name} [{elapsed:.1f} s]: {message}", file=sys.stderr, flush=True)
 
 
 progress = Progress()  # the one every suite reports to
