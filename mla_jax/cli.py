@@ -186,34 +186,58 @@ def _train(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
   from mla_jax.model import Transformer
   from mla_jax.sampling import cache_length, check_sampling
-  from mla_jax.tokenizers import load_tokenizer
-  from mla_jax.workdir import load_checkpoint, read_workdir_config
+  from mla_jax.tokenizers import eos_id, find_tokenizer
+  from mla_jax.workdir import load_run, read_workdir_config
 
-  if (args.prompt is None) == (args.prompt_file is None):
-    raise ValueError("give exactly one of --prompt TEXT or --prompt-file FILE")
+  if [args.prompt, args.prompt_file, args.prompt_ids].count(None) != 2:
+    raise ValueError("give exactly one of --prompt TEXT, --prompt-file FILE or --prompt-ids IDS")
+  texts = None
   if args.prompt is not None:
     texts = [args.prompt]
-  else:
+  elif args.prompt_file is not None:
     texts = _read_prompt_file(args.prompt_file)
   model_config = read_workdir_config(args.checkpoint).model  # cheap: validate before loading
-  tokenizer = load_tokenizer(args.checkpoint, model_config.vocab_size)
-  prompts = [tokenizer.encode(t) for t in texts]
-  if any(not p for p in prompts):
-    raise ValueError("--prompt is empty: give at least one character")
+  tokenizer, missing = find_tokenizer(args.checkpoint, model_config.vocab_size)
+  if texts is None:
+    prompts = [parse_prompt_ids(text, model_config.vocab_size) for text in args.prompt_ids]
+  elif tokenizer is None:
+    raise ValueError(f"{missing}; or give token ids with --prompt-ids, e.g. --prompt-ids 1,2,3")
+  else:
+    prompts = [tokenizer.encode(t) for t in texts]
+    if any(not p for p in prompts):
+      raise ValueError("--prompt is empty: give at least one character")
+  eos = eos_id(args.checkpoint, tokenizer)
   options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, eos_id=tokenizer.EOS)
+                 top_k=args.top_k, top_p=args.top_p, eos_id=eos)
   check_sampling(model_config.vocab_size, **options)
   cache_length(max(len(p) for p in prompts), args.max_new_tokens, model_config.max_seq_len)
   if args.cache_dtype is not None:  # checked (e.g. int8 with a baseline) before loading weights
     model_config = dataclasses.replace(model_config, cache_dtype=args.cache_dtype)
-  config, params, step = load_checkpoint(args.checkpoint)
-  print(f"loaded step {step} of {args.checkpoint}", file=sys.stderr)
-  model = Transformer(dataclasses.replace(config.model, cache_dtype=model_config.cache_dtype))
-  if len(prompts) == 1:
-    _stream_one(model, params, tokenizer, texts[0], prompts[0], options, args.seed)
+  run = load_run(args.checkpoint)
+  print(f"loaded step {run.step} of {args.checkpoint}", file=sys.stderr)
+  model = Transformer(dataclasses.replace(run.config.model, cache_dtype=model_config.cache_dtype))
+  pad_id = run.tokenizer.PAD if run.tokenizer is not None else (0 if eos is None else eos)
+  if texts is not None and len(prompts) == 1:
+    _stream_one(model, run.params, run.tokenizer, texts[0], prompts[0], options, args.seed)
   else:
-    _generate_batch(model, params, tokenizer, prompts, options, args.seed)
+    _generate_batch(model, run.params, run.tokenizer, prompts, options, args.seed, pad_id,
+                    show_ids=texts is None)
   return 0
+
+
+def parse_prompt_ids(text: str, vocab_size: int) -> list[int]:
+  """One --prompt-ids value, '1,2,3' -> [1, 2, 3]. Raises ValueError (one line) for anything but
+  comma-separated integers, or an id outside the model's vocabulary [0, vocab_size)."""
+  try:
+    ids = [int(part) for part in text.split(",")]
+  except ValueError:
+    raise ValueError(f"--prompt-ids {text!r} is invalid: expected comma-separated token ids, "
+                     "e.g. 1,2,3 (repeat --prompt-ids for a batch)") from None
+  outside = [i for i in ids if not 0 <= i < vocab_size]
+  if outside:
+    raise ValueError(f"--prompt-ids {text!r}: id {outside[0]} is outside the model's vocabulary "
+                     f"(ids 0 to {vocab_size - 1})")
+  return ids
 
 
 def _read_prompt_file(name: str) -> list[str]:
@@ -281,20 +305,26 @@ def _stream_one(model, params, tokenizer, text: str, prompt: list[int], options:
 
 
 def _generate_batch(model, params, tokenizer, prompts: list[list[int]], options: dict,
-                    seed: int) -> None:
-  """One compiled loop for the whole batch; prints each row when all are done. Compilation
-  (tracing, lowering, XLA) is timed from JAX's own compile events and reported apart."""
+                    seed: int, pad_id: int, show_ids: bool = False) -> None:
+  """One compiled loop for the whole batch; prints each row when all are done: its text, or with
+  show_ids its ids as 'ids: PROMPT + NEW' (comma-separated) and then its text when the model has
+  a tokenizer. Compilation (tracing, lowering, XLA) is timed from JAX's own compile events and
+  reported apart."""
   import time
 
   from mla_jax.sampling import generate
 
   start, compile_s = time.perf_counter(), _compile_seconds()
-  out, lengths = generate(model, params, prompts, seed=seed, pad_id=tokenizer.PAD,
+  out, lengths = generate(model, params, prompts, seed=seed, pad_id=pad_id,
                           return_lengths=True, **options)
   elapsed = time.perf_counter() - start
   compile_s = _compile_seconds() - compile_s
-  for row, length in zip(out, lengths):
-    print(tokenizer.decode(row[:length]))
+  for prompt, row, length in zip(prompts, out, lengths):
+    if show_ids:
+      new = row[len(prompt):length].tolist()
+      print(f"ids: {','.join(map(str, prompt))} + {','.join(map(str, new))}")
+    if tokenizer is not None:
+      print(tokenizer.decode(row[:length]))
     print("---")
   prompt_tokens = sum(len(p) for p in prompts)
   new = int(lengths.sum()) - prompt_tokens
@@ -361,7 +391,7 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"wrote {out}: run `mla-jax generate --checkpoint {out} --prompt ...`")
   else:  # text prompts are refused until the model's tokenizer is there
     print(f"wrote {out}: copy the model's tokenizer.json into it, then run `mla-jax generate "
-          f"--checkpoint {out} --prompt ...` (or generate from token ids with mla_jax.generate)")
+          f"--checkpoint {out} --prompt ...` (or prompt with token ids: --prompt-ids 1,2,3)")
   return 0
 
 
@@ -383,18 +413,27 @@ Exit status: 0 done (or already complete), 1 training failed, 2 bad input, 130 s
   resume)."""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-  """Every option's default in --help; epilogs keep their line breaks."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """Every option's default in --help, once; epilogs keep their line breaks.
+
+  An option whose help already says "(default" is shown as written; one with a `default_help`
+  attribute (e.g. a bench option whose default depends on --quick) gets "(default: TEXT)"; a
+  required option gets no default; every other one gets argparse's "(default: VALUE)"."""
 
   def _get_help_string(self, action):
-    if "(default" in (action.help or ""):  # the help already says it in words
-      return action.help
+    text = action.help or ""
+    if "(default" in text:  # the help already says it in words
+      return text
+    if getattr(action, "default_help", None) is not None:
+      return f"{text} (default: {action.default_help})"
+    if action.required:
+      return text
     return super()._get_help_string(action)
 
 
 def _command(commands, name: str, run, **kwargs) -> argparse.ArgumentParser:
   """A subcommand whose --help shows every default."""
-  parser = commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+  parser = commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
   parser.set_defaults(run=run)
   return parser
 
@@ -434,10 +473,16 @@ def build_parser() -> argparse.ArgumentParser:
   gen = _command(commands, "generate", _generate,
                  help="continue prompts with a model from `mla-jax train` or `mla-jax convert`")
   gen.add_argument("--checkpoint", required=True, metavar="WORKDIR",
-                   help="a training workdir (its latest checkpoint is used)")
+                   help="a workdir from `mla-jax train` or `mla-jax convert` (its latest "
+                        "checkpoint is used)")
   gen.add_argument("--prompt", help="prompt text (streamed continuation)")
   gen.add_argument("--prompt-file", metavar="FILE",
                    help="one prompt per line, generated as one batch (blank lines skipped)")
+  gen.add_argument("--prompt-ids", action="append", metavar="IDS",
+                   help="a prompt as comma-separated token ids, e.g. 1,2,3, for a model without "
+                        "a tokenizer; repeat it for a batch. Prints each row's ids as 'ids: "
+                        "PROMPT + NEW', then its text when the workdir has a tokenizer "
+                        "(default: none)")
   gen.add_argument("--max-new-tokens", type=int, default=200, help="tokens to add per prompt")
   gen.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
   gen.add_argument("--top-k", type=int, default=None, help="sample among the k most likely")
@@ -460,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   from mla_jax.bench import add_bench_parser  # light: suites are imported when one runs
 
-  add_bench_parser(commands, _HelpFormatter).set_defaults(run=_bench)
+  add_bench_parser(commands, HelpFormatter).set_defaults(run=_bench)
   return parser
 
 

@@ -55,20 +55,48 @@ def load_tokenizer(workdir: str | Path, vocab_size: Optional[int] = None):
   converted from a Hugging Face directory that had no tokenizer.json (special_tokens.json marks a
   converted workdir), or a model whose vocab_size is too small for the byte tokenizer's ids.
   """
+  tokenizer, missing = find_tokenizer(workdir, vocab_size)
+  if tokenizer is None:
+    raise ValueError(missing)
+  return tokenizer
+
+
+def optional_tokenizer(workdir: str | Path, vocab_size: Optional[int] = None):
+  """load_tokenizer's tokenizer, or None where load_tokenizer would refuse for want of one (a
+  converted model without tokenizer.json; a vocabulary too small for bytes). A tokenizer.json
+  that cannot be read still raises ValueError."""
+  return find_tokenizer(workdir, vocab_size)[0]
+
+
+def eos_id(workdir: str | Path, tokenizer=None) -> Optional[int]:
+  """The id that ends a sequence: `tokenizer`'s EOS (the workdir's, from optional_tokenizer),
+  else special_tokens.json's eos_token_id (a converted model without tokenizer.json), else
+  None."""
+  from mla_jax.hf.safetensors import read_json
+
+  if tokenizer is not None:
+    return tokenizer.EOS
+  special = layout.special_tokens_path(workdir)
+  return read_json(special).get("eos_token_id") if special.is_file() else None
+
+
+def find_tokenizer(workdir: str | Path, vocab_size: Optional[int] = None):
+  """(tokenizer, None), or (None, the one-line reason there is none and what to supply), for
+  load_tokenizer's cases; a tokenizer.json that cannot be read raises ValueError."""
   from mla_jax.hf.safetensors import read_json
 
   workdir = Path(workdir)
   path, special = layout.tokenizer_path(workdir), layout.special_tokens_path(workdir)
   eos = read_json(special).get("eos_token_id") if special.is_file() else None
   if path.is_file():
-    return HFTokenizer(path, eos)
+    return HFTokenizer(path, eos), None
   supply = (f"copy the model's tokenizer.json (from the Hugging Face directory or repository it "
             f"came from) into {workdir}")
   if special.is_file():
-    raise ValueError(f"{workdir} was converted from a checkpoint without tokenizer.json, so text "
-                     f"prompts cannot be tokenized: {supply}")
+    return None, (f"{workdir} was converted from a checkpoint without tokenizer.json, so text "
+                  f"prompts cannot be tokenized: {supply}")
   if vocab_size is not None and vocab_size < ByteTokenizer.vocab_size:
-    raise ValueError(f"{workdir} has no tokenizer.json and its model's vocab_size={vocab_size} "
-                     f"is smaller than the byte tokenizer's {ByteTokenizer.vocab_size} ids, so it "
-                     f"was not trained on bytes: {supply}")
-  return ByteTokenizer()
+    return None, (f"{workdir} has no tokenizer.json and its model's vocab_size={vocab_size} is "
+                  f"smaller than the byte tokenizer's {ByteTokenizer.vocab_size} ids, so it was "
+                  f"not trained on bytes: {supply}")
+  return ByteTokenizer(), None

@@ -1,8 +1,10 @@
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import mla_jax
@@ -373,3 +375,121 @@ def test_ctrl_c_during_the_commands_imports_exits_130_in_one_line(after, tmp_pat
   process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   _assert_stopped_by_sigint(process)
+
+
+def _options_help(argv, capsys) -> str:
+  """The options section of `mla-jax ARGV --help`, one line per option (argparse's wrapping
+  undone)."""
+  with pytest.raises(SystemExit) as exit_info:
+    main([*argv, "--help"])
+  assert exit_info.value.code == 0
+  text = capsys.readouterr().out.split("options:", 1)[1]
+  return re.sub(r"\n {20,}", " ", text)
+
+
+def test_help_prints_one_default_per_option_and_none_for_required_ones(capsys):
+  """A bench option whose default depends on --quick shows both values as one default; a
+  required option shows no "(default: None)"."""
+  text = _options_help(["bench", "throughput"], capsys)
+  assert "(default: None)" not in text
+  for line in [l for l in text.splitlines() if l.lstrip().startswith("--")]:
+    assert line.count("(default") == 1, line
+  flat = " ".join(text.split())
+  for shown in ["--context CONTEXT cache slots per sequence = prompt + new tokens (default: "
+                "1024, with --quick: 24)",
+                "--repeats REPEATS timed generate calls per attention (default: 3, with "
+                "--quick: 1)",
+                "(default: 4GiB, with --quick: 256KiB)",
+                "(default: bench_results, with --quick: bench_results/quick, which git ignores"]:
+    assert shown in flat, shown
+  decode = " ".join(_options_help(["bench", "decode"], capsys).split())
+  assert "(default: 2048,32768, with --quick: 16,64)" in decode and "(default: None)" not in decode
+  for command, required in [("generate", "--checkpoint WORKDIR"), ("convert", "--from-hf DIR"),
+                            ("convert", "--out WORKDIR")]:
+    line = next(l for l in _options_help([command], capsys).splitlines()
+                if l.strip().startswith(required))
+    assert "default" not in line, line
+
+
+from mla_jax.hf import convert_hf, model_config_from_hf, tensor_map  # noqa: E402
+from tests.test_malformed_inputs import HF_CONFIG  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def converted_without_tokenizer(tmp_path_factory):
+  """`mla-jax convert` of a tiny random DeepseekV2 directory (vocab 300, EOS 1) that has no
+  tokenizer.json, as a Hugging Face download without its tokenizer is."""
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  hf = tmp_path_factory.mktemp("hf")
+  (hf / "config.json").write_text(json.dumps(HF_CONFIG))
+  rng = np.random.default_rng(0)
+  shapes = {n: s for n, (s, _) in tensor_map(model_config_from_hf(HF_CONFIG)).items()}
+  safetensors_numpy.save_file({n: rng.normal(size=s).astype(np.float32)
+                               for n, s in sorted(shapes.items())}, str(hf / "model.safetensors"))
+  return str(convert_hf(hf, tmp_path_factory.mktemp("out") / "converted", log=lambda _: None))
+
+
+def test_load_run_of_a_converted_model_without_tokenizer(converted_without_tokenizer):
+  run = mla_jax.load_run(converted_without_tokenizer)
+  assert isinstance(run, mla_jax.Run)
+  assert run.tokenizer is None and run.eos_id == 1 and run.step == 0
+  assert run.config.model.vocab_size == 300 and run.model.config == run.config.model
+  out = mla_jax.generate(run.model, run.params, [[5, 299, 7]], max_new_tokens=3, temperature=0)
+  assert out.shape == (1, 6) and out[0, :3].tolist() == [5, 299, 7]
+
+
+def test_generate_from_token_ids_without_a_tokenizer(converted_without_tokenizer, capsys):
+  """--prompt-ids, repeated for a batch, prints each row's ids; they are mla_jax.generate's."""
+  workdir = converted_without_tokenizer
+  assert main(["generate", "--checkpoint", workdir, "--prompt", "Hello"]) == 2
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith(f"mla-jax: error: {workdir} was converted from a checkpoint without "
+                         "tokenizer.json") and line.endswith(
+      "; or give token ids with --prompt-ids, e.g. --prompt-ids 1,2,3"), line
+  assert main(["generate", "--checkpoint", workdir, "--prompt-ids", "5,299,7",
+               "--prompt-ids", "42", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+  captured = capsys.readouterr()
+  run = mla_jax.load_run(workdir)
+  out, lengths = mla_jax.generate(run.model, run.params, [[5, 299, 7], [42]], max_new_tokens=4,
+                                  temperature=0, eos_id=1, pad_id=1, return_lengths=True)
+  expected = []
+  for prompt, row, length in zip(([5, 299, 7], [42]), out.tolist(), lengths.tolist()):
+    new = ",".join(map(str, row[len(prompt):length]))
+    expected += [f"ids: {','.join(map(str, prompt))} + {new}", "---"]
+  assert captured.out.splitlines() == expected
+  assert captured.err.splitlines()[0] == f"loaded step 0 of {workdir}"
+
+
+@pytest.mark.parametrize("ids, message", [
+    ("5,300", "--prompt-ids '5,300': id 300 is outside the model's vocabulary (ids 0 to 299)"),
+    ("-1", "--prompt-ids '-1': id -1 is outside the model's vocabulary (ids 0 to 299)"),
+    ("1,,2", "--prompt-ids '1,,2' is invalid: expected comma-separated token ids, e.g. 1,2,3"),
+    ("", "--prompt-ids '' is invalid: expected comma-separated token ids"),
+    ("a b", "--prompt-ids 'a b' is invalid: expected comma-separated token ids"),
+])
+def test_bad_prompt_ids_are_one_line(converted_without_tokenizer, capsys, ids, message):
+  assert main(["generate", "--checkpoint", converted_without_tokenizer, "--prompt-ids", ids]) == 2
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith(f"mla-jax: error: {message}"), line
+
+
+def test_prompt_ids_and_text_prompts_exclude_each_other(capsys):
+  assert main(["generate", "--checkpoint", "runs/x", "--prompt", "a", "--prompt-ids", "1"]) == 2
+  assert capsys.readouterr().err == ("mla-jax: error: give exactly one of --prompt TEXT, "
+                                     "--prompt-file FILE or --prompt-ids IDS\n")
+
+
+def test_prompt_ids_with_a_tokenizer_print_ids_and_text(default_workdir_run, capsys):
+  """A trained workdir (byte tokenizer): the ids line, then the whole row decoded."""
+  cwd, _ = default_workdir_run
+  workdir = str(next((cwd / "runs").iterdir()))
+  run = mla_jax.load_run(workdir)
+  assert run.step == 6 and run.eos_id == 256 and run.tokenizer.decode([100, 101]) == "de"
+  assert main(["generate", "--checkpoint", workdir, "--prompt-ids", "100,101,102",
+               "--max-new-tokens", "5", "--temperature", "0"]) == 0
+  out = capsys.readouterr().out
+  (row,) = mla_jax.generate(run.model, run.params, [[100, 101, 102]], max_new_tokens=5,
+                            temperature=0, eos_id=256, pad_id=257).tolist()
+  new = [t for t in row[3:] if t != 257]
+  assert out == (f"ids: 100,101,102 + {','.join(map(str, new))}\n"
+                 f"{run.tokenizer.decode(row)}\n---\n")  # the text may hold any character

@@ -1,6 +1,7 @@
 """The docs pages tell the truth: every `python` block of a page runs (in order, one namespace
-per page, public names only), every `bash` block is named in BASH_BLOCKS with the test that runs
-it, and every relative link resolves. The README's blocks are tests/test_readme.py's.
+per page, public names only; a workdir a block reads is one the test trains, python_stand_ins),
+every `bash` block is named in BASH_BLOCKS with the test that runs it, and every relative link
+resolves. The README's blocks are tests/test_readme.py's.
 
 Blocks that train for minutes or need a download run with `-m slow`, as written except where the
 test says what it changes and why."""
@@ -110,7 +111,8 @@ def public_names_only(source, where):
 # What each page's python blocks leave behind, checked after they ran.
 PYTHON_CHECKS = {
     "layer.md": lambda ns: ns["h"].shape == (2, 10, 64) and ns["cache"].lengths.tolist() == [6, 6],
-    "generation.md": lambda ns: ns["lengths"].tolist() == [11, 9],
+    "generation.md": lambda ns: ns["lengths"].tolist() == [11, 9] and ns["run"].step == 2 and (
+        ns["text"].startswith("class Stack:") and ns["out"].shape == (1, 12 + 40)),
     "decode.md": lambda ns: ns["with_halves"].shape == (1, 1, ns["cfg"].vocab_size),
     "quantized-cache.md": lambda ns: ns["cache"].layers[0].quantized,
     "moe.md": lambda ns: set(ns["logits"]) == {"dispatch", "dense"},
@@ -122,11 +124,36 @@ def test_every_page_with_python_has_a_check():
   assert {p for p in PAGES if fenced_blocks(DOCS / p, "python")} == set(PYTHON_CHECKS)
 
 
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  """A 2-step `mla-jax train` of tests.helpers' small model on the library's sources: stands in
+  for the quick start's 1000-step workdir (minutes to train) that generation.md loads."""
+  from mla_jax.cli import main
+  from tests.helpers import DATA, SMALL_MODEL
+
+  workdir = tmp_path_factory.mktemp("run") / "tiny"
+  assert main(["train", f"data.path={DATA}", *SMALL_MODEL, "train.steps=2", "train.batch_size=8",
+               "train.seq_len=32", "train.eval_every=2", "train.eval_batches=1",
+               "train.sample_tokens=0", f"workdir={workdir}"]) == 0
+  return str(workdir)
+
+
+def python_stand_ins():
+  """page -> {text in its python blocks: the fixture whose value replaces it}: a workdir a block
+  reads, made by the test (the blocks run as written otherwise)."""
+  from mla_jax.config import load_config
+
+  return {"generation.md": {load_config(None).workdir: "trained_workdir"}}
+
+
 @pytest.mark.parametrize("page", sorted(PYTHON_CHECKS))
-def test_python_blocks_run(page):
+def test_python_blocks_run(page, request):
   namespace = {}
+  stand_ins = python_stand_ins().get(page, {})
   for i, block in enumerate(fenced_blocks(DOCS / page, "python")):  # later blocks reuse names
     public_names_only(block, f"docs/{page}, python block {i + 1}")
+    for text, fixture in stand_ins.items():
+      block = block.replace(text, request.getfixturevalue(fixture))
     exec(compile(block, f"docs/{page}", "exec"), namespace)
   assert PYTHON_CHECKS[page](namespace)
 

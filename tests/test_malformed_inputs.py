@@ -177,7 +177,7 @@ def test_damaged_orbax_checkpoints_are_named(converted, tmp_path):
 
 def test_converted_checkpoint_without_tokenizer_refuses_text(hf_dir, converted, capsys, tmp_path):
   """Text prompts would be tokenized as bytes, which this model never saw: refused, saying what
-  to supply (convert said so too); token-id prompts keep working from Python."""
+  to supply (convert said so too); token-id prompts keep working (--prompt-ids; mla_jax.generate from Python)."""
   import mla_jax
 
   workdir, notes = converted
@@ -187,7 +187,8 @@ def test_converted_checkpoint_without_tokenizer_refuses_text(hf_dir, converted, 
   assert capsys.readouterr().err == (
       f"mla-jax: error: {workdir} was converted from a checkpoint without tokenizer.json, so text "
       "prompts cannot be tokenized: copy the model's tokenizer.json (from the Hugging Face "
-      f"directory or repository it came from) into {workdir}\n")
+      f"directory or repository it came from) into {workdir}; or give token ids with "
+      "--prompt-ids, e.g. --prompt-ids 1,2,3\n")
   config, params = load_trained(workdir)
   out = mla_jax.generate(mla_jax.Transformer(config.model), params, [[5, 299, 7]],
                          max_new_tokens=3)

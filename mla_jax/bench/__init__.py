@@ -4,7 +4,11 @@ Suites (one module each): memory (KV cache per token), decode (one decode step a
 roofline), throughput (tokens/s at a fixed cache memory budget), compute (FLOPs per token from
 XLA's cost analysis), train (training tokens/s) and quality (validation loss at equal parameters).
 Each prints a Markdown table headed by the machine, device kind, JAX version, dtype and the full
-command that reproduces it, and writes SUITE.md, SUITE.json (raw rows) and SUITE.png into --out.
+command that reproduces it, and writes SUITE.md, SUITE.json (raw rows) and SUITE.png into --out:
+bench_results/ by default, bench_results/quick/ with --quick (listed in .gitignore, so a quick
+run never replaces the committed figures; an --out inside the repository's bench_results/ other
+than quick/ is refused with --quick). While it runs, a suite reports each variant and size it
+measures on stderr, with the seconds elapsed (common.progress).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import importlib
 import shlex
 from pathlib import Path
+from typing import Any, Optional
 
 SUITES = {
     "memory": "KV-cache elements and bytes per token (paper Table 1), from init_cache's shapes",
@@ -22,6 +27,52 @@ SUITES = {
     "train": "training step time and tokens/s at equal parameter count",
     "quality": "validation loss and perplexity at equal parameters, data and tokens",
 }
+
+OUT = Path("bench_results")  # relative to the working directory, as --out is
+QUICK_OUT = OUT / "quick"  # .gitignore lists it
+COMMITTED = Path(__file__).resolve().parents[2] / "bench_results"  # in a source checkout
+
+
+def add_quick_option(parser: argparse.ArgumentParser, flag: str, *, full: Any, quick: Any,
+                     help: str, shown: Optional[str] = None, **kwargs) -> argparse.Action:
+  """An option whose default depends on --quick: `full` normally, `quick` with --quick (both
+  already of the option's type; full None leaves it to the suite). --help prints both as one
+  default, "(default: FULL, with --quick: QUICK)" (`shown` replaces FULL's text), and
+  parse_suite_args fills in the right one when the option is not given."""
+  action = parser.add_argument(flag, default=None, help=help, **kwargs)
+  action.quick_defaults = (full, quick)
+  action.default_help = f"{full if shown is None else shown}, with --quick: {quick}"
+  return action
+
+
+def fill_quick_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Sets every add_quick_option option left unset (None) to its default for args.quick.
+  `is None`, not falsiness: an explicit 0 or '' still reaches the suite's own checks."""
+  for action in parser._actions:  # argparse has no public accessor for a parser's options
+    defaults = getattr(action, "quick_defaults", None)
+    if defaults is not None and getattr(args, action.dest) is None:
+      setattr(args, action.dest, defaults[1] if args.quick else defaults[0])
+
+
+def output_dir(args: argparse.Namespace) -> Path:
+  """Where the suite's files go: --out when given, else bench_results/ (full sizes) or
+  bench_results/quick/ (--quick), both relative to the working directory.
+
+  Raises ValueError for --quick with an --out that is the repository's committed
+  bench_results/ or a folder in it other than quick/: tiny sizes must not replace the figures
+  the docs quote."""
+  if args.out is None:
+    return QUICK_OUT if args.quick else OUT
+  out = Path(args.out)
+  if args.quick:
+    resolved = out.expanduser().resolve()
+    inside = resolved == COMMITTED or COMMITTED in resolved.parents
+    quick = COMMITTED / QUICK_OUT.name
+    if inside and not (resolved == quick or quick in resolved.parents):
+      raise ValueError(f"--out {args.out!r} is inside the committed bench_results/, which --quick "
+                       f"must not overwrite: leave --out out (quick runs write {QUICK_OUT}/, "
+                       "which git ignores) or give a directory elsewhere")
+  return out
 
 
 def add_bench_parser(commands: argparse._SubParsersAction,
@@ -46,20 +97,27 @@ def add_bench_parser(commands: argparse._SubParsersAction,
 
 def suite_parser(name: str) -> argparse.ArgumentParser:
   """The options of `mla-jax bench NAME` (imports that suite's module, and with it JAX)."""
+  from mla_jax.cli import HelpFormatter
+
   parser = argparse.ArgumentParser(prog=f"mla-jax bench {name}", description=SUITES[name],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=HelpFormatter)
   parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes that run in seconds (the tests use this)")
-  parser.add_argument("--out", default="bench_results", metavar="DIR",
-                      help="where SUITE.md, SUITE.json and SUITE.png go")
+                      help="tiny sizes (the tests use this): seconds to a few minutes on a 2-core "
+                           "CPU, docs/results.md")
+  parser.add_argument("--out", default=None, metavar="DIR",
+                      help=f"where SUITE.md, SUITE.json and SUITE.png go (default: {OUT}, with "
+                           f"--quick: {QUICK_OUT}, which git ignores; --quick refuses the "
+                           "committed bench_results/)")
   importlib.import_module(f"mla_jax.bench.{name}").add_arguments(parser)
   return parser
 
 
 def parse_suite_args(name: str, argv: list[str]) -> argparse.Namespace:
-  """`mla-jax bench NAME ARGV...` -> the suite's namespace, with .suite and .bench_parser set."""
+  """`mla-jax bench NAME ARGV...` -> the suite's namespace, with .suite and .bench_parser set
+  and the defaults that depend on --quick filled in."""
   parser = suite_parser(name)
   args = parser.parse_args(argv)
+  fill_quick_defaults(parser, args)
   args.suite, args.bench_parser = name, parser
   return args
 
@@ -84,12 +142,17 @@ def run(args: argparse.Namespace) -> int:
   """Runs one suite, prints its Markdown and writes its files; returns the exit status."""
   if not hasattr(args, "bench_parser"):  # from the CLI: the suite's options are still unparsed
     args = parse_suite_args(args.suite, args.suite_args)
+  out = output_dir(args)  # refused before any work
   suite = importlib.import_module(f"mla_jax.bench.{args.suite}")
   if hasattr(suite, "resolve_defaults"):
-    suite.resolve_defaults(args)  # --quick and backend-dependent defaults, before printing
+    suite.resolve_defaults(args)  # backend-dependent defaults, before printing
   args.command = command_line(args.bench_parser, args)
+  from mla_jax.bench.common import progress
+
+  progress.restart(args.suite)
   report = suite.run(args)
+  progress("done; writing " + str(out))
   print(report.markdown())
-  for path in report.write(Path(args.out)):
+  for path in report.write(out):
     print(f"wrote {path}")
   return 0

@@ -17,6 +17,7 @@ import os
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -66,6 +67,29 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing
     jax.block_until_ready(call())
     times.append(time.perf_counter() - start)
   return Timing(first, statistics.median(times), min(times), max(times), repeats)
+
+
+# ---- progress ------------------------------------------------------------------------------
+
+class Progress:
+  """Progress lines on stderr while a suite runs, each with the seconds since the suite began:
+  `mla-jax bench decode [12.3 s]: MLA flash, context 1,024`. stdout keeps the table alone."""
+
+  def __init__(self, suite: Optional[str] = None):
+    self.restart(suite)
+
+  def restart(self, suite: Optional[str]) -> None:
+    """Starts the clock for `suite` (bench.run calls this before each suite; None: unnamed, as
+    when a test calls a suite's functions directly)."""
+    self.suite, self.start = suite, time.perf_counter()
+
+  def __call__(self, message: str) -> None:
+    elapsed = time.perf_counter() - self.start
+    name = "mla-jax bench" if self.suite is None else f"mla-jax bench {self.suite}"
+    print(f"{name} [{elapsed:.1f} s]: {message}", file=sys.stderr, flush=True)
+
+
+progress = Progress()  # the one every suite reports to
 
 
 # ---- the machine ---------------------------------------------------------------------------

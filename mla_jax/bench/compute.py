@@ -22,9 +22,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from mla_jax.bench import add_quick_option
 from mla_jax.bench.common import (Report, Table, base_config, cost, count_params, default_dtype,
                                   header_lines, match_parameters, measure_ceilings, nbytes,
                                   parse_ints)
+from mla_jax.bench.common import progress
 from mla_jax.config.model import ModelConfig
 from mla_jax.kinds import absorbed_weights, attention_kind, init_cache
 from mla_jax.model import Transformer
@@ -33,28 +35,21 @@ from mla_jax.train.step import compute_grads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--context", type=int, default=None,
-                      help="tokens per sequence for training and prefill, cached tokens for "
-                           "decode (default 4096; --quick 32)")
+  add_quick_option(parser, "--context", full=4096, quick=32, type=int,
+                   help="tokens per sequence for training and prefill, cached tokens for decode")
   parser.add_argument("--batch", type=int, default=1, help="sequences")
   parser.add_argument("--layers", type=int, default=1, help="decoder layers in the model")
-  parser.add_argument("--heads", default=None,
-                      help="head counts for the intensity table (default 16,32,128; --quick 4,8)")
-  parser.add_argument("--contexts", default=None,
-                      help="contexts for the intensity table (default 512,4096,32768; --quick "
-                           "16,32)")
+  add_quick_option(parser, "--heads", full="16,32,128", quick="4,8",
+                   help="head counts for the intensity table")
+  add_quick_option(parser, "--contexts", full="512,4096,32768", quick="16,32",
+                   help="contexts for the intensity table")
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                       help="model and cache dtype (default: float32 on CPU, bfloat16 otherwise)")
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
-  quick = args.quick
+  """Fills the default that depends on the backend (before the command is printed)."""
   args.dtype = args.dtype or default_dtype()
-  # `is None`, not `or`: an explicit 0 or '' must reach run()'s checks, not become the default.
-  args.context = (32 if quick else 4096) if args.context is None else args.context
-  args.heads = ("4,8" if quick else "16,32,128") if args.heads is None else args.heads
-  args.contexts = ("16,32" if quick else "512,4096,32768") if args.contexts is None else (
-      args.contexts)
 
 
 def _abstract(tree):
@@ -106,6 +101,7 @@ def overhead_rows(mla: ModelConfig, mha: ModelConfig, batch: int, context: int) 
                     ("decode step", "decode", "naive")))):
     programs = Programs(config, batch)
     for label, kind, impl in functions:
+      progress(f"{name} {label}" + (f" ({impl} path)" if impl else "") + f", context {context:,}")
       if kind == "train":
         analysis, tokens = programs.train(context), batch * context
       elif kind == "prefill":
@@ -129,6 +125,7 @@ def intensity_rows(base: ModelConfig, heads: list[int], contexts: list[int], bat
                    ridge: float) -> list[dict]:
   rows = []
   for h in heads:
+    progress(f"MLA absorbed decode step, {h} heads, contexts {', '.join(map(str, contexts))}")
     programs = Programs(dataclasses.replace(base, num_heads=h), batch)
     per_context = {s: float(programs.decode(s, "absorbed").get("flops", 0.0)) for s in contexts}
     lo, hi = min(contexts), max(contexts)
@@ -153,6 +150,7 @@ def run(args: argparse.Namespace) -> Report:
   base = base_config(args, max(contexts + [args.context]))
   mha = match_parameters(base, dataclasses.replace(base, attention="mha"))
   rows = overhead_rows(base, mha, args.batch, args.context)
+  progress("measuring this machine's bandwidth and matmul ceilings")
   ceilings = (measure_ceilings(args.dtype, copy_mib=8, matmul_n=128, repeats=2) if args.quick
               else measure_ceilings(args.dtype))
   grid = intensity_rows(base, heads, contexts, args.batch, ceilings.ridge_flops_per_byte)

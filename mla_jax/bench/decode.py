@@ -34,9 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mla_jax.bench import add_quick_option
 from mla_jax.bench.common import (Ceilings, Report, Table, Variant, base_config, cost,
                                   default_dtype, filled_cache, header_lines, measure_ceilings,
                                   nbytes, parse_ints, select_variants, time_calls, variant_config)
+from mla_jax.bench.common import progress
 from mla_jax.config.model import ModelConfig
 from mla_jax.kinds import absorbed_weights
 from mla_jax.layers.flash_decode import DEFAULT_BLOCK_SIZE
@@ -62,9 +64,8 @@ HELD_CHECK, QUICK_HELD_CHECK = "2048,32768", "16,64"  # T tokens held, S slots
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--contexts", default=None,
-                      help=f"cached context lengths, comma-separated (default: {CONTEXTS}; "
-                           f"--quick: {QUICK_CONTEXTS})")
+  add_quick_option(parser, "--contexts", full=CONTEXTS, quick=QUICK_CONTEXTS,
+                   help="cached context lengths, comma-separated")
   parser.add_argument("--batch", type=int, default=1, help="sequences per step")
   parser.add_argument("--layers", type=int, default=1, help="decoder layers in the model")
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -77,21 +78,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also time the MLA flash step (--dtype cache) at the longest context "
                            "with each model.decode_block_size listed, e.g. 64,128,256,512,1024 "
                            "(default: %(default)s)")
-  parser.add_argument("--held-check", default=None, metavar="T,S",
-                      help="also time each MLA flash variant's step on a cache of S slots "
-                           "holding T tokens against one of T slots holding T, and report the "
-                           f"ratio (default: {HELD_CHECK}; --quick: {QUICK_HELD_CHECK}; 'none' "
-                           "skips it)")
+  add_quick_option(parser, "--held-check", full=HELD_CHECK, quick=QUICK_HELD_CHECK,
+                   metavar="T,S",
+                   help="also time each MLA flash variant's step on a cache of S slots holding T "
+                        "tokens against one of T slots holding T, and report the ratio ('none' "
+                        "skips it)")
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
-  """Fills the defaults that depend on --quick and the backend (before the command is printed)."""
+  """Fills the default that depends on the backend (before the command is printed)."""
   args.dtype = args.dtype or default_dtype()
-  # `is None`, not `or`: an explicit '' must reach the parsers' checks, not become the default.
-  if args.contexts is None:
-    args.contexts = QUICK_CONTEXTS if args.quick else CONTEXTS
-  if args.held_check is None:
-    args.held_check = QUICK_HELD_CHECK if args.quick else HELD_CHECK
 
 
 def parse_held_check(text: str) -> Optional[tuple[int, int]]:
@@ -200,6 +196,7 @@ def run(args: argparse.Namespace) -> Report:
     if tokens <= calls:
       raise ValueError(f"{option} {tokens} is invalid: must exceed the {calls} steps timed "
                        f"(--repeats {args.repeats} + 2 warm-up)")
+  progress("measuring this machine's bandwidth and matmul ceilings")
   ceilings = (measure_ceilings(args.dtype, copy_mib=8, matmul_n=128, repeats=2) if args.quick
               else measure_ceilings(args.dtype))
   base = base_config(args, max(contexts + list(held_check or ())))
@@ -214,19 +211,25 @@ def run(args: argparse.Namespace) -> Report:
     path = variant.attn_impl or DECODE_ATTN_IMPL
     if variant.alternatives:  # the baseline's best code path, chosen at the longest context
       paths = dict.fromkeys((path,) + variant.alternatives)  # ordered, without repeats
-      tried = {impl: measure_step(config, params, args.batch, contexts[-1], impl, args.repeats,
-                                  ceilings) for impl in paths}
+      tried = {}
+      for impl in paths:
+        progress(f"{name} ({impl} path), context {contexts[-1]:,}")
+        tried[impl] = measure_step(config, params, args.batch, contexts[-1], impl, args.repeats,
+                                   ceilings)
       path = min(tried, key=lambda impl: tried[impl]["step_ms"])
       choices[name] = (path, {impl: r["step_ms"] for impl, r in tried.items()})
+      progress(f"{name}, cache layout probe at context {contexts[-1]:,}")
       probes[name] = layout_probe(config, args.batch, contexts[-1], args.repeats)
     for context in contexts:
       if variant.alternatives and context == contexts[-1]:
         row = tried[path]  # already measured
       else:
+        progress(f"{name}, context {context:,}")
         row = measure_step(config, params, args.batch, context, path, args.repeats, ceilings)
       rows.append({"variant": name, **row})
     if held_check is not None and is_flash_mla(variant):
       tokens, slots = held_check
+      progress(f"{name}, {tokens:,} tokens held in {tokens:,} and in {slots:,} slots")
       held.append(held_row(name, *(
           measure_step(config, params, args.batch, tokens, path, args.repeats, ceilings,
                        slots=n, option="--held-check") for n in (tokens, slots))))
@@ -249,6 +252,7 @@ def block_rows(base: ModelConfig, batch: int, context: int, block_sizes: list[in
     config = dataclasses.replace(base, decode_block_size=block)
     if params is None:
       params = Transformer(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    progress(f"MLA flash, decode_block_size {block:,}, context {context:,}")
     rows.append({"block": block, **measure_step(config, params, batch, context, "flash",
                                                 repeats, ceilings)})
   return rows

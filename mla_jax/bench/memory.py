@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_jax.bench.common import Report, Table, display_path, header_lines
+from mla_jax.bench.common import Report, Table, display_path, header_lines, progress
 from mla_jax.cache import LatentCache
 from mla_jax.config.loader import load_config
 from mla_jax.config.model import ModelConfig
@@ -150,6 +150,7 @@ def rows(configs_dir: Path) -> list[dict]:
     if not path.is_file():
       raise ValueError(f"--configs {str(configs_dir)!r} has no {filename}: point it at the "
                        "repository's configs/ directory")
+    progress(f"{name}: MLA and its baselines, from {filename}")
     mla = load_config(path).model
     head_dim = mla.v_head_dim
     for attention, label in (("mha", "MHA"), ("gqa", f"GQA-{GQA_KV_HEADS}"), ("mqa", "MQA")):

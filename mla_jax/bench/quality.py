@@ -18,8 +18,10 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from mla_jax.bench import add_quick_option
 from mla_jax.bench.common import (Report, Table, count_params, display_path, header_lines,
                                   parse_ints, select_variants)
+from mla_jax.bench.common import progress
 from mla_jax.bench.memory import cache_per_token
 from mla_jax.bench.train import ATTENTIONS, CONFIGS, add_variants_argument, variants
 from mla_jax.config.loader import load_config
@@ -32,23 +34,14 @@ QUICK_DATA = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a few small 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", default=display_path(CONFIGS / "tiny.yaml"),
                       help="the MLA model and training settings (default: %(default)s)")
-  parser.add_argument("--steps", type=int, default=None,
-                      help="training steps per run (default 600; --quick 3)")
-  parser.add_argument("--seeds", default=None,
-                      help="comma-separated seeds, one run each per attention (default 0,1; "
-                           "--quick 0)")
-  parser.add_argument("--data", default=None,
-                      help="data.path (default: the config's, i.e. this Python's standard "
-                           "library; --quick: its json package)")
+  add_quick_option(parser, "--steps", full=600, quick=3, type=int,
+                   help="training steps per run")
+  add_quick_option(parser, "--seeds", full="0,1", quick="0",
+                   help="comma-separated seeds, one run each per attention")
+  add_quick_option(parser, "--data", full=None, quick=QUICK_DATA,
+                   shown="the config's data.path, i.e. this Python's standard library",
+                   help="the text to train and validate on (data.path)")
   add_variants_argument(parser)
-
-
-def resolve_defaults(args: argparse.Namespace) -> None:
-  quick = args.quick
-  args.steps = args.steps or (3 if quick else 600)
-  args.seeds = args.seeds or ("0" if quick else "0,1")
-  if args.data is None and quick:
-    args.data = QUICK_DATA
 
 
 def run_config(args: argparse.Namespace, model, seed: int, workdir: str) -> Config:
@@ -80,6 +73,8 @@ def run(args: argparse.Namespace) -> Report:
       losses = []
       for seed in seeds:
         run_cfg = run_config(args, config, seed, f"{tmp}/{name}-{seed}")
+        progress(f"{name}, seed {seed}: training {args.steps:,} steps of "
+                 f"{run_cfg.train.batch_size} x {run_cfg.train.seq_len} tokens")
         summary = train(run_cfg, log=lambda _: None, progress=False)
         if summary["interrupted"]:  # SIGTERM/Ctrl-C: train saved and returned; so do we
           raise KeyboardInterrupt(f"bench quality stopped by {summary['interrupted']}")

@@ -19,9 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mla_jax.bench import add_quick_option
 from mla_jax.bench.common import (Report, Table, Variant, base_config, default_dtype,
                                   header_lines, nbytes, parse_bytes, select_variants, time_calls,
                                   variant_config)
+from mla_jax.bench.common import progress
 from mla_jax.kinds import init_cache
 from mla_jax.model import Transformer
 from mla_jax.sampling import generate
@@ -39,35 +41,28 @@ VARIANTS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--budget", default=None,
-                      help="cache memory for the whole batch, e.g. 4GiB or 256MiB (default: "
-                           "4GiB; --quick: 256KiB). On a CPU, 4GiB means batches of thousands")
-  parser.add_argument("--context", type=int, default=None,
-                      help="cache slots per sequence = prompt + new tokens (default 1024; "
-                           "--quick 24)")
-  parser.add_argument("--prompt-tokens", type=int, default=None,
-                      help="prompt length; the rest of the context is generated (default 16; "
-                           "--quick 4)")
+  add_quick_option(parser, "--budget", full="4GiB", quick="256KiB",
+                   help="cache memory for the whole batch, e.g. 4GiB or 256MiB; on a CPU, 4GiB "
+                        "means batches of thousands")
+  add_quick_option(parser, "--context", full=1024, quick=24, type=int,
+                   help="cache slots per sequence = prompt + new tokens")
+  add_quick_option(parser, "--prompt-tokens", full=16, quick=4, type=int,
+                   help="prompt length; the rest of the context is generated")
   parser.add_argument("--max-batch", type=int, default=None,
-                      help="cap every batch (the table says when it applied)")
+                      help="cap every batch; the table says when it applied (default: no cap)")
   parser.add_argument("--layers", type=int, default=1, help="decoder layers in the model")
   parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                       help="model and cache dtype (default: float32 on CPU, bfloat16 otherwise)")
-  parser.add_argument("--repeats", type=int, default=None,
-                      help="timed generate calls per attention (default 3; --quick 1)")
+  add_quick_option(parser, "--repeats", full=3, quick=1, type=int,
+                   help="timed generate calls per attention")
   parser.add_argument("--variants", default=None,
                       help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)} "
                            "(default: all)")
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
-  quick = args.quick
+  """Fills the default that depends on the backend (before the command is printed)."""
   args.dtype = args.dtype or default_dtype()
-  # `is None`, not `or`: an explicit 0 must reach run()'s checks, not become the default.
-  args.budget = ("256KiB" if quick else "4GiB") if args.budget is None else args.budget
-  args.context = (24 if quick else 1024) if args.context is None else args.context
-  args.prompt_tokens = (4 if quick else 16) if args.prompt_tokens is None else args.prompt_tokens
-  args.repeats = (1 if quick else 3) if args.repeats is None else args.repeats
 
 
 def sequence_bytes(config, context: int) -> int:
@@ -103,6 +98,8 @@ def run(args: argparse.Namespace) -> Report:
       raise ValueError(f"--budget {args.budget} holds no {name} sequence: one takes "
                        f"{per_sequence:,} bytes at --context {args.context}")
     batch = fits if args.max_batch is None else min(fits, args.max_batch)
+    progress(f"{name}, batch {batch:,}, context {args.context:,} ({args.repeats} timed "
+             "generate calls)")
     model = Transformer(config)
     params = model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     prompts = np.random.default_rng(0).integers(0, config.vocab_size,

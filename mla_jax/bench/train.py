@@ -25,8 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mla_jax.bench import add_quick_option
 from mla_jax.bench.common import (Report, Table, cost, count_params, display_path, header_lines,
                                   match_parameters, select_variants, time_calls)
+from mla_jax.bench.common import progress
 from mla_jax.bench.memory import cache_per_token
 from mla_jax.config.loader import load_config
 from mla_jax.config.model import ModelConfig
@@ -66,24 +68,14 @@ def add_variants_argument(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", default=display_path(CONFIGS / "tiny.yaml"),
                       help="the MLA model (YAML; default: %(default)s, the README's model)")
-  parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 16; "
-                      "--quick 8)")
-  parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default "
-                      "128; --quick 16)")
-  parser.add_argument("--repeats", type=int, default=None, help="timed steps (default 20; "
-                      "--quick 2)")
+  add_quick_option(parser, "--batch", full=16, quick=8, type=int, help="sequences per step")
+  add_quick_option(parser, "--seq-len", full=128, quick=16, type=int,
+                   help="tokens per sequence")
+  add_quick_option(parser, "--repeats", full=20, quick=2, type=int, help="timed steps")
   add_variants_argument(parser)
   parser.add_argument("--moe", default="on", choices=["on", "off"],
                       help="also train a small MLA + DeepSeekMoE model against dense MHA models "
                            "of its total and of its active parameters (default: %(default)s)")
-
-
-def resolve_defaults(args: argparse.Namespace) -> None:
-  quick = args.quick
-  # `is None`, not `or`: an explicit 0 must reach run()'s checks, not become the default.
-  args.batch = (8 if quick else 16) if args.batch is None else args.batch
-  args.seq_len = (16 if quick else 128) if args.seq_len is None else args.seq_len
-  args.repeats = (2 if quick else 20) if args.repeats is None else args.repeats
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -97,6 +89,7 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 
 def measure(name: str, model: ModelConfig, batch: int, seq_len: int, repeats: int) -> dict:
+  progress(f"{name}, training step of {batch} x {seq_len} tokens ({repeats} timed)")
   config = Config(model=model, train=TrainConfig(batch_size=batch, seq_len=seq_len, steps=10**6,
                                                 warmup_steps=10))
   trainer = Trainer.build(config)

@@ -2,6 +2,7 @@
 timing arguments, and the reproducible command line."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +77,54 @@ def test_command_line_spells_out_every_option():
   assert command_line(args.bench_parser, args) == (
       "mla-jax bench throughput --budget 1GiB --context 1024 --prompt-tokens 16 --layers 1 "
       f"--dtype {common.default_dtype()} --repeats 3")
+
+
+def test_quick_runs_write_outside_the_committed_results(tmp_path):
+  """--quick defaults to bench_results/quick/, which git ignores; an --out inside the committed
+  bench_results/ (other than quick/) is refused with --quick, and allowed without it."""
+  import subprocess
+
+  from mla_jax.bench import COMMITTED, output_dir, parse_suite_args
+
+  root = COMMITTED.parent
+  quick = output_dir(parse_suite_args("memory", ["--quick"]))
+  assert quick == Path("bench_results") / "quick"
+  assert output_dir(parse_suite_args("memory", [])) == Path("bench_results")
+  in_repo = (root / quick).resolve()
+  assert COMMITTED in in_repo.parents and in_repo != COMMITTED
+  assert not any(path.is_relative_to(in_repo)
+                 for path in [COMMITTED / "memory.md", COMMITTED / "decode_batch8" / "decode.md"])
+  ignored = subprocess.run(["git", "check-ignore", "-q", str(quick / "memory.md")], cwd=root)
+  assert ignored.returncode == 0  # git status stays clean after a quick run
+  for out in (COMMITTED, COMMITTED / "decode_batch8", root / "bench_results" / ".." /
+              "bench_results"):
+    with pytest.raises(ValueError, match=r"is inside the committed bench_results/, which --quick "
+                                         r"must not overwrite"):
+      output_dir(parse_suite_args("memory", ["--quick", "--out", str(out)]))
+  assert output_dir(parse_suite_args("memory", ["--out", str(COMMITTED)])) == COMMITTED
+  for out in (tmp_path, COMMITTED / "quick" / "mine"):
+    assert output_dir(parse_suite_args("memory", ["--quick", "--out", str(out)])) == out
+
+
+def test_a_quick_run_reports_progress_and_writes_under_quick(tmp_path, monkeypatch, capsys):
+  """From any directory, `bench memory --quick` writes ./bench_results/quick/ and says on
+  stderr what it is doing, each line with the seconds elapsed; stdout holds only the table."""
+  import re
+
+  from mla_jax.cli import main
+
+  monkeypatch.chdir(tmp_path)
+  assert main(["bench", "memory", "--quick"]) == 0
+  assert sorted(p.name for p in (tmp_path / "bench_results" / "quick").iterdir()) == [
+      "memory.json", "memory.md", "memory.png"]
+  assert sorted(p.name for p in (tmp_path / "bench_results").iterdir()) == ["quick"]
+  captured = capsys.readouterr()
+  lines = captured.err.splitlines()
+  assert [re.sub(r"\[[0-9]+\.[0-9] s\]", "[T]", line) for line in lines] == [
+      "mla-jax bench memory [T]: DeepSeek-V2: MLA and its baselines, from deepseek_v2.yaml",
+      "mla-jax bench memory [T]: DeepSeek-V2-Lite: MLA and its baselines, from "
+      "deepseek_v2_lite.yaml",
+      "mla-jax bench memory [T]: DeepSeek-V3: MLA and its baselines, from deepseek_v3.yaml",
+      "mla-jax bench memory [T]: done; writing bench_results/quick"]
+  assert "mla-jax bench memory [" not in captured.out
+  assert "wrote bench_results/quick/memory.md" in captured.out
