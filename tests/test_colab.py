@@ -6,6 +6,11 @@ under test), in an empty working directory, with the environment a user would ha
 fake-device and platform variables removed, so the notebook's own CPU setup is what runs. A cell
 that raises fails its test with nbclient's CellExecutionError, which quotes the cell's source and
 its traceback.
+
+The structural tests below check what the notebooks say against the code: the first code cell
+imports every dependency and names a broken one with its pip command, no cell speaks of an
+existing feature in the future tense, and the prose on attn_impl="auto", generate's decode path,
+the bench suites and notebook 03's choice of model per runtime quotes what mla_jax does.
 """
 
 import json
@@ -109,3 +114,122 @@ def test_notebook_opens_with_colab_link_and_install_cell(path):
   assert install.source.splitlines()[1].startswith("MLA_JAX_SOURCE = ")
   assert 'find_spec("mla_jax") is None' in install.source  # skipped where mla_jax imports
   assert "jax.default_backend()" in install.source  # sizes follow the detected platform
+
+
+# What every notebook imports in its first code cell, before any cell uses it.
+DEPENDENCIES = ("jax", "flax", "optax", "orbax.checkpoint", "mla_jax")
+# Future tense for something that already exists ("when `mla-jax bench memory` lands, ...").
+FUTURE = re.compile(r"\b(when|once|until)\b[^.\n]*\blands?\b|\bwill land\b|\bnot yet\b",
+                    re.IGNORECASE)
+
+
+def _first_code_cell(path):
+  return next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_first_code_cell_imports_each_dependency_before_using_jax(path):
+  """A loop `for name in (...): importlib.import_module(name)` over at least DEPENDENCIES, at the
+  top level of the first code cell and before its `import jax`."""
+  import ast
+
+  tree = ast.parse(_first_code_cell(path).source)
+  loops = [(i, node) for i, node in enumerate(tree.body) if isinstance(node, ast.For)
+           and isinstance(node.iter, ast.Tuple)
+           and "import_module" in ast.unparse(node.body[0])]
+  assert len(loops) == 1, f"{path.name}: no import-check loop in the first code cell"
+  index, loop = loops[0]
+  names = {elt.value for elt in loop.iter.elts}
+  assert set(DEPENDENCIES) <= names, f"{path.name} does not check {set(DEPENDENCIES) - names}"
+  import_jax = next(i for i, node in enumerate(tree.body) if isinstance(node, ast.Import)
+                    and [a.name for a in node.names] == ["jax"])
+  assert index < import_jax
+
+
+def test_first_code_cell_names_a_broken_dependency_and_the_pip_command(tmp_path):
+  """With optax unimportable, each notebook's first cell stops with an ImportError that names
+  optax (and nothing that does import) and quotes the pip install line the cell itself uses."""
+  import subprocess
+
+  script = tmp_path / "run_first_cells.py"
+  script.write_text(
+      "import json, sys\n"
+      "import nbformat\n"
+      "sys.modules['optax'] = None  # `import optax` now raises ImportError\n"
+      "messages = {}\n"
+      "for path in sys.argv[1:]:\n"
+      "  cell = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == 'code')\n"
+      "  try:\n"
+      "    exec(cell.source, {})\n"
+      "    messages[path] = None\n"
+      "  except ImportError as error:\n"
+      "    messages[path] = str(error)\n"
+      "print(json.dumps(messages))\n")
+  result = subprocess.run([sys.executable, str(script), *map(str, NOTEBOOKS)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  messages = json.loads(result.stdout.splitlines()[-1])
+  for path in NOTEBOOKS:
+    message = messages[str(path)]
+    assert message is not None, f"{path.name}: the first cell ran on without optax"
+    assert "  optax: " in message
+    assert not any(f"  {name}: " in message for name in DEPENDENCIES if name != "optax")
+    source = _first_code_cell(path).source
+    url = re.search(r'^MLA_JAX_SOURCE = "(.+)"$', source, re.MULTILINE).group(1)
+    assert f"!{sys.executable} -m pip install {url}" in message
+    assert "restart" in message.lower()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_no_cell_speaks_of_what_exists_as_future(path):
+  for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+    match = FUTURE.search(cell.source)
+    assert match is None, f"{path.name} cell {index}: {match.group(0)!r}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_text_on_attn_impl_auto_names_what_resolve_attn_impl_picks(path):
+  """Prose about attn_impl "auto" names both paths it resolves to (without a cache, with one)."""
+  from mla_jax.layers.masking import resolve_attn_impl
+
+  picks = {resolve_attn_impl("auto", 1, False), resolve_attn_impl("auto", 1, True),
+           resolve_attn_impl("auto", 12, True)}
+  for index, cell in enumerate(nbformat.read(path, as_version=4).cells):
+    if cell.cell_type == "markdown" and '"auto"' in cell.source:
+      for impl in picks:
+        assert re.search(rf"\b{impl}\b", cell.source), f"{path.name} cell {index} omits {impl}"
+
+
+def test_quickstart_names_the_path_generate_decodes_on():
+  from mla_jax.sampling import DECODE_ATTN_IMPL
+
+  cells = nbformat.read(COLAB / "01_quickstart.ipynb", as_version=4).cells
+  generate = next(c for c in cells if c.source.startswith("## Generate"))
+  assert f"decode steps\non the *{DECODE_ATTN_IMPL}* path" in generate.source
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_bench_suites_the_notebooks_name_exist(path):
+  from mla_jax.bench import SUITES
+
+  text = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells)
+  for suite in re.findall(r"mla-jax bench (\w+)", text):
+    assert suite in SUITES, f"{path.name} names `mla-jax bench {suite}`, which does not exist"
+
+
+def test_checkpoints_notebook_says_which_runtime_gets_which_model():
+  """03's first cell names each runtime, and the thresholds it quotes are the code's."""
+  cells = nbformat.read(COLAB / "03_deepseek_checkpoints.ipynb", as_version=4).cells
+  intro = cells[0].source
+  code = "\n".join(c.source for c in cells if c.cell_type == "code")
+  assert "**CPU runtime: always the reduced model.**" in intro
+  assert 'if PLATFORM != "cpu":\n  stats = ' in code  # only GPU/TPU read accelerator memory
+  assert "**GPU or TPU runtime: the real model" in intro
+  param_gib = float(re.search(r"^PARAM_GIB = ([0-9.]+)$", code, re.MULTILINE).group(1))
+  device, host, disk = re.search(
+      r"^enough = device_gib >= ([0-9.]+) \* PARAM_GIB and host_gib >= ([0-9.]+) \* PARAM_GIB "
+      r"and disk_gib >= ([0-9]+)$", code, re.MULTILINE).groups()
+  assert f"{float(device) * param_gib:.1f} GiB ({device} x its {param_gib} GiB" in intro
+  assert f"{float(host) * param_gib:.1f} GiB of memory ({host} x {param_gib})" in intro
+  assert f"{disk} GiB of disk" in intro
+  assert "hub\n  answers" in intro and "if enough and hub_reachable(MODEL_ID):" in code
