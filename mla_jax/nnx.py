@@ -1,7 +1,7 @@
 """Native Flax NNX modules: the same layers as the Linen ones, from the same functional core.
 
 Each module makes its parameters from the layer's specs (mla_jax/layers/params.py) as nnx.Param
-attributes of the same names, so `nnx.state(model, nnx.Param).to_pure_dict()` is the Linen
+attributes of the same names, so `nnx.to_pure_dict(nnx.state(model, nnx.Param))` is the Linen
 model's parameter tree, leaf for leaf (names, shapes, dtypes): a Linen checkpoint, `load_hf`,
 `absorbed_weights`, the sharding rules and `generate` serve both. `__call__` hands those
 parameters to the layer's pure function (mla_attention, transformer_forward, ...), so the
@@ -42,7 +42,9 @@ __all__ = ["Absorbed", "DecoderBlock", "DeepSeekMoE", "Losses", "MultiHeadAttent
 
 class Losses(nnx.Variable):
   """Auxiliary losses sown by a forward pass (DeepSeekMoE's expert-balance loss, weighted by
-  aux_loss_alpha): read and clear them with `nnx.pop(model, Losses)`."""
+  aux_loss_alpha): read them with `(logits, cache), losses = nnx.capture(model, Losses)(tokens)`
+  (flax's way to collect what a module sows; outside it flax warns and keeps them on the
+  module until `nnx.pop(model, Losses)`)."""
 
 
 class Absorbed(nnx.Variable):
@@ -80,7 +82,7 @@ def _build(module: nnx.Module, specs: ParamSpecs, rngs: nnx.Rngs,
 
 def model_params(module: nnx.Module) -> dict:
   """The module's parameters as the Linen tree of plain arrays (what a checkpoint holds)."""
-  return nnx.state(module, nnx.Param).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
 def load_params(module: nnx.Module, params: dict) -> None:
@@ -89,9 +91,9 @@ def load_params(module: nnx.Module, params: dict) -> None:
   exactly: raises ValueError naming the first path that is missing, extra or of another shape."""
   params = unbox(params)
   state = nnx.state(module, nnx.Param)
-  want = state.to_pure_dict()
+  want = nnx.to_pure_dict(state)
   _check_same_tree(want, params, "params")
-  state.replace_by_pure_dict(jax.tree_util.tree_map(
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map(
       lambda old, new: jnp.asarray(new, dtype=old.dtype), want, params))
   nnx.update(module, state)
 
@@ -167,7 +169,7 @@ class _Attention(nnx.Module):
   def __call__(self, x: jax.Array, *, cache: Optional[LayerCache] = None,
                lengths: Optional[jax.Array] = None, num_tokens: Optional[jax.Array] = None,
                attn_impl: str = "auto") -> tuple[jax.Array, Optional[LayerCache]]:
-    absorbed = nnx.state(self, Absorbed).to_pure_dict() or None
+    absorbed = nnx.to_pure_dict(nnx.state(self, Absorbed)) or None
     record = (lambda name, value: self.sow(nnx.Intermediate, name, value)) \
         if self.record_intermediates else (lambda name, value: None)
     return attention_kind(self.config).apply(
@@ -179,7 +181,7 @@ class MultiHeadLatentAttention(_Attention):
   """MLA, x [B,T,D] -> (y [B,T,D], updated LatentCache or None), as the Linen
   mla_jax.MultiHeadLatentAttention: the same arguments, parameters and numbers
   (mla_jax/layers/mla.py). record_intermediates=True sows q_lat, probs, ... as
-  nnx.Intermediate (off by default: NNX keeps what is sown until it is popped)."""
+  nnx.Intermediate, read with nnx.capture(layer, nnx.Intermediate)(x) (off by default)."""
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, record_intermediates: bool = False):
     if config.attention != "mla":
@@ -223,7 +225,7 @@ class DecoderBlock(nnx.Module):
   def __call__(self, x: jax.Array, cache: Optional[LayerCache] = None,
                lengths: Optional[jax.Array] = None, num_tokens: Optional[jax.Array] = None,
                attn_impl: str = "auto") -> tuple[jax.Array, Optional[LayerCache]]:
-    absorbed = nnx.state(self.self_attn, Absorbed).to_pure_dict() or None
+    absorbed = nnx.to_pure_dict(nnx.state(self.self_attn, Absorbed)) or None
     x, cache, aux = decoder_block(self.config, self.layer, model_params(self), x, cache,
                                   lengths, num_tokens, attn_impl, absorbed)
     if self.config.aux_loss_alpha > 0 and self.config.is_moe_layer(self.layer):
@@ -251,7 +253,7 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: jax.Array, cache: Optional[Cache] = None, attn_impl: str = "auto",
                num_tokens: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[Cache]]:
-    absorbed = nnx.state(self, Absorbed).to_pure_dict() or None
+    absorbed = nnx.to_pure_dict(nnx.state(self, Absorbed)) or None
     logits, cache, aux = transformer_forward(
         self.config, model_params(self), tokens, cache, attn_impl=attn_impl,
         num_tokens=num_tokens, remat=self.remat, absorbed=absorbed)

@@ -47,6 +47,7 @@ BASH_BLOCKS = {
     "installation.md": {},
     "layer.md": {},
     "moe.md": {},
+    "nnx.md": {},
     "quantized-cache.md": {},
     "results.md": {},
     "sharding.md": {"pod": "test_pod_command_as_written (slow)"},
@@ -81,16 +82,20 @@ def test_every_bash_block_has_a_test():
   assert "--distributed" in bash("sharding.md", "pod")
 
 
-PUBLIC_MODULES = {"mla_jax": None, "mla_jax.sharding": {"make_mesh", "shard", "sharded_cached_apply"}}
+PUBLIC_MODULES = {"mla_jax": None, "mla_jax.sharding": {"make_mesh", "shard", "sharded_cached_apply"},
+                  "mla_jax.nnx": None}
 
 
 def public_names_only(source, where):
-  """A python block may use mla_jax.<name of __all__> and mla_jax.sharding's three functions, so
-  that moving private modules never breaks the docs."""
+  """A python block may use mla_jax.<name of __all__>, mla_jax.nnx.<name of its __all__> and
+  mla_jax.sharding's three functions, so that moving private modules never breaks the docs."""
   import mla_jax
 
-  allowed = {"mla_jax": set(mla_jax.__all__) | {"sharding"}, **{
-      m: names for m, names in PUBLIC_MODULES.items() if names}}
+  import mla_jax.nnx
+
+  allowed = {"mla_jax": set(mla_jax.__all__) | {"sharding", "nnx"},
+             "mla_jax.nnx": set(mla_jax.nnx.__all__), **{
+                 m: names for m, names in PUBLIC_MODULES.items() if names}}
   for node in ast.walk(ast.parse(source)):
     if isinstance(node, ast.Import):
       for alias in node.names:
@@ -116,7 +121,9 @@ PYTHON_CHECKS = {
     "decode.md": lambda ns: ns["with_halves"].shape == (1, 1, ns["cfg"].vocab_size),
     "quantized-cache.md": lambda ns: ns["cache"].layers[0].quantized,
     "moe.md": lambda ns: set(ns["logits"]) == {"dispatch", "dense"},
-    "sharding.md": lambda ns: ns["logits"].shape == (2, 1, ns["cfg"].vocab_size),
+    "sharding.md": lambda ns: ns["logits"].shape == (2, 1, ns["cfg"].vocab_size) and (
+        ns["yours"].shape == ns["X"].shape),
+    "nnx.md": lambda ns: ns["out"].shape == (2, 3 + 8) and ns["losses"][-1] < ns["losses"][0],
 }
 
 
