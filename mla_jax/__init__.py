@@ -23,7 +23,7 @@ _PUBLIC = {  # name -> the module that defines it
     "init_layer_cache": "mla_jax.kinds",
     "Config": "mla_jax.config.run", "ModelConfig": "mla_jax.config.model",
     "YarnScaling": "mla_jax.config.model", "load_config": "mla_jax.config.loader",
-    "load_hf": "mla_jax.hf.load", "load_run": "mla_jax.workdir", "Run": "mla_jax.workdir",
+    "load_hf": "mla_jax.hf.load", "load_run": "mla_jax.runs", "Run": "mla_jax.runs",
     "MultiHeadAttention": "mla_jax.layers.attention",
     "MultiHeadLatentAttention": "mla_jax.layers.mla", "absorbed_weights": "mla_jax.kinds",
     "SwiGLU": "mla_jax.layers.mlp",

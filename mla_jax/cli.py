@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import mla_jax
+from mla_jax.help_format import HelpFormatter
 from mla_jax.config.loader import load_config_args, presets
 from mla_jax.config.model import CACHE_DTYPES, ModelConfig
 from mla_jax.config.run import Config
@@ -187,7 +188,8 @@ def _generate(args: argparse.Namespace) -> int:
   from mla_jax.model import Transformer
   from mla_jax.sampling import cache_length, check_sampling
   from mla_jax.tokenizers import eos_id, find_tokenizer
-  from mla_jax.workdir import load_run, read_workdir_config
+  from mla_jax.runs import load_run
+  from mla_jax.workdir import read_workdir_config
 
   if [args.prompt, args.prompt_file, args.prompt_ids].count(None) != 2:
     raise ValueError("give exactly one of --prompt TEXT, --prompt-file FILE or --prompt-ids IDS")
@@ -411,24 +413,6 @@ Config: a YAML path or a preset name (%(presets)s).
 Exit status: 0 done (or already complete), 1 training failed, 2 bad input, 130 stopped by
   Ctrl-C, 143 by SIGTERM (the training loop saves a checkpoint first; run the same command to
   resume)."""
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-  """Every option's default in --help, once; epilogs keep their line breaks.
-
-  An option whose help already says "(default" is shown as written; one with a `default_help`
-  attribute (e.g. a bench option whose default depends on --quick) gets "(default: TEXT)"; a
-  required option gets no default; every other one gets argparse's "(default: VALUE)"."""
-
-  def _get_help_string(self, action):
-    text = action.help or ""
-    if "(default" in text:  # the help already says it in words
-      return text
-    if getattr(action, "default_help", None) is not None:
-      return f"{text} (default: {action.default_help})"
-    if action.required:
-      return text
-    return super()._get_help_string(action)
 
 
 def _command(commands, name: str, run, **kwargs) -> argparse.ArgumentParser:

@@ -5,7 +5,8 @@ Linen layer in mla_jax/layers/ (the NNX module is made from the first two), its 
 type and empty-cache init in mla_jax/cache.py, and add one KINDS entry here (and its name to
 config's ATTENTION_KINDS); the model, `mla-jax info`, init_cache and the bench suites ask here.
 
-Each kind owns its layer class (the model's DecoderBlock instantiates it as self_attn), its
+Each kind owns its parameter specs and pure function (the model's decoder_block calls it as
+self_attn, for Linen and NNX alike), its Linen layer class, its
 cache (what init_cache allocates per layer, and how `mla-jax info` describes it per token),
 whether that cache may be quantized (model.cache_dtype int8 / int4), and its absorbed weights if
 it has any (the "absorbed" variable collection, see layers/mla.py).

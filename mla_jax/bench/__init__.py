@@ -97,7 +97,7 @@ def add_bench_parser(commands: argparse._SubParsersAction,
 
 def suite_parser(name: str) -> argparse.ArgumentParser:
   """The options of `mla-jax bench NAME` (imports that suite's module, and with it JAX)."""
-  from mla_jax.cli import HelpFormatter
+  from mla_jax.help_format import HelpFormatter
 
   parser = argparse.ArgumentParser(prog=f"mla-jax bench {name}", description=SUITES[name],
                                    formatter_class=HelpFormatter)
