@@ -41,10 +41,19 @@ __all__ = ["Absorbed", "DecoderBlock", "DeepSeekMoE", "Losses", "MultiHeadAttent
 
 
 class Losses(nnx.Variable):
-  """Auxiliary losses sown by a forward pass (DeepSeekMoE's expert-balance loss, weighted by
-  aux_loss_alpha): read them with `(logits, cache), losses = nnx.capture(model, Losses)(tokens)`
-  (flax's way to collect what a module sows; outside it flax warns and keeps them on the
-  module until `nnx.pop(model, Losses)`)."""
+  """An auxiliary loss of the last forward pass: DeepSeekMoE's expert-balance loss (weighted by
+  aux_loss_alpha, a float32 scalar), kept as `model.expert_balance` by the outermost module that
+  computes it (a Transformer, or a DecoderBlock / DeepSeekMoE used alone). Each call overwrites
+  it, so the model's state keeps one structure (nnx.jit compiles once, nothing piles up); read it
+  after the call, inside the loss function: `loss = nll + model.expert_balance.get_value()`."""
+
+
+def _with_losses(config: ModelConfig, track: bool) -> bool:
+  return track and config.aux_loss_alpha > 0 and config.n_routed_experts is not None
+
+
+def _zero_loss() -> Losses:
+  return Losses(jnp.zeros((), jnp.float32))
 
 
 class Absorbed(nnx.Variable):
@@ -89,6 +98,11 @@ def load_params(module: nnx.Module, params: dict) -> None:
   """Replaces the module's parameters by `params`, a Linen-layout tree (from a Linen model's
   init, a checkpoint, load_hf; flax boxes are unboxed). The tree must match the module's
   exactly: raises ValueError naming the first path that is missing, extra or of another shape."""
+  if isinstance(params, nnx.State):
+    params = nnx.to_pure_dict(params)
+  if hasattr(params, "keys") and set(params) == {"params"}:
+    raise ValueError("load_params got a variables dict {'params': ...}: pass the parameter tree "
+                     "itself (variables['params'])")
   params = unbox(params)
   state = nnx.state(module, nnx.Param)
   want = nnx.to_pure_dict(state)
@@ -139,18 +153,21 @@ class SwiGLU(nnx.Module):
 
 
 class DeepSeekMoE(nnx.Module):
-  """x [B,T,D] -> [B,T,D]; with aux_loss_alpha > 0 it sows the expert-balance loss as Losses."""
+  """x [B,T,D] -> [B,T,D]; with aux_loss_alpha > 0 the call's expert-balance loss is kept in
+  self.expert_balance (Losses) unless track_losses=False (a module inside one that keeps it)."""
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, track_losses: bool = True):
     self.config = config
     size = config.moe_intermediate_size * config.n_shared_experts
     _build(self, moe_specs(config), rngs,
            {"shared_experts": lambda: SwiGLU(config, size, rngs=rngs)})
+    if _with_losses(config, track_losses):
+      self.expert_balance = _zero_loss()
 
   def __call__(self, x: jax.Array) -> jax.Array:
     out, aux = deepseek_moe(self.config, model_params(self), x)
-    if self.config.aux_loss_alpha > 0:
-      self.sow(Losses, "expert_balance", aux)
+    if hasattr(self, "expert_balance"):
+      self.expert_balance.set_value(aux)
     return out
 
 
@@ -207,20 +224,24 @@ def _attention(config: ModelConfig, rngs: nnx.Rngs) -> _Attention:
 
 class DecoderBlock(nnx.Module):
   """One pre-norm block: (x [B,T,D], cache, lengths, num_tokens) -> (x, cache), as
-  mla_jax.model.decoder_block; sows the expert-balance loss as Losses."""
+  mla_jax.model.decoder_block; a DeepSeekMoE block keeps its expert-balance loss as
+  self.expert_balance (Losses) unless track_losses=False."""
 
-  def __init__(self, config: ModelConfig, layer: int = 0, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, layer: int = 0, *, rngs: nnx.Rngs,
+               track_losses: bool = True):
     self.config, self.layer = config, layer
     d, eps = config.hidden_size, config.rms_norm_eps
 
     def norm():
       return RMSNorm(d, eps, config.dtype, config.param_dtype, rngs=rngs)
 
-    mlp = (lambda: DeepSeekMoE(config, rngs=rngs)) if config.is_moe_layer(layer) else (
-        lambda: SwiGLU(config, rngs=rngs))
+    mlp = (lambda: DeepSeekMoE(config, rngs=rngs, track_losses=False)) if config.is_moe_layer(
+        layer) else (lambda: SwiGLU(config, rngs=rngs))
     _build(self, block_specs(config, layer), rngs,
            {"input_layernorm": norm, "self_attn": lambda: _attention(config, rngs),
             "post_attention_layernorm": norm, "mlp": mlp})
+    if _with_losses(config, track_losses) and config.is_moe_layer(layer):
+      self.expert_balance = _zero_loss()
 
   def __call__(self, x: jax.Array, cache: Optional[LayerCache] = None,
                lengths: Optional[jax.Array] = None, num_tokens: Optional[jax.Array] = None,
@@ -228,8 +249,8 @@ class DecoderBlock(nnx.Module):
     absorbed = nnx.to_pure_dict(nnx.state(self.self_attn, Absorbed)) or None
     x, cache, aux = decoder_block(self.config, self.layer, model_params(self), x, cache,
                                   lengths, num_tokens, attn_impl, absorbed)
-    if self.config.aux_loss_alpha > 0 and self.config.is_moe_layer(self.layer):
-      self.sow(Losses, "expert_balance", aux)
+    if hasattr(self, "expert_balance"):
+      self.expert_balance.set_value(aux)
     return x, cache
 
 
@@ -240,16 +261,20 @@ class Transformer(nnx.Module):
 
   Attributes embed_tokens, layers_0 .. layers_{L-1} (DecoderBlock modules; with
   model.scan_layers the repeated blocks' parameters stacked under `layers`), norm, lm_head.
-  With DeepSeekMoE's aux loss the summed expert-balance loss is sown as Losses.
+  With DeepSeekMoE's aux loss, the call's summed expert-balance loss is kept in
+  self.expert_balance (Losses).
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none"):
     self.config, self.remat = config, remat
-    children = {f"layers_{i}": (lambda i=i: DecoderBlock(config, i, rngs=rngs))
+    children = {f"layers_{i}": (lambda i=i: DecoderBlock(config, i, rngs=rngs,
+                                                         track_losses=False))
                 for i in range(config.num_layers)}
     children["norm"] = lambda: RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype,
                                        config.param_dtype, rngs=rngs)
     _build(self, transformer_specs(config), rngs, children)
+    if _with_losses(config, True):
+      self.expert_balance = _zero_loss()
 
   def __call__(self, tokens: jax.Array, cache: Optional[Cache] = None, attn_impl: str = "auto",
                num_tokens: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[Cache]]:
@@ -257,8 +282,8 @@ class Transformer(nnx.Module):
     logits, cache, aux = transformer_forward(
         self.config, model_params(self), tokens, cache, attn_impl=attn_impl,
         num_tokens=num_tokens, remat=self.remat, absorbed=absorbed)
-    if self.config.aux_loss_alpha > 0 and self.config.n_routed_experts is not None:
-      self.sow(Losses, "expert_balance", aux)
+    if hasattr(self, "expert_balance"):
+      self.expert_balance.set_value(aux)
     return logits, cache
 
   def absorb(self) -> None:

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from flax import nnx
 
 from mla_jax.cache import Cache
 from mla_jax.kinds import absorbed_weights, init_cache
@@ -265,7 +264,7 @@ _STREAM_PROMPT = ("stream takes one prompt, a flat list of token ids such as [5,
                   "several prompts use generate")
 
 
-def stream(model: Transformer, params, prompt: Optional[Sequence[int]] = None, *,
+def stream(model: Transformer, params=None, prompt: Optional[Sequence[int]] = None, *,
            max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, eos_id: Optional[int] = None,
            seed: int = 0) -> Iterator[int]:
@@ -309,21 +308,23 @@ def stream(model: Transformer, params, prompt: Optional[Sequence[int]] = None, *
 
 def as_linen(model, params, prompts, function: str):
   """(Linen Transformer, plain parameter tree, prompts) for generate/stream called either as
-  f(linen_model, params, prompts) or f(nnx_model, prompts): an mla_jax.nnx.Transformer holds its
+  f(linen_model, params, prompts) or f(nnx_model, prompts) (or prompts=...): an NNX model holds its
   parameters, which are the Linen model's tree, so it runs through the same compiled programs.
   Raises TypeError for an NNX model given parameters too, or a Linen model given none."""
-  if isinstance(model, nnx.Module):
+  nnx = sys.modules.get("flax.nnx")  # loaded wherever an NNX model exists (it imports optax)
+  if nnx is not None and isinstance(model, nnx.Module):
     from mla_jax.nnx import Transformer as NNXTransformer, model_params
     if not isinstance(model, NNXTransformer):
       raise TypeError(f"{function} takes an mla_jax.nnx.Transformer or an mla_jax.Transformer, "
                       f"got {type(model).__name__}")
-    if prompts is not None:
+    if params is not None and prompts is not None:
       raise TypeError(f"an NNX model holds its parameters: call {function}(model, prompts, ...)"
                       f" without params")
-    return Transformer(model.config, remat=model.remat), model_params(model), params
-  if prompts is None:
-    raise TypeError(f"{function}(model, params, prompts, ...) needs the prompts (the Linen "
-                    "Transformer takes its parameters as an argument)")
+    return (Transformer(model.config, remat=model.remat), model_params(model),
+            params if prompts is None else prompts)
+  if params is None or prompts is None:
+    raise TypeError(f"{function}(model, params, prompts, ...) needs the prompts and the "
+                    "parameters (the Linen Transformer takes its parameters as an argument)")
   return model, unbox(params), prompts
 
 
@@ -336,7 +337,7 @@ def cache_length(longest_prompt: int, max_new_tokens: int, max_seq_len: int) -> 
   return total
 
 
-def generate(model: Transformer, params, prompts=None, *, max_new_tokens: int,
+def generate(model: Transformer, params=None, prompts=None, *, max_new_tokens: int,
              temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_id: Optional[int] = None, seed: int = 0, pad_id: int = 0,
              return_lengths: bool = False, attention_mask=None, lengths=None):

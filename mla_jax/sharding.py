@@ -30,9 +30,10 @@ import difflib
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
+import sys
+
 import jax
 import numpy as np
-from flax import nnx
 from flax.core import meta
 from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -165,8 +166,9 @@ def _rule_pairs(rules: Rules) -> list[tuple[str, MeshAxes]]:
 def resolve_rules(rules: Optional[Rules] = None) -> dict[str, Optional[tuple[str, ...]]]:
   """Logical name -> mesh axes: RULES, then flax's logical_axis_rules context, then `rules`
   (each later source overrides; within one sequence the first pair of a name wins, as flax
-  reads its rules). Mesh axes are normalised to a tuple or None. Raises ValueError for a rule
-  that is not a (name, axes) pair or whose axes are not mesh axis names."""
+  reads its rules). Mesh axes are normalised to a tuple or None; they may be any mesh's axis
+  names (the library's meshes use MESH_AXES), checked against the mesh where one is used.
+  Raises ValueError for a rule that is not a (name, axes) pair of strings."""
   resolved: dict[str, Optional[tuple[str, ...]]] = dict(RULES)
   for source in (flax_spmd.get_logical_axis_rules() or (), rules or ()):
     seen = set()
@@ -175,10 +177,9 @@ def resolve_rules(rules: Optional[Rules] = None) -> dict[str, Optional[tuple[str
         continue
       seen.add(name)
       normalised = None if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-      for axis in normalised or ():
-        if axis not in MESH_AXES:
-          raise ValueError(f"sharding rule ({name!r}, {axes!r}) names mesh axis {axis!r}: "
-                           f"allowed {', '.join(MESH_AXES)} (or None to replicate)")
+      if normalised is not None and not all(isinstance(a, str) and a for a in normalised):
+        raise ValueError(f"sharding rule ({name!r}, {axes!r}) is invalid: the mesh axes are a "
+                         "name, a tuple of names, or None to replicate")
       resolved[name] = normalised
   return resolved
 
@@ -196,15 +197,22 @@ def logical_to_spec(axes: Sequence[Optional[str]], rules: Optional[Rules] = None
   return PartitionSpec(*(table[a] if a is not None else None for a in axes))
 
 
+def _nnx_variable(x: Any) -> bool:
+  """Whether x is an nnx.Variable; flax.nnx is only looked at once loaded (it imports optax,
+  which the layers-only install does not need)."""
+  nnx = sys.modules.get("flax.nnx")
+  return nnx is not None and isinstance(x, nnx.Variable)
+
+
 def _is_annotated(x: Any) -> bool:
   """A flax box (nn.Partitioned) or an NNX Variable: a leaf that may carry logical axes."""
-  return isinstance(x, (meta.AxisMetadata, nnx.Variable))
+  return isinstance(x, meta.AxisMetadata) or _nnx_variable(x)
 
 
 def _annotation(leaf: Any) -> Optional[tuple[Optional[str], ...]]:
   if isinstance(leaf, meta.Partitioned):
     return tuple(leaf.names)
-  if isinstance(leaf, nnx.Variable):
+  if _nnx_variable(leaf):
     names = leaf.get_metadata().get("out_sharding")
     return None if not names else tuple(names)
   return None
@@ -213,7 +221,7 @@ def _annotation(leaf: Any) -> Optional[tuple[Optional[str], ...]]:
 def _value(leaf: Any) -> Any:
   if isinstance(leaf, meta.AxisMetadata):
     return leaf.unbox()
-  if isinstance(leaf, nnx.Variable):
+  if _nnx_variable(leaf):
     return leaf.get_value()
   return leaf
 
@@ -265,8 +273,12 @@ def leaf_axes(path, leaf, axes_table: Optional[Mapping[str, Sequence[Optional[st
   axes = (axes_table or {}).get(name, PARAM_AXES.get(name, CACHE_AXES.get(name)))
   if axes is not None and _under_stacked_layers(path) and np.ndim(leaf) == len(axes) + 1:
     axes = ("layers",) + tuple(axes)  # model.scan_layers: [L, ...] under params['layers']
+  if axes is not None and len(axes) != np.ndim(leaf) and name in (axes_table or {}):
+    raise ValueError(f"axes[{name!r}] = {tuple(axes)} has {len(axes)} logical names, but "
+                     f"{jax.tree_util.keystr(path)} has {np.ndim(leaf)} dimensions "
+                     f"{np.shape(leaf)}: give one name (or None) per dimension")
   if axes is None or len(axes) != np.ndim(leaf):
-    dims = ", ".join(["'...'"] * np.ndim(leaf))
+    dims = ", ".join(["'...'"] * np.ndim(leaf)) + ("," if np.ndim(leaf) == 1 else "")
     raise ValueError(f"no logical axes for array {jax.tree_util.keystr(path)} of shape "
                      f"{np.shape(leaf)}: annotate it (Linen: nn.with_logical_partitioning(init, "
                      f"({dims})); NNX: nnx.Param(value, out_sharding=({dims}))) or pass "
@@ -286,6 +298,12 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Optional[Rules] = None,
   def sharding(path, leaf):
     shape = np.shape(_value(leaf))
     for dim, (logical, mesh_axes) in enumerate(_dim_mesh_axes(path, leaf, resolved, axes)):
+      missing = [a for a in mesh_axes if a not in mesh.shape]
+      if missing:
+        raise ValueError(f"sharding rule ({logical!r}, {mesh_axes}) for {jax.tree_util.keystr(path)}"
+                         f" names mesh axis {missing[0]!r}, which this mesh lacks (its axes: "
+                         f"{', '.join(mesh.axis_names)}): pass rules mapping {logical!r} to this "
+                         "mesh's axes, or to None to replicate")
       ways = math.prod(mesh.shape[a] for a in mesh_axes)
       if shape[dim] % ways:
         named = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in mesh_axes)
@@ -304,14 +322,29 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
   """Pins an activation's sharding by logical axes under a mesh (jax.set_mesh); a no-op without
   one, so the layers run unchanged on a single device."""
-  if jax.sharding.get_abstract_mesh().empty:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes))
+  return jax.lax.with_sharding_constraint(x, _within(logical_to_spec(axes), mesh.axis_names))
+
+
+def _within(spec: PartitionSpec, names: Sequence[str]) -> PartitionSpec:
+  """spec with the mesh axes a mesh lacks left out (a user's mesh of other axis names: the
+  activations those rules would pin are then left to XLA's propagation)."""
+  def keep(entry):
+    if entry is None:
+      return None
+    kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if a in names)
+    return kept or None
+  return PartitionSpec(*(keep(e) for e in spec))
 
 
 def mesh_axes_of(logical: str) -> tuple[str, ...]:
-  """The mesh axes a logical name is split over under the current rules (() if replicated)."""
-  return resolve_rules().get(logical) or ()
+  """The mesh axes of the current mesh a logical name is split over under the current rules
+  (() if replicated, or without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  names = () if mesh.empty else mesh.axis_names
+  return tuple(a for a in resolve_rules().get(logical) or () if a in names)
 
 
 def sequence_split() -> Optional[dict[str, tuple[str, ...]]]:

@@ -87,10 +87,10 @@ def read_workdir_config(workdir: str | Path) -> Config:
   """The Config in a workdir's config.yaml; ValueError when the path is not a workdir."""
   path = config_path(workdir)
   if Path(workdir).is_file():
-    raise ValueError(f"--checkpoint {str(workdir)!r} is a file; expected a workdir directory "
+    raise ValueError(f"workdir {str(workdir)!r} is a file; expected a workdir directory "
                      "(from `mla-jax train` or `mla-jax convert`)")
   if not path.is_file():
-    raise ValueError(f"--checkpoint {str(workdir)!r} is not a training workdir: no config.yaml")
+    raise ValueError(f"workdir {str(workdir)!r} is not a training workdir: no config.yaml")
   return config_from_dict(read_yaml(path))
 
 
@@ -162,16 +162,16 @@ def load_checkpoint(workdir: str | Path) -> tuple[Config, Any, int]:
   CheckpointError (a ValueError) naming it."""
   config = read_workdir_config(workdir)
   if not checkpoints_dir(workdir).is_dir():
-    raise ValueError(f"--checkpoint {str(workdir)!r} has no checkpoints/ directory")
+    raise ValueError(f"workdir {str(workdir)!r} has no checkpoints/ directory")
   checkpoints = Checkpoints(workdir, config.train.keep_checkpoints)
   try:
     step = checkpoints.latest_step()
     if step is None:
-      raise ValueError(f"--checkpoint {str(workdir)!r} holds no complete checkpoint")
+      raise ValueError(f"workdir {str(workdir)!r} holds no complete checkpoint")
     meta = checkpoints.read_meta(step)
     differences = differing_fields(meta["model"], config.model.to_dict())
     if differences:
-      raise ValueError(f"--checkpoint {str(workdir)!r}: its checkpoint (step {step}) is of another "
+      raise ValueError(f"workdir {str(workdir)!r}: its checkpoint (step {step}) is of another "
                        f"model than its config.yaml; differing fields: "
                        f"{'; '.join('model.' + d for d in differences)}")
     target = abstract_params(config.model)

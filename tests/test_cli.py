@@ -145,7 +145,7 @@ def test_generate_reports_step_blank_lines_and_rates_on_one_basis(default_workdi
      "'train.learning_rate'"),
     (["info", str(CONFIGS)], f"config '{CONFIGS}' is a directory; expected a YAML file"),
     (["generate", "--checkpoint", str(CONFIGS / "tiny.yaml"), "--prompt", "x"],
-     f"--checkpoint '{CONFIGS / 'tiny.yaml'}' is a file; expected a workdir directory"),
+     f"workdir '{CONFIGS / 'tiny.yaml'}' is a file; expected a workdir directory"),
     (["generate", "--checkpoint", "runs/x", "--prompt-file", str(CONFIGS)],
      f"--prompt-file '{CONFIGS}' is a directory; expected a text file"),
     (["convert", "--from-hf", str(CONFIGS / "tiny.yaml"), "--out", "x"],

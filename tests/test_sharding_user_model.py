@@ -97,6 +97,28 @@ def test_an_nnx_model_state_shards_by_its_metadata():
   np.testing.assert_allclose(np.asarray(logits), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
+def test_a_mesh_of_the_users_own_axis_names():
+  """Rules onto a mesh named ('dp', 'mp'): the library's logical names are mapped there too, and
+  the model's activation constraints keep only the axes that mesh has."""
+  model = UserModel()
+  params = model.init(jax.random.key(1), X)["params"]
+  mesh = jax.make_mesh((2, 4), ("dp", "mp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = {"user_mlp": "mp", "heads": "mp", "embed": None, "batch": "dp"}
+  placed = shard(params, mesh, rules=rules)
+  assert placed["MultiHeadLatentAttention_0"]["kv_b_proj"].sharding.spec == P(None, ("mp",), None)
+  with pytest.raises(ValueError, match=r"sharding rule \('embed', \('fsdp',\)\) .* names mesh "
+                                       r"axis 'fsdp', which this mesh lacks \(its axes: dp, mp\)"):
+    shard(params, mesh, rules={"user_mlp": "mp"})
+  tokens = jnp.arange(24, dtype=jnp.int32).reshape(4, 6)
+  lm = mla_jax.Transformer(CONFIG)
+  lm_params = lm.init(jax.random.key(0), tokens)["params"]
+  lm_rules = {"embed": None, "vocab": "mp", "heads": "mp", "mlp": "mp", "batch": "dp"}
+  with jax.set_mesh(mesh):  # constrain() pins logits over ('data', 'fsdp'): not in this mesh
+    logits, _ = jax.jit(lambda p, t: lm.apply({"params": p}, t))(
+        shard(lm_params, mesh, rules=lm_rules), tokens)
+  np.testing.assert_allclose(logits, lm.apply({"params": lm_params}, tokens)[0], atol=1e-5)
+
+
 def test_an_unannotated_user_leaf_names_the_annotation_to_add():
   params = UserModel(annotate=False).init(jax.random.key(1), X)["params"]
   with pytest.raises(ValueError, match=r"no logical axes for array \['Dense_0'\]\['kernel'\] of "
@@ -114,8 +136,9 @@ def test_a_logical_name_without_a_rule_names_the_rule_to_add():
                                        r"no sharding rule: pass rules with \('user_mlp', <mesh "
                                        r"axes>\), e.g. \('user_mlp', 'tensor'\)"):
     shard(params, _mesh())
-  with pytest.raises(ValueError, match=r"sharding rule \('user_mlp', 'tensr'\) names mesh axis "
-                                       r"'tensr': allowed data, fsdp, tensor, sequence"):
+  with pytest.raises(ValueError, match=r"sharding rule \('user_mlp', \('tensr',\)\) for "
+                                       r"\['Dense_0'\]\['kernel'\] names mesh axis 'tensr', which "
+                                       r"this mesh lacks \(its axes: data, fsdp, tensor, sequence\)"):
     shard(params, _mesh(), rules=[("user_mlp", "tensr")])
   with pytest.raises(ValueError, match=r"sharding rule 'user_mlp' is invalid: each rule is a "
                                        r"\(logical name, mesh axes\) pair"):

@@ -28,7 +28,7 @@ from mla_jax.config.loader import load_config
 from mla_jax.config.run import Config, DataConfig
 from mla_jax.train.loop import train
 
-QUICK_DATA = str(Path(sysconfig.get_paths()["stdlib"]) / "json")  # a few small files
+QUICK_DATA = str(Path(sysconfig.get_paths()["stdlib"]) / "json" / "*.py")  # a few small files
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
