@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import mla_jax
-from mla_jax.help_format import HelpFormatter
+from mla_jax.help_format import ArgumentParser, HelpFormatter
 from mla_jax.config.loader import load_config_args, presets
 from mla_jax.config.model import CACHE_DTYPES, ModelConfig
 from mla_jax.config.run import Config
@@ -432,7 +432,7 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
+  parser = ArgumentParser(
       prog="mla-jax", description="Multi-head Latent Attention for JAX: inspect, train, decode.")
   parser.add_argument("--version", action="version", version=f"mla-jax {mla_jax.__version__}")
   commands = parser.add_subparsers(dest="command", metavar="COMMAND")

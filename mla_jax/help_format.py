@@ -1,4 +1,4 @@
-"""The --help layout of every mla-jax command and bench suite."""
+"""The --help layout and the usage errors of every mla-jax command and bench suite."""
 
 from __future__ import annotations
 
@@ -21,3 +21,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     if action.required:
       return text
     return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser with a usage error on one line (the command, the problem, where to read
+  the options) instead of the usage block above it; exit status 2 as argparse's."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

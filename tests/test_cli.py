@@ -493,3 +493,19 @@ def test_prompt_ids_with_a_tokenizer_print_ids_and_text(default_workdir_run, cap
   new = [t for t in row[3:] if t != 257]
   assert out == (f"ids: 100,101,102 + {','.join(map(str, new))}\n"
                  f"{run.tokenizer.decode(row)}\n---\n")  # the text may hold any character
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--checkpoint", "x", "--seed", "1.5"],
+     "mla-jax generate: error: argument --seed: invalid int value: '1.5' (see mla-jax generate "
+     "--help)"),
+    (["info", "--bogus"], "mla-jax: error: unrecognized arguments: --bogus (see mla-jax --help)"),
+    (["bench", "memory", "--nope"], "mla-jax bench memory: error: unrecognized arguments: --nope "
+                                    "(see mla-jax bench memory --help)"),
+])
+def test_usage_errors_are_one_line(argv, message, capsys):
+  """argparse printed its usage block above the error; one line names the command instead."""
+  with pytest.raises(SystemExit) as stopped:
+    main(argv)
+  assert stopped.value.code == 2
+  assert capsys.readouterr().err == message + "\n"

@@ -97,9 +97,9 @@ def add_bench_parser(commands: argparse._SubParsersAction,
 
 def suite_parser(name: str) -> argparse.ArgumentParser:
   """The options of `mla-jax bench NAME` (imports that suite's module, and with it JAX)."""
-  from mla_jax.help_format import HelpFormatter
+  from mla_jax.help_format import ArgumentParser, HelpFormatter
 
-  parser = argparse.ArgumentParser(prog=f"mla-jax bench {name}", description=SUITES[name],
+  parser = ArgumentParser(prog=f"mla-jax bench {name}", description=SUITES[name],
                                    formatter_class=HelpFormatter)
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes (the tests use this): seconds to a few minutes on a 2-core "
