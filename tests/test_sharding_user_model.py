@@ -88,7 +88,7 @@ def test_an_nnx_model_state_shards_by_its_metadata():
   mesh = _mesh()
   state = shard(nnx.state(model, nnx.Param), mesh)
   nnx.update(model, state)
-  assert model.layers_0.self_attn.kv_b_proj.value.sharding.spec == P(None, ("tensor",), None)
+  assert model.layers_0.self_attn.kv_b_proj[...].sharding.spec == P(None, ("tensor",), None)
   tokens = jnp.arange(24, dtype=jnp.int32).reshape(4, 6)
   with jax.set_mesh(mesh):
     logits, _ = nnx.jit(lambda m, t: m(t))(model, tokens)
