@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mla_jax.cache import (QMAX, Cache, LayerCache, init_kv_cache, init_latent_cache)
-from mla_jax.config.model import CACHE_DTYPES, DTYPES, ModelConfig
+from mla_jax.config.model import CACHE_DTYPES, DTYPES, ModelConfig, dtype_to_name
 from mla_jax.layers.attention import MultiHeadAttention, mha_attention, mha_specs
 from mla_jax.layers.mla import (MultiHeadLatentAttention, mla_absorbed_weights, mla_attention,
                                 mla_specs)
@@ -117,12 +117,7 @@ def _cache_dtype_name(config: ModelConfig, dtype) -> str:
   as a name or a dtype (jnp.bfloat16, np.int8, ...). Raises ValueError naming the allowed list."""
   if dtype is None:
     return config.kv_cache_dtype
-  name = dtype
-  if not isinstance(dtype, str):
-    try:
-      name = jnp.dtype(dtype).name
-    except TypeError:
-      name = None
+  name = dtype_to_name(dtype)
   if name not in LAYER_CACHE_DTYPES:
     raise ValueError(f"cache dtype={dtype!r} is invalid: allowed "
                      f"{', '.join(LAYER_CACHE_DTYPES)} (a name or a dtype), or None for "

@@ -162,9 +162,14 @@ def transformer_forward(config: ModelConfig, params: dict, tokens: jax.Array,
   params), or None. Raises ValueError on tokens that are not [B,T] integers, ids outside the
   vocabulary, more tokens than max_seq_len or the cache holds, and an unknown remat policy.
   """
-  cfg = config
-  params = unbox(params)
-  check_inputs(cfg, tokens, cache, num_tokens)
+  check_inputs(config, tokens, cache, num_tokens)
+  return _forward(config, unbox(params), tokens, cache, attn_impl, num_tokens, remat, absorbed)
+
+
+def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: Optional[Cache],
+             attn_impl: str, num_tokens: Optional[jax.Array], remat: str,
+             absorbed: Optional[dict]) -> tuple[jax.Array, Optional[Cache], jax.Array]:
+  """transformer_forward after its input checks, on plain arrays."""
   b, t = tokens.shape
   if cache is not None and num_tokens is None:
     num_tokens = jnp.full((b,), t, jnp.int32)
@@ -252,11 +257,10 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, cache: Optional[Cache] = None, attn_impl: str = "auto",
                num_tokens: Optional[jax.Array] = None) -> tuple[jax.Array, Optional[Cache]]:
-    check_inputs(self.config, tokens, cache, num_tokens)
+    check_inputs(self.config, tokens, cache, num_tokens)  # before declaring (init) anything
     params = declare(self, transformer_specs(self.config))
-    logits, cache, aux = transformer_forward(
-        self.config, params, tokens, cache, attn_impl=attn_impl, num_tokens=num_tokens,
-        remat=self.remat, absorbed=self.variables.get("absorbed"))
+    logits, cache, aux = _forward(self.config, params, tokens, cache, attn_impl, num_tokens,
+                                  self.remat, self.variables.get("absorbed"))
     if self.config.aux_loss_alpha > 0 and self.config.n_routed_experts is not None:
       self.sow("losses", "expert_balance", aux)
     return logits, cache

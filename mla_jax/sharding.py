@@ -188,7 +188,11 @@ def logical_to_spec(axes: Sequence[Optional[str]], rules: Optional[Rules] = None
                     where: str = "") -> PartitionSpec:
   """Logical axes -> the PartitionSpec under resolve_rules(rules). Raises ValueError naming the
   rule to add for a logical name no rule maps."""
-  table = resolve_rules(rules)
+  return _spec(axes, resolve_rules(rules), where)
+
+
+def _spec(axes: Sequence[Optional[str]], table: dict, where: str = "") -> PartitionSpec:
+  """logical_to_spec with the rules already resolved (one table for a whole tree)."""
   for a in axes:
     if a is not None and a not in table:
       raise ValueError(f"logical axis {a!r}{' of ' + where if where else ''} has no sharding "
@@ -226,12 +230,13 @@ def _value(leaf: Any) -> Any:
   return leaf
 
 
-def _dim_mesh_axes(path, leaf, rules: Optional[Rules] = None, axes_table=None
+def _dim_mesh_axes(path, leaf, table: dict, axes_table=None
                    ) -> list[tuple[Optional[str], tuple[str, ...]]]:
-  """(logical axis, mesh axes it is split over) for each dimension of a leaf."""
+  """(logical axis, mesh axes it is split over) for each dimension of a leaf, under the resolved
+  rules `table`."""
   axes = leaf_axes(path, leaf, axes_table)
   out = []
-  for logical, entry in zip(axes, logical_to_spec(axes, rules, jax.tree_util.keystr(path))):
+  for logical, entry in zip(axes, _spec(axes, table, jax.tree_util.keystr(path))):
     mesh_axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
     out.append((logical, mesh_axes))
   return out
@@ -297,7 +302,8 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Optional[Rules] = None,
 
   def sharding(path, leaf):
     shape = np.shape(_value(leaf))
-    for dim, (logical, mesh_axes) in enumerate(_dim_mesh_axes(path, leaf, resolved, axes)):
+    dims = _dim_mesh_axes(path, leaf, resolved, axes)
+    for dim, (logical, mesh_axes) in enumerate(dims):
       missing = [a for a in mesh_axes if a not in mesh.shape]
       if missing:
         raise ValueError(f"sharding rule ({logical!r}, {mesh_axes}) for {jax.tree_util.keystr(path)}"
@@ -309,7 +315,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Optional[Rules] = None,
         named = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in mesh_axes)
         raise ValueError(f"{named} does not divide dimension {dim} ('{logical}', size "
                          f"{shape[dim]}) of {jax.tree_util.keystr(path)}")
-    return NamedSharding(mesh, logical_to_spec(leaf_axes(path, leaf, axes), resolved))
+    return NamedSharding(mesh, PartitionSpec(*(mesh_axes or None for _, mesh_axes in dims)))
 
   return jax.tree_util.tree_map_with_path(sharding, tree, is_leaf=_is_annotated)
 
@@ -405,10 +411,11 @@ def bytes_per_device(tree: Any, sizes: dict[str, int], rules: Optional[Rules] = 
   """Bytes of a tree's arrays that one device holds when laid out by the tables on a mesh of
   these sizes; shapes only, so it sizes a 671B model on a laptop (uneven splits round up)."""
   total = 0
+  table = resolve_rules(rules)
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_annotated)[0]:
     value = _value(leaf)
     shape = list(np.shape(value))
-    for dim, (_, mesh_axes) in enumerate(_dim_mesh_axes(path, leaf, rules)):
+    for dim, (_, mesh_axes) in enumerate(_dim_mesh_axes(path, leaf, table)):
       shape[dim] = -(-shape[dim] // math.prod(sizes.get(a, 1) for a in mesh_axes))
     total += math.prod(shape) * np.dtype(value.dtype).itemsize
   return total

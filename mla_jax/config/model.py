@@ -20,7 +20,7 @@ MOE_IMPLS = ("dispatch", "dense")
 CACHE_DTYPES = ("float32", "bfloat16", "int8", "int4")  # model.cache_dtype; null = model.dtype
 
 
-def _dtype_name(value: Any) -> Any:
+def dtype_to_name(value: Any) -> Any:
   """A dtype object or type (jnp.bfloat16, np.dtype("float32"), np.float16) -> its name, so a
   config holds strings and serialises to YAML/JSON; strings, None and anything that is no dtype
   are returned as they are, for the field checks to name."""
@@ -152,7 +152,7 @@ class ModelConfig:
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype", "cache_dtype"):  # before the type check wants a str
-      object.__setattr__(self, name, _dtype_name(getattr(self, name)))
+      object.__setattr__(self, name, dtype_to_name(getattr(self, name)))
     _check_fields(self, "model.")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
                  "qk_nope_head_dim", "v_head_dim", "intermediate_size", "max_seq_len",

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from mla_jax.config.model import DTYPES
+from mla_jax.config.model import DTYPES, dtype_to_name
 
 
 _SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64,
@@ -170,10 +170,7 @@ def dtype_name(dtype: Any) -> str:
   if isinstance(dtype, str):
     name = _DTYPE_ALIASES.get(dtype.strip().lower(), dtype.strip().lower())
   else:
-    try:
-      name = np.dtype(dtype).name
-    except TypeError:
-      name = None
+    name = dtype_to_name(dtype)
   if name not in DTYPES:
     raise ValueError(f"dtype={dtype!r} is not supported: allowed {', '.join(DTYPES)} "
                      "(or bf16, fp32, fp16)")

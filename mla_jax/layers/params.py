@@ -81,20 +81,6 @@ def map_specs(fn: Callable[[ParamSpec], Any], specs: ParamSpecs) -> dict:
           for name, spec in specs.items()}
 
 
-def init_params(specs: ParamSpecs, key: jax.Array) -> dict:
-  """Plain arrays for a spec tree, one key per leaf folded from its path (no boxes)."""
-
-  def walk(tree: ParamSpecs, key: jax.Array) -> dict:
-    out = {}
-    for i, (name, spec) in enumerate(tree.items()):
-      sub = jax.random.fold_in(key, i)
-      out[name] = spec.init(sub, spec.shape, jnp.dtype(spec.dtype)) if isinstance(
-          spec, ParamSpec) else walk(spec, sub)
-    return out
-
-  return walk(specs, key)
-
-
 class _Declared(nn.Module):
   """A Linen scope that only declares the specs it is given and returns their values."""
 
