@@ -40,6 +40,7 @@ from mla_jax.layers.norms import rms_norm
 from mla_jax.layers.params import (ParamSpecs, declare, map_specs, norm_specs, projection,
                                    stacked, unbox)
 from mla_jax.layers.precision import einsum_f32
+from mla_jax.paged_cache import PagedCache
 from mla_jax.sharding import constrain
 
 
@@ -158,7 +159,9 @@ def transformer_forward(config: ModelConfig, params: dict, tokens: jax.Array,
 
   params: the tree of transformer_specs (arrays; flax boxes are unboxed). Without a cache, a
   causal forward; with one, the tokens go after each sequence's cached length and num_tokens [B]
-  (optional) says how many of each row's T tokens are real. absorbed: absorbed_weights(config,
+  (optional) says how many of each row's T tokens are real. The cache is a contiguous Cache
+  (init_cache) or a PagedCache (mla_jax.paged_cache: page pools and a page table), and comes
+  back of the same type. absorbed: absorbed_weights(config,
   params), or None. Raises ValueError on tokens that are not [B,T] integers, ids outside the
   vocabulary, more tokens than max_seq_len or the cache holds, and an unknown remat policy.
   """
@@ -174,6 +177,8 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: Optional[
   if cache is not None and num_tokens is None:
     num_tokens = jnp.full((b,), t, jnp.int32)
   lengths = None if cache is None else cache.lengths
+  paged = isinstance(cache, PagedCache)
+  layer_caches = None if cache is None else (cache.with_tables() if paged else cache.layers)
   absorbed = absorbed or {}
 
   def run(layer: int) -> Callable:  # (params, x, cache, absorbed) -> (x, cache, aux)
@@ -189,13 +194,13 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: Optional[
   new_layers, aux = [], jnp.zeros((), jnp.float32)
   for i in range(scan_from):
     x, layer_cache, layer_aux = run(i)(params[f"layers_{i}"], x,
-                                       None if cache is None else cache.layers[i],
+                                       None if cache is None else layer_caches[i],
                                        attn_absorbed(f"layers_{i}"))
     new_layers.append(layer_cache)
     aux = aux + layer_aux
   if scan_from < cfg.num_layers:
     block = run(scan_from)
-    caches = None if cache is None else cache.layers[scan_from:]
+    caches = None if cache is None else layer_caches[scan_from:]
     stacked_cache = None if caches is None else jax.tree_util.tree_map(
         lambda *c: jnp.stack(c), *caches)  # per-layer caches stacked leaf by leaf for the scan
 
@@ -217,6 +222,8 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: Optional[
                      (batch_axis, None, "vocab"))
   if cache is None:
     return logits, None, aux
+  if paged:
+    return logits, cache.updated(new_layers, num_tokens), aux
   return logits, Cache(layers=tuple(new_layers), lengths=cache.lengths + num_tokens), aux
 
 

@@ -21,10 +21,12 @@ import jax.numpy as jnp
 
 from mla_jax.cache import KVCache, load_float, write_cache
 from mla_jax.config.model import ModelConfig
+from mla_jax.paged_cache import PagedLayerCache, as_contiguous, write_paged
 from mla_jax.layers.flash_decode import (grouped_decode_partials, normalize,
                                          split_over_sequence)
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
                                     resolve_attn_impl)
+from mla_jax.layers.paged_attention import pages_per_block, paged_grouped_decode_partials
 from mla_jax.layers.params import ParamSpecs, cast, declare, projection
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.layers.rope import apply_rope, rope_cos_sin
@@ -74,7 +76,12 @@ def mha_attention(config: ModelConfig, params: dict, x: jax.Array, *,
   val = jnp.einsum("BTD,DGV->BTGV", x, cast(params["v_proj"], cfg))
 
   new = KVCache(k=jnp.swapaxes(k, 1, 2), v=jnp.swapaxes(val, 1, 2))  # [B,G,T,K], [B,G,T,V]
-  new_cache = None if cache is None else write_cache(new, cache, lengths)
+  if cache is None:
+    new_cache = None
+  elif isinstance(cache, PagedLayerCache):  # written through the page table
+    new_cache = write_paged(new, cache, lengths, num_tokens)
+  else:
+    new_cache = write_cache(new, cache, lengths)
   q = q.reshape(b, t, g, h // g, k_dim)  # query heads grouped under their key/value head
   if impl == "flash":
     keys = new if cache is None else new_cache
@@ -82,14 +89,21 @@ def mha_attention(config: ModelConfig, params: dict, x: jax.Array, *,
     partials = functools.partial(grouped_decode_partials, scale=cfg.softmax_scale,
                                  block_size=cfg.decode_block_size)
     split = None if cache is None else sequence_split()
-    if split is None:
+    if isinstance(keys, PagedLayerCache):
+      out = normalize(*paged_grouped_decode_partials(
+          q, keys.pool.k, keys.pool.v, keys.page_table, kv_lengths, positions,
+          scale=cfg.softmax_scale,
+          pages_per_block=pages_per_block(cfg.decode_block_size, keys.page_size))[1:])
+    elif split is None:
       out = normalize(*partials(q, keys.k, keys.v, kv_lengths, positions)[1:])
     else:
       out = split_over_sequence(partials, (q,), (keys.k, keys.v), kv_lengths, positions,
                                 seq_axis=KVCache.seq_axis, **split)
     out = out.astype(dtype)  # [B,T,G,J,V]
   else:
-    cached = None if new_cache is None else jax.tree_util.tree_map(load_float, new_cache)
+    contiguous = (as_contiguous(new_cache) if isinstance(new_cache, PagedLayerCache)
+                  else new_cache)
+    cached = None if new_cache is None else jax.tree_util.tree_map(load_float, contiguous)
     keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
     scores = einsum_f32("BTGJK,BGSK->BGJTS", q, keys.k)
     scores = scores.reshape(b, h, t, -1)  # [B,H,T,S], head = g * (H/G) + j

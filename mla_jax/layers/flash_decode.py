@@ -26,6 +26,7 @@ K/V cache [B,G,S,K] (walked along its axis 2).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
@@ -54,7 +55,7 @@ def blocked_online_softmax(scores_fn: Callable[[Any], jax.Array],
                            values_fn: Callable[[jax.Array, Any], jax.Array], cache: Any,
                            kv_lengths: jax.Array, query_positions: jax.Array, *, block_size: int,
                            acc_shape: tuple[int, ...], seq_axis: int = 1) -> Partials:
-  """The flash-decoding loop, generic over what a cache block holds.
+  """The flash-decoding loop over a contiguous cache, generic over what a cache block holds.
 
   cache: a pytree of arrays with batch B first and the sequence S at `seq_axis` (any dtypes,
   e.g. a quantized latent [B,S,...] and its scales, or head-major keys [B,G,S,K] with
@@ -75,28 +76,55 @@ def blocked_online_softmax(scores_fn: Callable[[Any], jax.Array],
   _check_block_size(block_size)
   s = jax.tree_util.tree_leaves(cache)[0].shape[seq_axis]
   blk = min(block_size, s)
-  num_blocks = (jnp.max(kv_lengths) + blk - 1) // blk  # traced: the early stop
-  m0 = jnp.full(acc_shape[:-1], -jnp.inf, jnp.float32)
-  carry0 = (jnp.int32(0), m0, jnp.zeros(acc_shape[:-1], jnp.float32),
-            jnp.zeros(acc_shape, jnp.float32))
-  b = kv_lengths.shape[0]
-  between = (1,) * (len(acc_shape) - 2)  # the query axes, for broadcasting a [B,blk] mask
 
-  def body(carry):
-    i, m, l, acc = carry
+  def read_block(i: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
     first = i * blk  # the first slot this block is responsible for
     start = jnp.minimum(first, s - blk)  # the last block is clamped to end at S ...
     slot = start + jnp.arange(blk)  # [blk]
     holds = (slot[None, :] >= first) & (slot[None, :] < kv_lengths[:, None])  # ... [B,blk]
+    block = jax.tree_util.tree_map(
+        lambda x: jax.lax.dynamic_slice_in_dim(x, start, blk, axis=seq_axis), cache)
+    return zero_empty_slots(block, holds, seq_axis), slot, holds
 
-    def read(x: jax.Array) -> jax.Array:  # the block, empty slots zeroed (NaN-safe)
-      block = jax.lax.dynamic_slice_in_dim(x, start, blk, axis=seq_axis)
-      keep = holds.reshape((b,) + (1,) * (seq_axis - 1) + (blk,)
-                           + (1,) * (x.ndim - seq_axis - 1))  # [B,blk] over x's axes
-      return jnp.where(keep, block, jnp.zeros((), x.dtype))
+  num_blocks = (jnp.max(kv_lengths) + blk - 1) // blk  # traced: the early stop
+  return online_softmax_loop(scores_fn, values_fn, read_block, num_blocks, query_positions,
+                             acc_shape=acc_shape)
 
-    block = jax.tree_util.tree_map(read, cache)
+
+def zero_empty_slots(block: Any, holds: jax.Array, seq_axis: int) -> Any:
+  """The block with every slot that holds no token zeroed (so a NaN left there cannot leak
+  through 0 * NaN): holds [B,blk] broadcast over each leaf's axes around its seq_axis."""
+  b, blk = holds.shape
+
+  def zero(x: jax.Array) -> jax.Array:
+    keep = holds.reshape((b,) + (1,) * (seq_axis - 1) + (blk,) + (1,) * (x.ndim - seq_axis - 1))
+    return jnp.where(keep, x, jnp.zeros((), x.dtype))
+
+  return jax.tree_util.tree_map(zero, block)
+
+
+def online_softmax_loop(scores_fn: Callable[[Any], jax.Array],
+                        values_fn: Callable[[jax.Array, Any], jax.Array],
+                        read_block: Callable[[jax.Array], tuple[Any, jax.Array, jax.Array]],
+                        num_blocks: jax.Array, query_positions: jax.Array, *,
+                        acc_shape: tuple[int, ...]) -> Partials:
+  """The online softmax over blocks 0 .. num_blocks-1 (a traced count: the early stop), for
+  any cache layout: read_block(i) -> (block, slot [blk] int: each block slot's absolute position
+  in its sequence, holds [B,blk] bool: which slots hold a token this block is responsible for),
+  with the empty slots already zeroed. scores_fn, values_fn, query_positions and acc_shape as in
+  blocked_online_softmax, which is this loop over a contiguous cache (layers/paged_attention.py
+  runs it over pages)."""
+  b = acc_shape[0]
+  m0 = jnp.full(acc_shape[:-1], -jnp.inf, jnp.float32)
+  carry0 = (jnp.int32(0), m0, jnp.zeros(acc_shape[:-1], jnp.float32),
+            jnp.zeros(acc_shape, jnp.float32))
+  between = (1,) * (len(acc_shape) - 2)  # the query axes, for broadcasting a [B,blk] mask
+
+  def body(carry):
+    i, m, l, acc = carry
+    block, slot, holds = read_block(i)
     scores = scores_fn(block)  # [B,*queries,blk] float32
+    blk = slot.shape[-1]
     visible = holds.reshape((b,) + between + (blk,)) & (slot <= query_positions[..., None])
     scores = jnp.where(visible, scores, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(scores, axis=-1))
@@ -149,6 +177,21 @@ def mla_decode_partials(q_lat: jax.Array, q_rope: jax.Array, c_kv: Any, k_rope: 
                         dequantize: Optional[Callable[[Any], jax.Array]] = None) -> Partials:
   """mla_decode_attention before its final division: (m, l [B,T,H], acc [B,T,H,C]), for
   merging shards of S with combine_partials."""
+  walk = functools.partial(blocked_online_softmax, kv_lengths=kv_lengths, block_size=block_size)
+  return mla_partials(q_lat, q_rope, {"c_kv": c_kv, "k_rope": k_rope}, positions, walk,
+                      scale=scale, dequantize=dequantize)
+
+
+# How a cache is walked: walk(scores_fn, values_fn, cache, query_positions=, acc_shape=) ->
+# partials; blocked_online_softmax over a contiguous cache, or over pages (paged_attention.py).
+Walk = Callable[..., Partials]
+
+
+def mla_partials(q_lat: jax.Array, q_rope: jax.Array, cache: dict, positions: jax.Array,
+                 walk: Walk, *, scale: float,
+                 dequantize: Optional[Callable[[Any], jax.Array]] = None) -> Partials:
+  """The absorbed MLA scores and weighted sum over the blocks `walk` reads from cache
+  {"c_kv", "k_rope"}: partials (m, l [B,T,H], acc [B,T,H,C]) for any cache layout."""
   b, t, h, c = q_lat.shape
   # Queries flattened to Q = T*H (see blocked_online_softmax); scaled once, not per block.
   q_lat = (q_lat.astype(jnp.float32) * scale).reshape(b, t * h, c)  # [B,Q,C]
@@ -164,9 +207,8 @@ def mla_decode_partials(q_lat: jax.Array, q_rope: jax.Array, c_kv: Any, k_rope: 
   def values(probs, block):
     return einsum_f32("BQS,BSC->BQC", probs, latent(block))
 
-  m, l, acc = blocked_online_softmax(scores, values, {"c_kv": c_kv, "k_rope": k_rope}, kv_lengths,
-                                     query_positions, block_size=block_size,
-                                     acc_shape=(b, t * h, c))
+  m, l, acc = walk(scores, values, cache, query_positions=query_positions,
+                   acc_shape=(b, t * h, c))
   return m.reshape(b, t, h), l.reshape(b, t, h), acc.reshape(b, t, h, c)
 
 
@@ -180,6 +222,15 @@ def grouped_decode_partials(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths
   head-major KVCache layout: the block dots have B,G as leading batch dims and read each
   [blk,K] / [blk,V] block as it lies).
   """
+  walk = functools.partial(blocked_online_softmax, kv_lengths=kv_lengths, block_size=block_size,
+                           seq_axis=2)
+  return grouped_partials(q, {"k": k, "v": v}, positions, walk, scale=scale)
+
+
+def grouped_partials(q: jax.Array, cache: dict, positions: jax.Array, walk: Walk, *,
+                     scale: float) -> Partials:
+  """The grouped-query scores and weighted sum over the blocks `walk` reads from cache
+  {"k", "v"} (blocks [B,G,blk,K] / [B,G,blk,V]): partials (m, l [B,T,G,J], acc [B,T,G,J,V])."""
   b, t, g, j, _ = q.shape
   # Queries flattened to [B,G,Q=T*J,K] (see blocked_online_softmax).
   q = (q.astype(jnp.float32) * scale).transpose(0, 2, 1, 3, 4).reshape(b, g, t * j, -1)
@@ -191,9 +242,9 @@ def grouped_decode_partials(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths
   def values(probs, block):
     return einsum_f32("BGQS,BGSV->BGQV", probs, load_float(block["v"]))
 
-  m, l, acc = blocked_online_softmax(scores, values, {"k": k, "v": v}, kv_lengths,
-                                     query_positions, block_size=block_size,
-                                     acc_shape=(b, g, t * j, v.shape[-1]), seq_axis=2)
+  v_dim = jax.tree_util.tree_leaves(cache["v"])[0].shape[-1]
+  m, l, acc = walk(scores, values, cache, query_positions=query_positions,
+                   acc_shape=(b, g, t * j, v_dim))
 
   def unflatten(x: jax.Array) -> jax.Array:  # [B,G,T*J,...] -> [B,T,G,J,...]
     x = x.reshape((b, g, t, j) + x.shape[3:])

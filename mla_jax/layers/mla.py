@@ -37,10 +37,12 @@ import jax.numpy as jnp
 
 from mla_jax.cache import LatentCache, encode_latent, latent_operand, latent_values, write_cache
 from mla_jax.config.model import ModelConfig
+from mla_jax.paged_cache import PagedLayerCache, as_contiguous, write_paged
 from mla_jax.layers.flash_decode import mla_decode_partials, normalize, split_over_sequence
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
                                     resolve_attn_impl)
 from mla_jax.layers.norms import rms_norm
+from mla_jax.layers.paged_attention import pages_per_block, paged_mla_decode_partials
 from mla_jax.layers.params import ParamSpecs, cast, declare, norm_specs, projection
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.layers.rope import apply_rope, rope_cos_sin
@@ -177,7 +179,12 @@ def mla_attention(config: ModelConfig, params: dict, x: jax.Array, *,
     record(name, value)
 
   new = LatentCache(c_kv=c_kv, k_rope=k_rope)
-  new_cache = None if cache is None else write_cache(encode_latent(new, cache), cache, lengths)
+  if cache is None:
+    new_cache = None
+  elif isinstance(cache, PagedLayerCache):  # written through the page table
+    new_cache = write_paged(encode_latent(new, cache.pool), cache, lengths, num_tokens)
+  else:
+    new_cache = write_cache(encode_latent(new, cache), cache, lengths)
   w_kv_b = cast(params["kv_b_proj"], cfg)  # [C,H,N+V]
 
   if impl == "flash":
@@ -189,7 +196,8 @@ def mla_attention(config: ModelConfig, params: dict, x: jax.Array, *,
     record("q_lat", q_lat)
     record("out_lat", out_lat)
   else:
-    cached = None if new_cache is None else latent_values(new_cache)
+    cached = None if new_cache is None else latent_values(
+        as_contiguous(new_cache) if isinstance(new_cache, PagedLayerCache) else new_cache)
     keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
     c_all, k_rope_all = keys.c_kv, keys.k_rope  # [B,S,C], [B,S,R]
     rope_scores = einsum_f32("BTHR,BSR->BHTS", q_rope, k_rope_all)
@@ -237,9 +245,16 @@ def _absorbed(cfg: ModelConfig, w_kv_b: jax.Array, absorbed: Optional[dict]
 def _flash(cfg: ModelConfig, q_lat, q_rope, keys: LatentCache, lengths, num_tokens,
            positions) -> jax.Array:
   """Flash-decoding over `keys` (the updated cache, or without one the new entries): out_lat
-  [B,T,H,C] float32. A cache split over the mesh's sequence axis is walked shard by shard."""
+  [B,T,H,C] float32. A cache split over the mesh's sequence axis is walked shard by shard; a
+  paged one page by page through its table."""
   b, t = positions.shape
   kv_lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths + num_tokens
+  if isinstance(keys, PagedLayerCache):
+    latent, decode_block = latent_operand(keys.pool)
+    return normalize(*paged_mla_decode_partials(
+        q_lat, q_rope, latent, keys.pool.k_rope, keys.page_table, kv_lengths, positions,
+        scale=cfg.softmax_scale, dequantize=decode_block,
+        pages_per_block=pages_per_block(cfg.decode_block_size, keys.page_size))[1:])
   latent, decode_block = latent_operand(keys)  # a quantized latent is decoded per block
   partials = functools.partial(mla_decode_partials, scale=cfg.softmax_scale,
                                block_size=cfg.decode_block_size, dequantize=decode_block)
