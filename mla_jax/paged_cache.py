@@ -95,9 +95,10 @@ def init_paged_cache(config: ModelConfig, num_pages: int, page_size: int, batch_
 
 
 def page_bytes(cache: PagedCache) -> int:
-  """Bytes of one page in all layers' pools (what a sequence pays per page_size tokens)."""
-  return sum(leaf.nbytes // layer.num_pages for layer in cache.layers
-             for leaf in jax.tree_util.tree_leaves(layer.pool))
+  """Bytes of one page in all layers' pools (what a sequence pays per page_size tokens); the
+  cache may be arrays or jax.eval_shape's ShapeDtypeStructs."""
+  return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize // layer.num_pages
+             for layer in cache.layers for leaf in jax.tree_util.tree_leaves(layer.pool))
 
 
 def token_slots(page_table: jax.Array, lengths: jax.Array, num_new: int, num_tokens: jax.Array,
