@@ -31,7 +31,7 @@ _PUBLIC = {  # name -> the module that defines it
     "RMSNorm": "mla_jax.layers.norms",
     "Transformer": "mla_jax.model",
     "generate": "mla_jax.sampling", "stream": "mla_jax.sampling",
-    "PagedCache": "mla_jax.paged_cache", "init_paged_cache": "mla_jax.paged_cache",
+    "PagedCache": "mla_jax.paged_cache", "init_paged_cache": "mla_jax.kinds",
     "Engine": "mla_jax.serving.engine", "SamplingParams": "mla_jax.serving.requests",
 }
 

@@ -1,13 +1,14 @@
 """The attention kinds: one registry, name (model.attention) -> AttentionKind.
 
-To add a kind (a paged cache, a DSA layer): write its parameter specs, its pure function and its
+To add a kind (e.g. a DSA layer): write its parameter specs, its pure function and its
 Linen layer in mla_jax/layers/ (the NNX module is made from the first two), its cache
 type and empty-cache init in mla_jax/cache.py, and add one KINDS entry here (and its name to
 config's ATTENTION_KINDS); the model, `mla-jax info`, init_cache and the bench suites ask here.
 
 Each kind owns its parameter specs and pure function (the model's decoder_block calls it as
 self_attn, for Linen and NNX alike), its Linen layer class, its
-cache (what init_cache allocates per layer, and how `mla-jax info` describes it per token),
+cache (what init_cache allocates per layer, and init_paged_cache per page pool, and how
+`mla-jax info` describes it per token),
 whether that cache may be quantized (model.cache_dtype int8 / int4), and its absorbed weights if
 it has any (the "absorbed" variable collection, see layers/mla.py).
 """
@@ -27,6 +28,7 @@ from mla_jax.layers.attention import MultiHeadAttention, mha_attention, mha_spec
 from mla_jax.layers.mla import (MultiHeadLatentAttention, mla_absorbed_weights, mla_attention,
                                 mla_specs)
 from mla_jax.layers.params import ParamSpecs, unbox
+from mla_jax.paged_cache import PagedCache, PagedLayerCache, no_page
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +153,23 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int,
   layers = tuple(init_layer_cache(config, batch_size, max_len, dtype)
                  for _ in range(config.num_layers))
   return Cache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def init_paged_cache(config: ModelConfig, num_pages: int, page_size: int, batch_size: int,
+                     pages_per_sequence: int, dtype=None) -> PagedCache:
+  """An empty PagedCache: every layer's pool of num_pages pages of page_size slots in the cache
+  dtype (model.cache_dtype / model.dtype, or `dtype`), laid out as init_cache lays out
+  num_pages sequences of page_size tokens; a page table [batch_size, pages_per_sequence] of
+  NO_PAGE and zero lengths. Raises ValueError for sizes that are not positive integers."""
+  for name, value in (("num_pages", num_pages), ("page_size", page_size),
+                      ("batch_size", batch_size), ("pages_per_sequence", pages_per_sequence)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
+  layers = tuple(PagedLayerCache(pool=init_layer_cache(config, num_pages, page_size, dtype))
+                 for _ in range(config.num_layers))
+  return PagedCache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32),
+                    page_table=jnp.full((batch_size, pages_per_sequence), no_page(num_pages),
+                                        jnp.int32))
 
 
 def cache_bytes_per_token(config: ModelConfig) -> int:

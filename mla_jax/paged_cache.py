@@ -7,7 +7,8 @@ pages where the batch was: MLA's pool is c_kv [P,page,C] and k_rope [P,page,R] (
 encoded latent and its per-token scales [P,page,1]); a baseline's is head-major k [P,G,page,K]
 and v [P,G,page,V]. Sequence b's token at position p lives in slot p % page_size of page
 page_table[b, p // page_size]; a sequence holds ceil(tokens / page_size) pages, allocated as
-it grows (host-side bookkeeping: mla_jax/serving/pages.py).
+it grows (host-side bookkeeping: mla_jax/serving/pages.py). Empty pools are made by
+mla_jax.kinds.init_paged_cache, beside init_cache.
 
 Table entries past a sequence's pages are `NO_PAGE` (= num_pages, outside the pool): a write
 there is dropped, and reads never reach a slot at or past the sequence's length. Attention walks
@@ -23,7 +24,6 @@ import jax.numpy as jnp
 from flax import struct
 
 from mla_jax.cache import LatentCache, LayerCache, store_float
-from mla_jax.config.model import ModelConfig
 
 
 @struct.dataclass
@@ -73,25 +73,6 @@ class PagedCache:
 def no_page(num_pages: int) -> int:
   """The page-table entry of an unused slot in a pool of num_pages pages (out of range)."""
   return num_pages
-
-
-def init_paged_cache(config: ModelConfig, num_pages: int, page_size: int, batch_size: int,
-                     pages_per_sequence: int, dtype=None) -> PagedCache:
-  """An empty PagedCache: every layer's pool of num_pages pages of page_size slots in the cache
-  dtype (model.cache_dtype / model.dtype, or `dtype`), laid out as init_cache lays out
-  num_pages sequences of page_size tokens; a page table [batch_size, pages_per_sequence] of
-  NO_PAGE and zero lengths. Raises ValueError for sizes that are not positive integers."""
-  from mla_jax.kinds import init_layer_cache  # kinds imports the layers, which import this
-
-  for name, value in (("num_pages", num_pages), ("page_size", page_size),
-                      ("batch_size", batch_size), ("pages_per_sequence", pages_per_sequence)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name}={value!r} is invalid: must be a positive integer")
-  layers = tuple(PagedLayerCache(pool=init_layer_cache(config, num_pages, page_size, dtype))
-                 for _ in range(config.num_layers))
-  return PagedCache(layers=layers, lengths=jnp.zeros((batch_size,), jnp.int32),
-                    page_table=jnp.full((batch_size, pages_per_sequence), no_page(num_pages),
-                                        jnp.int32))
 
 
 def page_bytes(cache: PagedCache) -> int:

@@ -34,7 +34,8 @@ import jax
 import numpy as np
 
 from mla_jax.model import Transformer
-from mla_jax.paged_cache import init_paged_cache, no_page, page_bytes
+from mla_jax.kinds import init_paged_cache
+from mla_jax.paged_cache import no_page, page_bytes
 from mla_jax.sampling import _is_integer, as_linen
 from mla_jax.serving.pages import OutOfPages, PagePool
 from mla_jax.serving.requests import Completion, RequestOutput, SamplingParams

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from mla_jax.kinds import absorbed_weights, attention_kind
+from mla_jax.kinds import absorbed_weights, attention_kind, init_paged_cache
 from mla_jax.model import Transformer
-from mla_jax.paged_cache import PagedCache, copy_pages, init_paged_cache, no_page, page_bytes
+from mla_jax.paged_cache import PagedCache, copy_pages, no_page, page_bytes
 
 TRACES = {"step": 0, "copy": 0}  # how often each program was traced (tests count compiles)
 

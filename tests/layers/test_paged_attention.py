@@ -10,14 +10,13 @@ import pytest
 
 from mla_jax.cache import LatentCache, init_latent_cache, latent_operand, write_cache
 from mla_jax.config import ModelConfig
-from mla_jax.kinds import init_cache
+from mla_jax.kinds import init_cache, init_paged_cache
 from mla_jax.layers.flash_decode import (grouped_decode_partials, mla_decode_attention,
                                          normalize)
 from mla_jax.layers.paged_attention import (paged_grouped_decode_partials,
                                             paged_mla_decode_partials, pages_per_block)
 from mla_jax.model import Transformer
-from mla_jax.paged_cache import (PagedLayerCache, as_contiguous, init_paged_cache, page_bytes,
-                                 write_paged)
+from mla_jax.paged_cache import PagedLayerCache, as_contiguous, page_bytes, write_paged
 
 from tests.helpers import TINY_CONFIGS, variant
 
