@@ -531,6 +531,23 @@ def test_options_that_cannot_work_are_one_line(flags, message, tiny_workdir, cap
   assert line.startswith(f"mla-jax: error: {message}"), line
 
 
+def test_the_engine_options_are_the_engines_keywords():
+  from mla_jax.cli import build_parser
+  from mla_jax.serving.server import engine_options
+
+  parse = lambda *flags: engine_options(build_parser().parse_args(["serve", "--checkpoint", "w",
+                                                                   *flags]))
+  assert parse() == {}  # the engine's own defaults
+  assert parse("--max-seqs", "4", "--page-size", "8", "--cache-budget", "64MiB",
+               "--prefill-chunk", "32", "--cache-dtype", "int8", "--no-prefix-sharing") == {
+      "max_seqs": 4, "page_size": 8, "cache_budget_bytes": 64 * 2**20, "prefill_chunk": 32,
+      "cache_dtype": "int8", "prefix_sharing": False}
+  assert parse("--num-pages", "100") == {"num_pages": 100}
+  with pytest.raises(SystemExit):  # one or the other
+    build_parser().parse_args(["serve", "--checkpoint", "w", "--num-pages", "1",
+                               "--cache-budget", "1MiB"])
+
+
 def test_a_port_in_use_and_a_path_that_is_no_workdir_are_one_line(tiny_workdir, tmp_path,
                                                                   capsys):
   with socket.create_server(("127.0.0.1", 0)) as taken:
