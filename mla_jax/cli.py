@@ -1,5 +1,6 @@
 """The `mla-jax` command line: `info` (sizes, memory, cache bytes), `train`, `generate`, `convert`,
-`bench` (mla_jax/bench/: measurements of the paper's claims).
+`serve` (mla_jax/serving/server.py: an OpenAI-compatible HTTP server), `bench`
+(mla_jax/bench/: measurements of the paper's claims).
 
 `info` and `train` take an optional YAML config (a path, or a preset name such as deepseek_v2:
 the configs/ shipped with the package) and dotted key=value overrides; without a config the
@@ -397,6 +398,17 @@ def _convert(args: argparse.Namespace) -> int:
   return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+  try:
+    from mla_jax.serving import server
+  except ModuleNotFoundError as err:
+    if (err.name or "").split(".")[0] not in ("fastapi", "uvicorn", "starlette"):
+      raise
+    raise ValueError(f"mla-jax serve needs FastAPI and uvicorn ({err.name} is not installed): "
+                     'pip install -e ".[serve]"') from None
+  return server.serve(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
   from mla_jax import bench
 
@@ -413,6 +425,16 @@ Config: a YAML path or a preset name (%(presets)s).
 Exit status: 0 done (or already complete), 1 training failed, 2 bad input, 130 stopped by
   Ctrl-C, 143 by SIGTERM (the training loop saves a checkpoint first; run the same command to
   resume)."""
+
+
+SERVE_EPILOG = """\
+Routes: POST /v1/completions (OpenAI's; "stream": true for server-sent events), GET /v1/models,
+  GET /health. docs/serving.md has the request fields, errors and curl examples.
+Stopping: SIGTERM or Ctrl-C stops admitting (503), lets running requests finish for up to
+  --drain-timeout seconds, cancels the rest and exits 0; a second signal exits at once.
+Exit status: 0 stopped after draining, 1 the engine failed while serving, 2 bad input or the
+  serve extra missing, 130 / 143 stopped by Ctrl-C / SIGTERM while loading or by a second
+  signal."""
 
 
 def _command(commands, name: str, run, **kwargs) -> argparse.ArgumentParser:
@@ -486,6 +508,38 @@ def build_parser() -> argparse.ArgumentParser:
                        help="parameter and activation dtype: auto keeps the checkpoint's own "
                        "torch_dtype (bfloat16 stays bfloat16, float32 otherwise); or float32, "
                        "bfloat16, float16 (bf16, fp32, fp16 also work)")
+
+  serve = _command(commands, "serve", _serve, epilog=SERVE_EPILOG,
+                   help="an OpenAI-compatible HTTP server (POST /v1/completions) over the "
+                        "serving engine; needs the serve extra")
+  serve.add_argument("--checkpoint", required=True, metavar="WORKDIR",
+                     help="a workdir from `mla-jax train` or `mla-jax convert` (its latest "
+                          "checkpoint is served)")
+  serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+  serve.add_argument("--port", type=int, default=8000, help="port to listen on; 0 picks a free one")
+  serve.add_argument("--served-model-name", metavar="NAME",
+                     help="the model's name in /v1/models and requests (default: --checkpoint "
+                          "as given)")
+  serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                     help="on SIGTERM / Ctrl-C, how long running requests may take to finish "
+                          "before they are cancelled")
+  engine = serve.add_argument_group("engine (default: the engine's own)")
+  engine.add_argument("--max-seqs", type=int, help="sequences decoded at once (default: the "
+                      "engine's)")
+  engine.add_argument("--page-size", type=int, help="token slots per cache page (default: the "
+                      "engine's)")
+  pool = engine.add_mutually_exclusive_group()
+  pool.add_argument("--num-pages", type=int, help="cache pages in the pool (default: room for "
+                    "--max-seqs sequences of model.max_seq_len)")
+  pool.add_argument("--cache-budget", metavar="SIZE", help="cache bytes, e.g. 64MiB or 2GiB, "
+                    "as pages (default: see --num-pages)")
+  engine.add_argument("--prefill-chunk", type=int, help="prompt tokens per prefill chunk "
+                      "(default: the engine's)")
+  engine.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
+                      help="cache storage (default: model.cache_dtype, else model.dtype); "
+                           "int8/int4 quantize MLA's latent")
+  engine.add_argument("--no-prefix-sharing", action="store_true",
+                      help="do not reuse the cached pages of a prompt prefix seen before")
 
   from mla_jax.bench import add_bench_parser  # light: suites are imported when one runs
 

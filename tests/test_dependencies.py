@@ -15,7 +15,7 @@ import pytest
 
 # Installed by `pip install -e .` for the CLI, or by the test extras; never needed by the layers.
 NOT_CORE = ("matplotlib", "tensorboardX", "tqdm", "tokenizers", "chex", "safetensors", "torch",
-            "transformers")
+            "transformers", "fastapi", "uvicorn", "httpx")
 # Installed with flax (its own requirements), but not imported by the Linen layers, the model or
 # generation: importing them costs seconds.
 TRAINING_ONLY = ("optax", "orbax")
