@@ -50,6 +50,8 @@ BASH_BLOCKS = {
     "nnx.md": {},
     "quantized-cache.md": {},
     "results.md": {},
+    "serving.md": {"serve": "test_serve_and_curl_blocks_as_written",
+                   "curl": "test_serve_and_curl_blocks_as_written"},
     "sharding.md": {"pod": "test_pod_command_as_written (slow)"},
     "testing.md": {},
     "training.md": {"training examples": "test_training_examples_run (slow)",
@@ -83,7 +85,7 @@ def test_every_bash_block_has_a_test():
 
 
 PUBLIC_MODULES = {"mla_jax": None, "mla_jax.sharding": {"make_mesh", "shard", "sharded_cached_apply"},
-                  "mla_jax.nnx": None}
+                  "mla_jax.nnx": None, "mla_jax.serving": None}
 
 
 def public_names_only(source, where):
@@ -93,8 +95,11 @@ def public_names_only(source, where):
 
   import mla_jax.nnx
 
-  allowed = {"mla_jax": set(mla_jax.__all__) | {"sharding", "nnx"},
-             "mla_jax.nnx": set(mla_jax.nnx.__all__), **{
+  import mla_jax.serving
+
+  allowed = {"mla_jax": set(mla_jax.__all__) | {"sharding", "nnx", "serving"},
+             "mla_jax.nnx": set(mla_jax.nnx.__all__),
+             "mla_jax.serving": set(mla_jax.serving.__all__), **{
                  m: names for m, names in PUBLIC_MODULES.items() if names}}
   for node in ast.walk(ast.parse(source)):
     if isinstance(node, ast.Import):
@@ -123,6 +128,8 @@ PYTHON_CHECKS = {
     "moe.md": lambda ns: set(ns["logits"]) == {"dispatch", "dense"},
     "sharding.md": lambda ns: ns["logits"].shape == (2, 1, ns["cfg"].vocab_size) and (
         ns["yours"].shape == ns["X"].shape),
+    "serving.md": lambda ns: len(ns["completions"]) == 3 and len(ns["sampled"]) == 6 and (
+        ns["engine"].stats["pages_free"] == 32),
     "nnx.md": lambda ns: ns["out"].shape == (2, 3 + 8) and ns["losses"][-1] < ns["losses"][0],
 }
 
@@ -224,6 +231,50 @@ def test_training_examples_run(tmp_path):
     assert result.returncode == 0, (command, result.stderr)
     assert "final: step 4" in result.stdout, command
   assert (tmp_path / "runs" / "long" / "checkpoints" / "4").is_dir()
+
+
+def test_serve_and_curl_blocks_as_written(trained_workdir):
+  """serving.md's `mla-jax serve` line on the test's trained workdir (for the quick start's) at
+  --port 0 (for 8000, which may be taken), then its curl block verbatim against that port: each
+  curl gets its answer; SIGTERM then stops the server with status 0. (The block's pip line is
+  what the test extra already installed.)"""
+  import json
+  import signal
+
+  from mla_jax.config import load_config
+
+  install, command = bash("serving.md", "serve").strip().splitlines()
+  assert install == 'pip install -e ".[serve]"'
+  command = command.replace(load_config(None).workdir, trained_workdir).replace(
+      "--port 8000", "--port 0")
+  server = subprocess.Popen(shlex.split(command.replace("mla-jax", MLA_JAX, 1)), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  try:
+    for line in server.stdout:
+      found = re.search(r"on http://127\.0\.0\.1:([0-9]+) ", line)
+      if found:
+        break
+    else:
+      raise AssertionError("mla-jax serve ended before serving")
+    port = found.group(1)
+    outputs = []
+    for call in bash("serving.md", "curl").replace("\\\n", " ").strip().splitlines():
+      call = call.replace("localhost:8000", f"127.0.0.1:{port}")
+      result = subprocess.run(["bash", "-c", call], capture_output=True, text=True, timeout=120)
+      assert result.returncode == 0, (call, result.stderr)
+      outputs.append(result.stdout)
+    first, streamed, ids, models, health = outputs
+    assert json.loads(first)["usage"]["completion_tokens"] == 40
+    events = [e for e in streamed.split("\n\n") if e.strip()]
+    assert events[-1] == "data: [DONE]" and len(events) > 2
+    assert json.loads(ids)["usage"] == {"prompt_tokens": 3, "completion_tokens": 5,
+                                        "total_tokens": 8}
+    assert json.loads(models)["data"][0]["id"] == trained_workdir
+    assert json.loads(health) == {"status": "ok"}
+  finally:
+    server.send_signal(signal.SIGTERM)
+    server.stdout.read()
+    assert server.wait(timeout=120) == 0
 
 
 def test_print_config_block_as_written(tmp_path):

@@ -3,12 +3,7 @@ engine, and a real HTTP client (httpx). What a client gets equals what the engin
 for the same prompts; malformed requests get a 4xx naming the field and the server keeps
 serving; a client that goes away has its request cancelled and its pages freed; a draining
 server refuses new requests and ends the running ones; SIGTERM on the command drains and exits
-0.
-
-TEMPORARY: until mla_jax.serving.Engine is merged into this branch, `make_engine` falls back to
-tests/fake_engine.py and the tests that need a checkpoint and the real command are skipped;
-once it is merged they run on the real Engine over a tiny random model (delete the fallback
-and tests/fake_engine.py then).
+0. The engine is the real Engine over a tiny random model.
 """
 
 from __future__ import annotations
@@ -30,13 +25,7 @@ import httpx
 import pytest
 import uvicorn
 
-try:  # TEMPORARY (see the module docstring)
-  from mla_jax.serving import Engine, SamplingParams
-  REAL_ENGINE = True
-except ImportError:
-  from tests.fake_engine import FakeEngine, SamplingParams
-  REAL_ENGINE = False
-
+from mla_jax.serving import Engine, SamplingParams
 from mla_jax.cli import main
 from mla_jax.serving.background import BackgroundEngine
 from mla_jax.serving.server import Detokenizer, RequestError, make_app, parse_completion_request
@@ -48,15 +37,11 @@ MODEL = "tiny-test"
 EOS = ByteTokenizer.EOS
 PROMPTS = [f"def f{i}(x):" for i in range(32)]
 GREEDY = dict(max_tokens=8, temperature=0.0)
-needs_real_engine = pytest.mark.skipif(
-    not REAL_ENGINE, reason="TEMPORARY: mla_jax.serving.Engine is not merged into this branch yet")
 
 
 def make_engine(**options):
   """The Engine over a tiny random model (SMALL_MODEL: max_seq_len 64, the byte vocabulary),
   with the byte tokenizer."""
-  if not REAL_ENGINE:  # TEMPORARY
-    return FakeEngine(tokenizer=ByteTokenizer(), **options)
   import jax
   import jax.numpy as jnp
 
@@ -581,7 +566,6 @@ def test_without_the_serve_extra_the_command_says_what_to_install(tiny_workdir):
                            'not installed): pip install -e ".[serve]"\n')
 
 
-@needs_real_engine
 def test_sigterm_drains_the_running_request_and_exits_0(tiny_workdir):
   """`mla-jax serve` as a user runs it: SIGTERM while a request streams; the request runs to
   its end (finish_reason "length", all its tokens), a new connection is not served, and the

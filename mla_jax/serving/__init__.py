@@ -11,6 +11,7 @@ from mla_jax._lazy import lazy_exports
 _PUBLIC = {
     "Engine": "mla_jax.serving.engine", "SamplingParams": "mla_jax.serving.requests",
     "Completion": "mla_jax.serving.requests", "RequestOutput": "mla_jax.serving.requests",
+    "InvalidRequest": "mla_jax.serving.requests",
     "PagePool": "mla_jax.serving.pages", "OutOfPages": "mla_jax.serving.pages",
 }
 

@@ -38,7 +38,7 @@ from mla_jax.kinds import init_paged_cache
 from mla_jax.paged_cache import no_page, page_bytes
 from mla_jax.sampling import _is_integer, as_linen
 from mla_jax.serving.pages import OutOfPages, PagePool
-from mla_jax.serving.requests import Completion, RequestOutput, SamplingParams
+from mla_jax.serving.requests import Completion, InvalidRequest, RequestOutput, SamplingParams
 from mla_jax.serving.runner import ModelRunner
 
 # Defaults, measured with `mla-jax bench serve --page-sizes` (docs/serving.md).
@@ -155,7 +155,8 @@ class Engine:
                   sampling: SamplingParams = SamplingParams(),
                   request_id: Optional[str] = None) -> str:
     """Queues a request and returns its id (thread-safe). prompt: text (with a tokenizer) or
-    token ids. Raises ValueError, before queueing, for an empty prompt, ids outside
+    token ids. Raises InvalidRequest (a ValueError naming the field in .param), before
+    queueing, for an empty prompt, ids outside
     [0, vocab_size), prompt + max_tokens past model.max_seq_len or past what the page pool
     holds, invalid sampling (SamplingParams.check), text without a tokenizer, or an id in use;
     TypeError for sampling that is not a SamplingParams."""
@@ -181,32 +182,34 @@ class Engine:
     sampling.check(cfg.vocab_size)
     tokens = self._prompt_tokens(prompt)
     total = len(tokens) + sampling.max_tokens
+    at_fault = "prompt" if len(tokens) >= cfg.max_seq_len else "max_tokens"
     if total > cfg.max_seq_len:
-      raise ValueError(f"prompt ({len(tokens)} tokens) + max_tokens ({sampling.max_tokens}) = "
-                       f"{total} exceeds model.max_seq_len ({cfg.max_seq_len})")
+      raise InvalidRequest(f"prompt ({len(tokens)} tokens) + max_tokens ({sampling.max_tokens})"
+                           f" = {total} exceeds model.max_seq_len ({cfg.max_seq_len})", at_fault)
     if self.pool.pages_for(total) > self.num_pages:
-      raise ValueError(f"prompt + max_tokens = {total} tokens needs "
-                       f"{self.pool.pages_for(total)} pages of {self.page_size}, more than the "
-                       f"pool's num_pages={self.num_pages}: give the engine more pages")
+      raise InvalidRequest(f"prompt + max_tokens = {total} tokens needs "
+                           f"{self.pool.pages_for(total)} pages of {self.page_size}, more than "
+                           f"the pool's num_pages={self.num_pages}: give the engine more pages",
+                           at_fault)
     return tokens
 
   def _prompt_tokens(self, prompt) -> list[int]:
     if isinstance(prompt, str):
       if self.tokenizer is None:
-        raise ValueError("prompt is text but the engine has no tokenizer: pass token ids or "
-                         "Engine(..., tokenizer=...)")
+        raise InvalidRequest("prompt is text but the engine has no tokenizer: pass token ids "
+                             "or Engine(..., tokenizer=...)", "prompt")
       tokens = list(self.tokenizer.encode(prompt))
     elif isinstance(prompt, (bytes, dict)) or not isinstance(prompt, (Sequence, np.ndarray)):
-      raise ValueError(f"prompt must be text or a sequence of token ids, got "
-                       f"{type(prompt).__name__}")
+      raise InvalidRequest(f"prompt must be text or a sequence of token ids, got "
+                           f"{type(prompt).__name__}", "prompt")
     else:
       tokens = list(prompt)
     if not tokens:
-      raise ValueError("prompt is empty: every request needs at least one token")
+      raise InvalidRequest("prompt is empty: every request needs at least one token", "prompt")
     for i, token in enumerate(tokens):
       if not _is_integer(token) or not 0 <= token < self.config.vocab_size:
-        raise ValueError(f"prompt token {i} is {token!r}: must be an integer id in [0, "
-                         f"vocab_size={self.config.vocab_size})")
+        raise InvalidRequest(f"prompt token {i} is {token!r}: must be an integer id in [0, "
+                             f"vocab_size={self.config.vocab_size})", "prompt")
     return [int(t) for t in tokens]
 
   def cancel(self, request_id: str) -> None:

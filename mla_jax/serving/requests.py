@@ -11,6 +11,15 @@ from mla_jax.sampling import _is_integer, check_sampling, check_seed, check_toke
 FINISH_REASONS = ("length", "stop", "cancelled", "error")
 
 
+class InvalidRequest(ValueError):
+  """A request the engine refuses; `param` names the field at fault ('prompt', 'max_tokens',
+  'temperature', ...), so a server can answer with it."""
+
+  def __init__(self, message: str, param: str):
+    super().__init__(message)
+    self.param = param
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """How one request is continued: max_tokens new tokens at most, stopping early after any of
@@ -27,18 +36,34 @@ class SamplingParams:
   stop_token_ids: tuple[int, ...] = ()
 
   def check(self, vocab_size: int) -> None:
-    """Raises ValueError naming the first invalid field (check_sampling's rules; max_tokens
-    named as max_tokens; stop_token_ids must be token ids in [0, vocab_size))."""
+    """Raises InvalidRequest (a ValueError) whose param names the first invalid field
+    (check_sampling's rules, field by field; stop_token_ids must be token ids in
+    [0, vocab_size))."""
     if not _is_integer(self.max_tokens) or self.max_tokens <= 0:
-      raise ValueError(f"max_tokens={self.max_tokens!r} is invalid: must be a positive integer")
-    check_sampling(vocab_size, self.max_tokens, self.temperature, self.top_k, self.top_p, None)
-    check_seed(self.seed)
+      raise InvalidRequest(f"max_tokens={self.max_tokens!r} is invalid: must be a positive "
+                           "integer", "max_tokens")
+    one_at_a_time = {  # each option checked with the others at their defaults
+        "temperature": dict(temperature=self.temperature, top_k=None, top_p=None),
+        "top_k": dict(temperature=0.0, top_k=self.top_k, top_p=None),
+        "top_p": dict(temperature=0.0, top_k=None, top_p=self.top_p)}
+    for field, settings in one_at_a_time.items():
+      try:
+        check_sampling(vocab_size, self.max_tokens, eos_id=None, **settings)
+      except ValueError as err:
+        raise InvalidRequest(str(err), field) from None
+    try:
+      check_seed(self.seed)
+    except ValueError as err:
+      raise InvalidRequest(str(err), "seed") from None
     if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(
         self.stop_token_ids, Sequence):
-      raise ValueError(f"stop_token_ids={self.stop_token_ids!r} is invalid: must be a sequence "
-                       "of token ids")
+      raise InvalidRequest(f"stop_token_ids={self.stop_token_ids!r} is invalid: must be a "
+                           "sequence of token ids", "stop_token_ids")
     for token in self.stop_token_ids:
-      check_token_id("stop_token_ids", token, vocab_size)
+      try:
+        check_token_id("stop_token_ids", token, vocab_size)
+      except ValueError as err:
+        raise InvalidRequest(str(err), "stop_token_ids") from None
 
 
 @dataclasses.dataclass

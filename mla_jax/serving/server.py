@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import secrets
 import signal
 import socket
@@ -42,7 +41,7 @@ from starlette.exceptions import HTTPException
 
 from mla_jax.interrupts import INTERRUPTS
 from mla_jax.serving.background import BackgroundEngine, Draining, EngineFailed
-from mla_jax.serving.requests import SamplingParams
+from mla_jax.serving.requests import InvalidRequest, SamplingParams
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
@@ -70,23 +69,6 @@ def error_body(message: str, type: str = "invalid_request_error", param: Optiona
                code: Optional[str] = None) -> dict:
   """OpenAI's error object."""
   return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
-# Request fields an engine ValueError may start with ("top_k=0 is invalid: ..."), so that the
-# error names the field the client sent.
-_ENGINE_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed", "stop_token_ids",
-                  "prompt")
-
-
-def engine_error_param(message: str) -> Optional[str]:
-  """The request field an Engine / SamplingParams ValueError is about (they are plain
-  ValueErrors whose message starts with the field), from its first word:
-  'max_tokens=0 is invalid ...' -> 'max_tokens'; 'prompt + max_tokens = ...' (the page pool
-  cannot hold that many tokens) -> 'max_tokens'; None when it names no request field."""
-  if message.startswith("prompt + max_tokens") or message.startswith("prompt ("):
-    return "max_tokens"
-  match = re.match(r"([a-z_]+)", message)
-  return match.group(1) if match and match.group(1) in _ENGINE_FIELDS else None
 
 
 # ---- the request body ----------------------------------------------------------------------
@@ -267,8 +249,8 @@ def parse_completion_request(body: bytes, *, model_name: str, tokenizer, vocab_s
                             seed=seed, stop_token_ids=tuple(dict.fromkeys(stop_ids)))
   try:
     sampling.check(vocab_size)
-  except ValueError as err:
-    raise RequestError(str(err), engine_error_param(str(err))) from None
+  except InvalidRequest as err:
+    raise RequestError(str(err), err.param) from None
   return CompletionRequest(prompt, sampling, tuple(stop), stream, include_usage)
 
 
@@ -390,7 +372,7 @@ def make_app(background: BackgroundEngine, model_name: str, tokenizer, *,
       try:
         request_id, stream = background.submit(parsed.prompt_tokens, parsed.sampling)
       except ValueError as err:  # what the engine refuses (e.g. more pages than the pool has)
-        raise RequestError(str(err), engine_error_param(str(err))) from None
+        raise RequestError(str(err), getattr(err, "param", None)) from None
       except Draining as err:
         raise RequestError(str(err), status=503, type="server_error",
                            code="shutting_down") from None

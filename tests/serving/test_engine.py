@@ -13,7 +13,7 @@ import pytest
 
 from mla_jax.model import Transformer
 from mla_jax.sampling import generate
-from mla_jax.serving import Engine, SamplingParams
+from mla_jax.serving import Engine, InvalidRequest, SamplingParams
 from mla_jax.serving import runner as runner_module
 
 from tests.helpers import TINY_CONFIGS, variant
@@ -213,19 +213,24 @@ def test_cancelled_and_failed_requests_free_their_pages(monkeypatch):
   assert engine.pool.num_used == 0 and engine.stats["pages_free"] == engine.num_pages
 
 
-@pytest.mark.parametrize("prompt,sampling,message", [
-    ([], SamplingParams(), "prompt is empty"),
-    ([97], SamplingParams(), "vocab_size=97"),
-    ([1] * 40, SamplingParams(max_tokens=9), "exceeds model.max_seq_len"),
-    ([1], SamplingParams(max_tokens=0), "max_tokens=0"),
-    ([1], SamplingParams(temperature=float("nan")), "temperature=nan"),
-    ("text", SamplingParams(), "no tokenizer"),
-    ([1], SamplingParams(stop_token_ids=(500,)), "stop_token_ids=500"),
+@pytest.mark.parametrize("prompt,sampling,message,param", [
+    ([], SamplingParams(), "prompt is empty", "prompt"),
+    ([97], SamplingParams(), "vocab_size=97", "prompt"),
+    ([1] * 40, SamplingParams(max_tokens=9), "exceeds model.max_seq_len", "max_tokens"),
+    ([1] * 48, SamplingParams(max_tokens=1), "exceeds model.max_seq_len", "prompt"),
+    ([1], SamplingParams(max_tokens=0), "max_tokens=0", "max_tokens"),
+    ([1], SamplingParams(temperature=float("nan")), "temperature=nan", "temperature"),
+    ([1], SamplingParams(top_k=0), "top_k=0", "top_k"),
+    ([1], SamplingParams(top_p=1.5), "top_p=1.5", "top_p"),
+    ([1], SamplingParams(seed=1.5), "seed=1.5", "seed"),
+    ("text", SamplingParams(), "no tokenizer", "prompt"),
+    ([1], SamplingParams(stop_token_ids=(500,)), "stop_token_ids=500", "stop_token_ids"),
 ])
-def test_add_request_refuses_bad_input_before_queueing(prompt, sampling, message):
+def test_add_request_refuses_bad_input_before_queueing(prompt, sampling, message, param):
   engine = _engine()
-  with pytest.raises(ValueError, match=message):
+  with pytest.raises(InvalidRequest, match=message) as caught:
     engine.add_request(prompt, sampling)
+  assert caught.value.param == param
   assert not engine.has_unfinished()
 
 
