@@ -315,13 +315,14 @@ def _generate_batch(model, params, tokenizer, prompts: list[list[int]], options:
   reported apart."""
   import time
 
+  from mla_jax.compile_clock import compile_seconds
   from mla_jax.sampling import generate
 
-  start, compile_s = time.perf_counter(), _compile_seconds()
+  start, compile_s = time.perf_counter(), compile_seconds()
   out, lengths = generate(model, params, prompts, seed=seed, pad_id=pad_id,
                           return_lengths=True, **options)
   elapsed = time.perf_counter() - start
-  compile_s = _compile_seconds() - compile_s
+  compile_s = compile_seconds() - compile_s
   for prompt, row, length in zip(prompts, out, lengths):
     if show_ids:
       new = row[len(prompt):length].tolist()
@@ -333,26 +334,6 @@ def _generate_batch(model, params, tokenizer, prompts: list[list[int]], options:
   new = int(lengths.sum()) - prompt_tokens
   print(_rate_line(compile_s, prompt_tokens, new, elapsed - compile_s)
         + f"; {len(prompts)} prompts ({prompt_tokens} tokens)", file=sys.stderr)
-
-
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
-                   "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-_compile_total = [0.0]
-
-
-def _compile_seconds() -> float:
-  """Seconds JAX has spent tracing, lowering and compiling in this process so far."""
-  import jax
-
-  if not getattr(_compile_seconds, "listening", False):
-    def listen(event: str, duration: float, **kwargs) -> None:
-      if event in _COMPILE_EVENTS:
-        _compile_total[0] += duration
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    _compile_seconds.listening = True
-  return _compile_total[0]
 
 
 def checkpoint_dtype(directory: str | Path) -> tuple[str, str]:

@@ -16,8 +16,15 @@ sequence is preempted: its pages are released and it waits again at the front of
 be recomputed from its prompt and the tokens it already produced (they are kept, and token i is
 always drawn with the request's i-th key, so a preempted request ends as it would have).
 
-Shapes are fixed (max_seqs decode rows, prefill_rows x prefill_chunk prefill tokens, one page
-table width), so a serving run compiles a handful of programs, whatever its requests.
+Shapes come from fixed buckets (decode: powers of two up to max_seqs rows; prefill: powers of two
+up to prefill_rows rows times up to prefill_chunk tokens; one page table width), so a serving run
+compiles a handful of programs, whatever its requests, and a step computes the smallest bucket
+that holds its work: a quiet engine does not pay for max_seqs rows.
+
+Admission: a waiting request joins while a row is free and the free pages cover its prompt beyond
+what the prompts already admitted still need, so a burst of requests is not admitted only to be
+preempted at once; the queue is served in arrival order (the first waiting request that does not
+fit stops admission until pages free up).
 """
 
 from __future__ import annotations
@@ -46,6 +53,18 @@ DEFAULT_PAGE_SIZE = 16
 DEFAULT_MAX_SEQS = 16
 DEFAULT_PREFILL_CHUNK = 64
 DEFAULT_PREFILL_ROWS = 2
+SMALLEST_DECODE_BUCKET = 8  # fewer rows than this cost about the same: the weights' read binds
+SMALLEST_PREFILL_WIDTH = 16
+
+
+def shape_buckets(largest: int, smallest: int) -> tuple[int, ...]:
+  """Powers of two from `smallest` up to below `largest`, then `largest`: the row counts (or
+  chunk widths) compiled, so padding to the next bucket costs at most 2x the work it pads."""
+  sizes, size = [], min(smallest, largest)
+  while size < largest:
+    sizes.append(size)
+    size *= 2
+  return tuple(sizes) + (largest,)
 
 
 @dataclasses.dataclass
@@ -60,7 +79,6 @@ class _Sequence:
   generated: list[int] = dataclasses.field(default_factory=list)
   pages: list[int] = dataclasses.field(default_factory=list)
   cached: int = 0  # tokens whose entries are in the cache
-  row: Optional[int] = None  # decode row while running
   first_token_s: Optional[float] = None
   preemptions: int = 0
 
@@ -114,24 +132,28 @@ class Engine:
                        f"model.max_seq_len ({self.config.max_seq_len})")
     self.prefill_rows = _positive_int("prefill_rows", prefill_rows)
     self.pages_per_sequence = -(-self.config.max_seq_len // self.page_size)
-    one_page = jax.eval_shape(lambda: init_paged_cache(self.config, 1, self.page_size, 1, 1,
-                                                       cache_dtype))
-    self.bytes_per_page = page_bytes(one_page)
+    self.bytes_per_page = bytes_per_page(self.config, self.page_size, cache_dtype)
     self.bytes_per_token = self.bytes_per_page // self.page_size
     self.num_pages = self._pool_size(num_pages, cache_budget_bytes)
     self.pool = PagePool(self.num_pages, self.page_size, prefix_sharing=bool(prefix_sharing))
     self.runner = ModelRunner(model, params, num_pages=self.num_pages, page_size=self.page_size,
                               pages_per_sequence=self.pages_per_sequence,
                               cache_dtype=cache_dtype, mesh=mesh)
-    # Both step programs and the page copy, compiled now: serving never waits for a compile.
-    self.compile_s = self.runner.compile(self.max_seqs, self.prefill_rows, self.prefill_chunk)
+    self.decode_buckets = shape_buckets(self.max_seqs, SMALLEST_DECODE_BUCKET)
+    self.prefill_row_buckets = shape_buckets(self.prefill_rows, 1)
+    self.prefill_width_buckets = shape_buckets(self.prefill_chunk, SMALLEST_PREFILL_WIDTH)
+    shapes = [(rows, 1) for rows in self.decode_buckets]
+    shapes += [(rows, width) for rows in self.prefill_row_buckets
+               for width in self.prefill_width_buckets if (rows, width) not in shapes]
+    # Every step program and the page copy, compiled now: serving never waits for a compile.
+    self.num_programs = len(shapes) + 1
+    self.compile_s = self.runner.compile(shapes, copy_width=self.prefill_rows)
     self._lock = threading.Lock()
     self._inbox: collections.deque = collections.deque()  # ("add", seq) / ("cancel", id)
     self._ids: set[str] = set()  # every id ever added
     self._counter = itertools.count()
     self._waiting: list[_Sequence] = []  # arrival order
     self._running: list[_Sequence] = []  # admission order
-    self._rows: list[Optional[_Sequence]] = [None] * self.max_seqs
     self._stats = collections.Counter()
     self._peak_running = 0
 
@@ -160,7 +182,7 @@ class Engine:
     [0, vocab_size), prompt + max_tokens past model.max_seq_len or past what the page pool
     holds, invalid sampling (SamplingParams.check), text without a tokenizer, or an id in use;
     TypeError for sampling that is not a SamplingParams."""
-    tokens = self._validate(prompt, sampling)
+    tokens = self.validate_request(prompt, sampling)
     with self._lock:
       order = next(self._counter)
       if request_id is None:
@@ -174,8 +196,9 @@ class Engine:
                                            order)))
     return request_id
 
-  def _validate(self, prompt, sampling: SamplingParams) -> list[int]:
-    """The prompt's token ids, after add_request's checks."""
+  def validate_request(self, prompt, sampling: SamplingParams) -> list[int]:
+    """The prompt's token ids, after add_request's checks (raising what add_request raises),
+    without queueing anything."""
     cfg = self.config
     if not isinstance(sampling, SamplingParams):
       raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
@@ -228,12 +251,20 @@ class Engine:
   @property
   def stats(self) -> dict[str, int]:
     """running, waiting, pages_free, pages_total, peak_running (most sequences held at once),
-    preemptions, steps, prefill_tokens and decode_tokens (computed by the model) so far."""
+    preemptions, steps, prefill_tokens and decode_tokens (computed by the model), and
+    decode_runs / prefill_runs (step programs run) so far."""
     return {"running": len(self._running), "waiting": len(self._waiting),
             "pages_free": self.pool.num_free, "pages_total": self.num_pages,
             "peak_running": self._peak_running, "preemptions": self._stats["preemptions"],
             "steps": self._stats["steps"], "prefill_tokens": self._stats["prefill_tokens"],
-            "decode_tokens": self._stats["decode_tokens"]}
+            "decode_tokens": self._stats["decode_tokens"],
+            "decode_runs": self._stats["decode_runs"],
+            "prefill_runs": self._stats["prefill_runs"]}
+
+  def reset_prefix_cache(self) -> None:
+    """Forgets the cached prompt prefixes (PagePool.reset_prefix_cache); the running requests
+    keep their pages."""
+    self.pool.reset_prefix_cache()
 
   # ---- one step --------------------------------------------------------------------------
 
@@ -285,9 +316,6 @@ class Engine:
     if seq.pages:
       self.pool.release(seq.pages)
     seq.pages, seq.cached = [], 0
-    if seq.row is not None:
-      self._rows[seq.row] = None
-      seq.row = None
     if seq in self._running:
       self._running.remove(seq)
 
@@ -330,26 +358,36 @@ class Engine:
     if not ready:
       return
     self.runner.copy(copies)
-    rows = self._row_arrays(self.max_seqs, 1)
-    for seq in ready:
-      self._fill_row(rows, seq.row, seq, [seq.tokens[-1]])
+    rows = self._row_arrays(_bucket(self.decode_buckets, len(ready)), 1)
+    for r, seq in enumerate(ready):
+      self._fill_row(rows, r, seq, [seq.tokens[-1]])
     sampled = self._run(rows, ready, outputs)
     if sampled is None:
       return
     self._stats["decode_tokens"] += len(ready)
-    for seq in ready:
+    self._stats["decode_runs"] += 1
+    for r, seq in enumerate(ready):
       seq.cached += 1
       self._register(seq, seq.cached - 1)
-      self._accept(seq, int(sampled[seq.row]), outputs)
+      self._accept(seq, int(sampled[r]), outputs)
 
-  def _prefill(self, outputs) -> None:
+  def _admit(self) -> None:
+    """Moves waiting requests to running, in arrival order, while a row is free and the free
+    pages cover the next one's uncached tokens beyond what admitted prompts still need."""
+    owed = sum(self.pool.pages_for(len(s.tokens)) - len(s.pages)
+               for s in self._running if not s.prefilled)
     while self._waiting and len(self._running) < self.max_seqs:
-      seq = self._waiting.pop(0)
-      seq.row = self._rows.index(None)
-      self._rows[seq.row] = seq
+      seq = self._waiting[0]
+      if self._running and self.pool.free_pages_needed(seq.tokens) > self.pool.num_free - owed:
+        return  # it waits for pages; one that runs alone may still preempt to get them
+      self._waiting.pop(0)
       self._running.append(seq)
       seq.pages = self.pool.match_prefix(seq.tokens)
       seq.cached = min(len(seq.pages) * self.page_size, len(seq.tokens) - 1)
+      owed += self.pool.pages_for(len(seq.tokens)) - len(seq.pages)
+
+  def _prefill(self, outputs) -> None:
+    self._admit()
     pending = sorted((s for s in self._running if not s.prefilled), key=lambda s: s.order)
     batch, copies = [], []
     for seq in pending[:self.prefill_rows]:
@@ -364,12 +402,15 @@ class Engine:
     if not batch:
       return
     self.runner.copy(copies)
-    rows = self._row_arrays(self.prefill_rows, self.prefill_chunk)
+    width = max(end - seq.cached for seq, end in batch)
+    rows = self._row_arrays(_bucket(self.prefill_row_buckets, len(batch)),
+                            _bucket(self.prefill_width_buckets, width))
     for r, (seq, end) in enumerate(batch):
       self._fill_row(rows, r, seq, seq.tokens[seq.cached:end])
     sampled = self._run(rows, [s for s, _ in batch], outputs)
     if sampled is None:
       return
+    self._stats["prefill_runs"] += 1
     for r, (seq, end) in enumerate(batch):
       self._stats["prefill_tokens"] += end - seq.cached
       before, seq.cached = seq.cached, end
@@ -441,7 +482,7 @@ class Engine:
     if len(settings) != len(prompts):
       raise ValueError(f"{len(settings)} SamplingParams for {len(prompts)} prompts")
     for prompt, s in zip(prompts, settings):  # all checked before any is queued
-      self._validate(prompt, s)
+      self.validate_request(prompt, s)
     ids = [self.add_request(p, s) for p, s in zip(prompts, settings)]
     done: dict[str, Completion] = {}
     while len(done) < len(ids):
@@ -469,6 +510,19 @@ class Engine:
           self.step()
 
     return tokens()
+
+
+def bytes_per_page(config, page_size: int, cache_dtype: Optional[str] = None) -> int:
+  """Bytes of one page of page_size token slots, all layers (the pools' storage: latent, scales
+  and RoPE key for MLA; K and V for the baselines): an engine with cache_budget_bytes B has
+  B // bytes_per_page pages."""
+  one_page = jax.eval_shape(lambda: init_paged_cache(config, 1, page_size, 1, 1, cache_dtype))
+  return page_bytes(one_page)
+
+
+def _bucket(buckets: tuple[int, ...], size: int) -> int:
+  """The smallest bucket that holds `size`."""
+  return next(b for b in buckets if b >= size)
 
 
 def _linen_model(model, params) -> tuple[Transformer, Any]:

@@ -102,23 +102,35 @@ class PagePool:
         else:
           self._free.append(page)
 
-  def match_prefix(self, tokens: Sequence[int]) -> list[int]:
-    """The cached pages of the longest run of full pages at the start of `tokens`, each now
-    held once more (a cached page nobody held is taken back). [] without prefix sharing."""
-    if not self.prefix_sharing:
-      return []
+  def _prefix_pages(self, tokens: Sequence[int]) -> list[int]:
+    """The pages holding the longest run of cached full pages at the start of `tokens`."""
     pages, parent = [], -1
+    if not self.prefix_sharing:
+      return pages
     for start in range(0, len(tokens) - self.page_size + 1, self.page_size):
       block = self._block_of_key.get((parent, tuple(tokens[start:start + self.page_size])))
       if block is None:
         break
-      page = self._page_of_block[block]
+      pages.append(self._page_of_block[block])
+      parent = block
+    return pages
+
+  def match_prefix(self, tokens: Sequence[int]) -> list[int]:
+    """The cached pages of the longest run of full pages at the start of `tokens`, each now
+    held once more (a cached page nobody held is taken back). [] without prefix sharing."""
+    pages = self._prefix_pages(tokens)
+    for page in pages:
       if self._refs[page] == 0:
         del self._cached[page]
       self._refs[page] += 1
-      pages.append(page)
-      parent = block
     return pages
+
+  def free_pages_needed(self, tokens: Sequence[int]) -> int:
+    """How many of the free pages (num_free) holding all of `tokens` would take: a page each,
+    less the cached prefix pages other sequences already hold (match_prefix shares those
+    without touching the free ones). Changes nothing."""
+    shared = sum(self._refs[page] > 0 for page in self._prefix_pages(tokens))
+    return self.pages_for(len(tokens)) - shared
 
   def register(self, pages: Sequence[int], tokens: Sequence[int]) -> None:
     """Records that the sequence with page table `pages` holds `tokens` (its first
@@ -139,6 +151,15 @@ class PagePool:
         self._page_of_block[block] = page
         self._block_of_page[page] = (block, key)
       parent = block
+
+  def reset_prefix_cache(self) -> None:
+    """Forgets every cached block (pages nobody holds become free; held pages stay held but
+    no longer match a prompt), as vLLM's reset_prefix_cache: so a repeated benchmark run does
+    not find its own prompts cached."""
+    for page in list(self._block_of_page):
+      self._forget(page)
+    self._free.extend(self._cached)
+    self._cached.clear()
 
   def copy_on_write(self, pages: list[int], index: int) -> Optional[tuple[int, int]]:
     """Before a sequence writes into pages[index]: if that page is shared, or holds a cached

@@ -3,9 +3,11 @@ model over them. Everything that varies per step (which sequences, their lengths
 sampling settings) is data, so a whole serving run compiles:
 
   step     the model over [R,T] tokens through the paged cache, then one sampled token per
-           row; compiled twice: decode (R = max_seqs, T = 1) and prefill (R = prefill_rows,
-           T = prefill_chunk, one chunk of a prompt per row, after what the row already holds);
-  copy     page copies (copy-on-write of shared prefix pages), prefill_rows pairs at a time;
+           row; compiled once per shape bucket: decode (T = 1, R in decode_buckets: a step runs
+           the smallest bucket that holds its sequences, so idle rows cost nothing) and prefill
+           (R in prefill row buckets, T in chunk-width buckets: one chunk of a prompt per row,
+           after what the row already holds);
+  copy     page copies (copy-on-write of shared prefix pages), copy_width pairs at a time;
   absorb   the absorbed MLA weights, once.
 
 The pools are donated to every program, so their buffers are updated in place.
@@ -114,18 +116,18 @@ class ModelRunner:
     self._step = jax.jit(functools.partial(_step, model=model), donate_argnums=(2,))
     self._copy = jax.jit(_copy, donate_argnums=(0,))
 
-  def compile(self, decode_rows: int, prefill_rows: int, prefill_chunk: int) -> float:
-    """Compiles the decode step [decode_rows,1], the prefill step [prefill_rows,prefill_chunk]
-    and the page copy (prefill_rows pairs) ahead of time; returns the seconds it took."""
+  def compile(self, shapes: list[tuple[int, int]], copy_width: int) -> float:
+    """Compiles the step program for each (rows, width) in `shapes` and the page copy
+    (copy_width pairs) ahead of time; returns the seconds it took."""
     start = time.perf_counter()
     self._compiled = {}
-    for rows, width in ((decode_rows, 1), (prefill_rows, prefill_chunk)):
+    for rows, width in shapes:
       args = self._placed(self._empty_rows(rows, width))
       self._compiled[(rows, width)] = self._step.lower(
           self.params, self.absorbed, self.layers, *args).compile()
-    pairs = self._rows(np.zeros((prefill_rows,), np.int32))
+    pairs = self._rows(np.zeros((copy_width,), np.int32))
     self._compiled_copy = self._copy.lower(self.layers, pairs, pairs).compile()
-    self.copy_width = prefill_rows
+    self.copy_width = copy_width
     return time.perf_counter() - start
 
   def _empty_rows(self, rows: int, width: int) -> list[np.ndarray]:
