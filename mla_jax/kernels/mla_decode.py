@@ -215,12 +215,13 @@ def _partials(q_lat, q_rope, c_kv, k_rope, kv_lengths, positions, page_table, *,
   q = t * h
   if platform == "gpu":
     block_q = min(GPU_MAX_BLOCK_Q, max(16, 1 << (q - 1).bit_length()))
-    rows = -(-q // block_q) * block_q
     for name, width in (("kv_lora_rank / planes", c // planes),
                         ("qk_rope_head_dim", q_rope.shape[-1])):
       _power_of_two(name, width, "the latent (per plane) and the RoPE key width")
   else:
-    rows = -(-q // mla_decode_tpu.ROW_TILE) * mla_decode_tpu.ROW_TILE
+    tile = mla_decode_tpu.ROW_TILE
+    block_q = min(mla_decode_tpu.MAX_ROWS, -(-q // tile) * tile)
+  rows = -(-q // block_q) * block_q
   queries = _queries(q_lat, q_rope, positions, scale, planes, compute, rows)
   rope = value_view(k_rope)
   lengths = kv_lengths.astype(jnp.int32)
@@ -228,7 +229,7 @@ def _partials(q_lat, q_rope, c_kv, k_rope, kv_lengths, positions, page_table, *,
   if platform == "tpu":
     m, l, acc = mla_decode_tpu.tpu_partials(queries, latent, token_scale, rope, lengths, table,
                                             source=source, splits=splits, compute=compute,
-                                            interpret=interpret)
+                                            interpret=interpret, block_q=block_q)
   else:
     m, l, acc = mla_decode_gpu.gpu_partials(queries, latent, token_scale, rope, lengths, table,
                                             source=source, splits=splits, compute=compute,

@@ -1,8 +1,10 @@
-"""The MLA decode kernel for TPU (Pallas, Mosaic): one program per (sequence, KV split).
+"""The MLA decode kernel for TPU (Pallas, Mosaic): one program per (sequence, row block, KV
+split).
 
-Grid (B, splits), both "parallel" (the two TensorCores of a megacore chip share them). A program
-holds all its sequence's query rows (T*H, padded) in VMEM, walks its share of the sequence's
-filled blocks with a `fori_loop` whose trip count is read from the lengths (the early stop: a
+Grid (B, row blocks, splits), all "parallel" (the two TensorCores of a megacore chip share
+them). A program holds up to MAX_ROWS of its sequence's query rows (T*H, padded: all of them
+for decoding, T = 1, even with DeepSeek-V2's 128 heads; a long prefill chunk takes several row
+blocks, each reading the cache once) in VMEM, walks its share of the sequence's filled blocks with a `fori_loop` whose trip count is read from the lengths (the early stop: a
 sequence costs the blocks it holds, an empty one none), and writes its partials (m, l, acc).
 
 The cache stays in HBM (memory_space ANY). Each block is copied into VMEM by DMA, double
@@ -36,6 +38,7 @@ from jax.experimental.pallas import tpu as pltpu
 from mla_jax.kernels.mla_decode_block import Queries, attend_block, initial_state
 
 ROW_TILE = 16  # query rows are padded to a multiple of this (bfloat16's sublane tile)
+MAX_ROWS = 512  # query rows per program: a 512 x 512 float32 accumulator is 1 MiB of VMEM
 
 
 class Contiguous(NamedTuple):
@@ -102,7 +105,7 @@ def _kernel(*refs, source, splits: int, planes: int, quantized: bool, compute, p
   m_ref, l_ref, acc_refs, refs = refs[0], refs[1], refs[2:2 + planes], refs[2 + planes:]
   buffers, sems = refs[:n_cache], refs[n_cache]
 
-  b, split = pl.program_id(0), pl.program_id(1)
+  b, split = pl.program_id(0), pl.program_id(2)
   length = prefetch[0][b]
   held = pl.cdiv(length, source.blk)  # blocks holding tokens
   per_split = pl.cdiv(held, splits)
@@ -145,22 +148,22 @@ def _kernel(*refs, source, splits: int, planes: int, quantized: bool, compute, p
 
 def tpu_partials(queries: Queries, latent: jax.Array, scale: Optional[jax.Array],
                  rope: jax.Array, lengths: jax.Array, page_table: Optional[jax.Array], *,
-                 source, splits: int, compute, interpret: bool):
-  """The kernel over B sequences: queries' arrays with a leading B ([B,rows,...]); latent,
-  scale, rope the cache arrays ([B,S,...] for Contiguous, pools [P,page,...] for Paged with
-  page_table [B,M]); lengths [B]. Returns (m, l [B,splits,rows,1], acc tuple of
-  [B,splits,rows,C/planes]) float32, one partial per split."""
+                 source, splits: int, compute, interpret: bool, block_q: int):
+  """The kernel over B sequences: queries' arrays with a leading B ([B,rows,...], rows a
+  multiple of block_q); latent, scale, rope the cache arrays ([B,S,...] for Contiguous, pools
+  [P,page,...] for Paged with page_table [B,M]); lengths [B]. Returns (m, l [B,splits,rows,1],
+  acc tuple of [B,splits,rows,C/planes]) float32, one partial per split."""
   b, rows = queries.positions.shape[:2]
   planes = len(queries.lat)
   paged = page_table is not None
   quantized = scale is not None
   cache = (latent,) + ((scale,) if quantized else ()) + (rope,)
 
-  def row_block(x):  # [B,rows,W]: the program's sequence, all rows
-    return pl.BlockSpec((None,) + x.shape[1:], lambda i, s, *_: (i, 0, 0))
+  def row_block(x):  # [B,rows,W] -> the program's block_q rows
+    return pl.BlockSpec((None, block_q, x.shape[-1]), lambda i, r, s, *_: (i, r, 0))
 
   def out_block(width):
-    return pl.BlockSpec((None, None, rows, width), lambda i, s, *_: (i, s, 0, 0))
+    return pl.BlockSpec((None, None, block_q, width), lambda i, r, s, *_: (i, s, r, 0))
 
   widths = tuple(q.shape[-1] for q in queries.lat)
   in_specs = ([row_block(queries.positions)] + [row_block(q) for q in queries.lat]
@@ -175,10 +178,11 @@ def tpu_partials(queries: Queries, latent: jax.Array, scale: Optional[jax.Array]
                              quantized=quantized, compute=compute, paged=paged)
   m, l, *acc = pl.pallas_call(
       kernel, out_shape=out_shape,
-      grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(prefetch), grid=(b, splits),
+      grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(prefetch),
+                                             grid=(b, rows // block_q, splits),
                                              in_specs=in_specs, out_specs=out_specs,
                                              scratch_shapes=scratch),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3),
       interpret=pltpu.InterpretParams() if interpret else False,
       name="mla_decode_paged" if paged else "mla_decode",
   )(*prefetch, queries.positions, *queries.lat, queries.rope, *cache)
