@@ -123,8 +123,9 @@ def mla_decode_partials(q_lat: jax.Array, q_rope: jax.Array, c_kv: Any, k_rope: 
   [B,T]; scale: the softmax scale. block_size: tokens per kernel block (None: the platform's
   default); num_splits: programs per sequence (split-KV). platform 'tpu' | 'gpu' (None:
   target_platform(), the TPU kernel on CPU); interpret: run in Pallas interpret mode (None: on
-  CPU only). Raises ValueError for a block size, split count or platform that is invalid, a
-  shape the GPU kernel cannot load, or a dequantize other than the cache codec's.
+  CPU only; for the TPU kernel also a pltpu.InterpretParams). Raises ValueError for a block
+  size, split count or platform that is invalid, a shape the GPU kernel cannot load, or a
+  dequantize other than the cache codec's.
   """
   platform, interpret, block_size = _resolve(platform, interpret, block_size, num_splits)
   seq = k_rope.shape[1]
@@ -176,7 +177,7 @@ def paged_mla_decode_partials(q_lat: jax.Array, q_rope: jax.Array, c_kv: Any, k_
                    interpret=interpret)
 
 
-def _resolve(platform, interpret, block_size, num_splits) -> tuple[str, bool, int]:
+def _resolve(platform, interpret, block_size, num_splits) -> tuple[str, Any, int]:
   """(platform, interpret, block size) with the defaults filled in and checked."""
   on = target_platform()
   if platform is None:
@@ -188,7 +189,7 @@ def _resolve(platform, interpret, block_size, num_splits) -> tuple[str, bool, in
     block_size = default_block_size(platform)
   _positive("block_size", block_size)
   _positive("num_splits", num_splits)
-  return platform, bool(interpret), block_size
+  return platform, interpret, block_size
 
 
 def _latent(c_kv: Any, dequantize) -> tuple[jax.Array, Optional[jax.Array]]:

@@ -71,10 +71,13 @@ class Paged(NamedTuple):
     slot = start + jnp.arange(n)[:, None] * self.page + jnp.arange(self.page)[None, :]  # [n,page]
     holds = (slot < length)[:, :, None]  # [n,page,1]
 
-    def gather(ref):
-      block = plgpu.load(ref.at[pages], mask=jnp.broadcast_to(holds, (n, self.page) +
-                                                               ref.shape[2:]), other=0)
-      return block.reshape((self.blk,) + ref.shape[2:])  # [n,page,W] -> [blk,W]
+    def gather(ref):  # [n,page,W] by one index array per axis, masked past the length
+      width = ref.shape[2]
+      index = (pages[:, None, None], jnp.arange(self.page)[None, :, None],
+               jnp.arange(width)[None, None, :])
+      block = plgpu.load(ref.at[index], mask=jnp.broadcast_to(holds, (n, self.page, width)),
+                         other=0)
+      return block.reshape(self.blk, width)
 
     return start, [gather(ref) if ref is not None else None for ref in refs]
 

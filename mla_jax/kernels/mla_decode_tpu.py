@@ -4,8 +4,9 @@ split).
 Grid (B, row blocks, splits), all "parallel" (the two TensorCores of a megacore chip share
 them). A program holds up to MAX_ROWS of its sequence's query rows (T*H, padded: all of them
 for decoding, T = 1, even with DeepSeek-V2's 128 heads; a long prefill chunk takes several row
-blocks, each reading the cache once) in VMEM, walks its share of the sequence's filled blocks with a `fori_loop` whose trip count is read from the lengths (the early stop: a
-sequence costs the blocks it holds, an empty one none), and writes its partials (m, l, acc).
+blocks, each reading the cache once) in VMEM, walks its share of the sequence's filled blocks
+with a `fori_loop` whose trip count is read from the lengths (the early stop: a sequence costs
+the blocks it holds, an empty one none), and writes its partials (m, l, acc).
 
 The cache stays in HBM (memory_space ANY). Each block is copied into VMEM by DMA, double
 buffered by hand: the copy of block j+1 is started before block j is waited on and computed, so
@@ -148,11 +149,12 @@ def _kernel(*refs, source, splits: int, planes: int, quantized: bool, compute, p
 
 def tpu_partials(queries: Queries, latent: jax.Array, scale: Optional[jax.Array],
                  rope: jax.Array, lengths: jax.Array, page_table: Optional[jax.Array], *,
-                 source, splits: int, compute, interpret: bool, block_q: int):
+                 source, splits: int, compute, interpret, block_q: int):
   """The kernel over B sequences: queries' arrays with a leading B ([B,rows,...], rows a
   multiple of block_q); latent, scale, rope the cache arrays ([B,S,...] for Contiguous, pools
   [P,page,...] for Paged with page_table [B,M]); lengths [B]. Returns (m, l [B,splits,rows,1],
-  acc tuple of [B,splits,rows,C/planes]) float32, one partial per split."""
+  acc tuple of [B,splits,rows,C/planes]) float32, one partial per split. interpret: False, True
+  (TPU interpret mode) or a pltpu.InterpretParams (e.g. with its race detector)."""
   b, rows = queries.positions.shape[:2]
   planes = len(queries.lat)
   paged = page_table is not None
@@ -183,7 +185,7 @@ def tpu_partials(queries: Queries, latent: jax.Array, scale: Optional[jax.Array]
                                              in_specs=in_specs, out_specs=out_specs,
                                              scratch_shapes=scratch),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",) * 3),
-      interpret=pltpu.InterpretParams() if interpret else False,
+      interpret=pltpu.InterpretParams() if interpret is True else interpret,
       name="mla_decode_paged" if paged else "mla_decode",
   )(*prefetch, queries.positions, *queries.lat, queries.rope, *cache)
   return m, l, tuple(acc)
