@@ -194,6 +194,10 @@ class ModelConfig:
       _fail("model.decode_kernel", self.decode_kernel, "the Pallas decode kernel computes MLA's "
             f"latent attention; attention={self.attention} decodes with auto or xla")
     _positive("model.decode_kernel_block_size", self.decode_kernel_block_size, optional=True)
+    if (self.decode_kernel_block_size or 8) % 8:
+      _fail("model.decode_kernel_block_size", self.decode_kernel_block_size,
+            "must be a multiple of 8 (the TPU kernel's sublane tile; the GPU kernel also wants a "
+            "power of 2 >= 16), or null for the platform's default")
     _positive("model.decode_kv_splits", self.decode_kv_splits)
 
   def _check_moe(self) -> None:

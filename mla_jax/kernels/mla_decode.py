@@ -56,13 +56,17 @@ _PLATFORM = contextvars.ContextVar("mla_jax_kernel_platform", default=None)
 def kernel_platform(platform: str) -> Iterator[None]:
   """Within the block, the kernels are traced for `platform` ('tpu' or 'gpu') and not
   interpreted, whatever the default backend: for lowering a decode step with jax.export for a
-  device this machine does not have. Raises ValueError for another platform."""
+  device this machine does not have. JAX's trace caches are cleared on entry and exit, since a
+  jitted function traced for one platform would otherwise be reused for the other. Raises
+  ValueError for another platform."""
   _check_platform(platform)
+  jax.clear_caches()
   token = _PLATFORM.set(platform)
   try:
     yield
   finally:
     _PLATFORM.reset(token)
+    jax.clear_caches()
 
 
 def target_platform() -> str:
@@ -132,8 +136,9 @@ def mla_decode_partials(q_lat: jax.Array, q_rope: jax.Array, c_kv: Any, k_rope: 
   if platform == "tpu":
     blk = min(block_size, seq)
     if blk < seq and blk % 8:
-      raise ValueError(f"block_size={block_size} is invalid for the TPU decode kernel: a block "
-                       "shorter than the cache must be a multiple of 8 rows (the sublane tile)")
+      raise ValueError(f"block_size={block_size} (model.decode_kernel_block_size) is invalid "
+                       "for the TPU decode kernel: a block shorter than the cache must be a "
+                       "multiple of 8 rows (the sublane tile)")
     source = mla_decode_tpu.Contiguous(blk=blk, seq=seq)
   else:
     _power_of_two("block_size (model.decode_kernel_block_size)", block_size, "a block")
@@ -155,14 +160,18 @@ def paged_mla_decode_partials(q_lat: jax.Array, q_rope: jax.Array, c_kv: Any, k_
   c_kv the latent pool [P,page,C] (or {"values" [P,page,C or C/2], "scale" [P,page,1]} with
   dequantize = cache.dequantize_block); k_rope [P,page,R]; page_table [B,M] int32 (entries past
   a sequence's pages may be anything, e.g. NO_PAGE: they are never read into a result);
-  pages_per_block: table entries per kernel block. The rest as mla_decode_partials. Raises
-  ValueError as mla_decode_partials does, and for page shapes the GPU kernel cannot load.
+  pages_per_block: table entries per kernel block (at most the table's M are used: no block
+  needs more than a sequence can hold; on GPU, at most the largest power of 2 <= M). The rest as
+  mla_decode_partials. Raises ValueError as mla_decode_partials does, and for page shapes the
+  GPU kernel cannot load.
   """
   platform, interpret, _ = _resolve(platform, interpret, 1, num_splits)
   _positive("pages_per_block", pages_per_block)
   num_pages, page = k_rope.shape[:2]
-  geometry = dict(pages_per_block=pages_per_block, page=page, width=page_table.shape[1],
-                  num_pages=num_pages)
+  width = page_table.shape[1]
+  pages_per_block = min(pages_per_block, width if platform == "tpu" else
+                        1 << (width.bit_length() - 1))
+  geometry = dict(pages_per_block=pages_per_block, page=page, width=width, num_pages=num_pages)
   if platform == "gpu":
     if page & (page - 1) or pages_per_block & (pages_per_block - 1):
       raise ValueError(f"page_size={page}, pages_per_block={pages_per_block} are invalid for the "

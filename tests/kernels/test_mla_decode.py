@@ -16,9 +16,11 @@ from mla_jax.cache import (BF16_BITS, dequantize_block, latent_operand, quantize
                            LatentCache)
 from mla_jax.kernels import mla_decode as kernels
 from mla_jax.layers import flash_decode, paged_attention
+from mla_jax.kinds import init_cache, init_paged_cache
 from mla_jax.layers.flash_decode import normalize
+from mla_jax.model import Transformer
 
-from tests.helpers import rel_err
+from tests.helpers import TINY_CONFIGS, rel_err, variant
 
 TOL = 1e-5  # float32, relative to each tensor's scale
 # bfloat16 operands: the kernel rounds the scaled queries and the probabilities to bfloat16
@@ -217,3 +219,41 @@ def test_platform_choice():
   with pytest.raises(ValueError, match="platform='cuda' is invalid"):
     with kernels.kernel_platform("cuda"):
       pass
+
+
+# ---- through the model ---------------------------------------------------------------------
+
+def _steps(cfg, params, cache, tokens_by_step):
+  """The model's logits over a cache for each (tokens [B,T], num_tokens [B]) step in turn."""
+  apply = jax.jit(Transformer(cfg).apply)
+  out = []
+  for tokens, num in tokens_by_step:
+    logits, cache = apply({"params": params}, tokens, cache=cache, num_tokens=num)
+    out.append(np.asarray(logits))
+  return out
+
+
+@pytest.mark.parametrize("cache_dtype,paged", [(None, False), ("int8", True)])
+def test_model_with_the_kernel_equals_xla(cache_dtype, paged):
+  """A prefill chunk with ragged (and zero) token counts, then a one-token step, YaRN on (its
+  softmax scale reaches the kernel): the logits with decode_kernel=pallas (the TPU kernel,
+  interpreted) equal decode_kernel=xla's."""
+  cfg = variant(TINY_CONFIGS["q_lora_yarn_5_heads"], num_layers=1, cache_dtype=cache_dtype,
+                decode_kernel_block_size=8, decode_kv_splits=2)
+  params = Transformer(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  rng = np.random.default_rng(4)
+  b, page, m = 3, 4, 6
+  if paged:
+    cache = init_paged_cache(cfg, num_pages=b * m + 2, page_size=page, batch_size=b,
+                             pages_per_sequence=m)
+    table = rng.permutation(b * m + 2)[:b * m].reshape(b, m).astype(np.int32)
+    cache = cache.replace(page_table=jnp.asarray(table))
+  else:
+    cache = init_cache(cfg, b, page * m)
+  steps = [(jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32),
+            jnp.asarray(num, jnp.int32)) for t, num in ((11, [11, 5, 0]), (1, [1, 1, 1]))]
+  want = _steps(variant(cfg, decode_kernel="xla"), params, cache, steps)
+  got = _steps(variant(cfg, decode_kernel="pallas"), params, cache, steps)
+  for (tokens, num), w, g in zip(steps, want, got):
+    real = np.arange(tokens.shape[1])[None, :] < np.asarray(num)[:, None]
+    assert rel_err(g[real], w[real]) <= TOL
