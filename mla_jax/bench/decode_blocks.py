@@ -12,9 +12,8 @@ small blocks (loop overhead dominates) to large ones (no longer fit the fast mem
 
 from __future__ import annotations
 
-from typing import Callable
-
 import dataclasses
+from typing import Callable
 
 import jax
 import jax.numpy as jnp

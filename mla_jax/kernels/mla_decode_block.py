@@ -1,4 +1,5 @@
-"""One latent block inside an MLA decode kernel: the scores and the weighted sum from one read.
+"""One latent block inside an MLA decode kernel: the scores and the weighted sum from one read;
+and what both kernels' programs share (their queries, blocks, loop and outputs).
 
 Both kernels (mla_decode_tpu.py, Mosaic; mla_decode_gpu.py, Triton) load a block of `blk`
 cached tokens, the stored latent [blk,Cs] (Cs = C, or C/2 for packed int4), its per-token scale
@@ -35,6 +36,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from mla_jax.cache import dequantize_planes
 
@@ -60,6 +62,50 @@ def initial_state(rows: int, plane_widths: tuple[int, ...]) -> State:
   return State(m=jnp.full((rows, 1), -jnp.inf, jnp.float32),
                l=jnp.zeros((rows, 1), jnp.float32),
                acc=tuple(jnp.zeros((rows, w), jnp.float32) for w in plane_widths))
+
+
+def program_blocks(length: jax.Array, blk: int, splits: int, split: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+  """(first block, block count) of KV split `split` of a sequence holding `length` tokens in
+  blocks of blk: the blocks that hold tokens, shared evenly among the splits (a split past them
+  gets none). The count is the loop's trip count: the early stop."""
+  held = (length + blk - 1) // blk
+  per_split = (held + splits - 1) // splits
+  first = split * per_split
+  return first, jnp.clip(held - first, 0, per_split)
+
+
+def read_queries(q_refs, q_rope_ref, positions_ref) -> Queries:
+  """A program's query rows, loaded from its blocks of the kernel's inputs."""
+  return Queries(lat=tuple(r[...] for r in q_refs), rope=q_rope_ref[...],
+                 positions=positions_ref[...])
+
+
+def walk_blocks(count: jax.Array, body, queries: Queries, m_ref, l_ref, acc_refs) -> None:
+  """Runs body(j, state) -> state for j < count from the initial state and writes the final
+  state to the program's output blocks (m, l [R,1], acc per plane [R,C/planes])."""
+  widths = tuple(q.shape[-1] for q in queries.lat)
+  state = jax.lax.fori_loop(0, count, body, initial_state(queries.positions.shape[0], widths))
+  m_ref[...] = state.m
+  l_ref[...] = state.l
+  for ref, acc in zip(acc_refs, state.acc):
+    ref[...] = acc
+
+
+def row_spec(x: jax.Array, block_q: int) -> pl.BlockSpec:
+  """A query array [B,rows,W]: a program's block_q rows of its sequence (grid (b, r, s), plus
+  the TPU kernel's prefetched arrays)."""
+  return pl.BlockSpec((None, block_q, x.shape[-1]), lambda i, r, s, *_: (i, r, 0))
+
+
+def partial_outputs(queries: Queries, splits: int, block_q: int) -> tuple[list, list]:
+  """(out_specs, out_shape) of the partials: m, l [B,splits,rows,1] and acc per plane
+  [B,splits,rows,C/planes], float32; a program writes its rows of its split."""
+  b, rows = queries.positions.shape[:2]
+  widths = (1, 1) + tuple(q.shape[-1] for q in queries.lat)
+  specs = [pl.BlockSpec((None, None, block_q, w), lambda i, r, s, *_: (i, s, r, 0))
+           for w in widths]
+  return specs, [jax.ShapeDtypeStruct((b, splits, rows, w), jnp.float32) for w in widths]
 
 
 def compute_dtype(latent_value_dtype, query_dtype) -> jnp.dtype:

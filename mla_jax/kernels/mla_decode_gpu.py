@@ -31,7 +31,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from mla_jax.kernels.mla_decode_block import Queries, attend_block, initial_state
+from mla_jax.kernels.mla_decode_block import (Queries, attend_block, partial_outputs,
+                                             program_blocks, read_queries, row_spec,
+                                             walk_blocks)
 
 MIN_DOT = 16  # Triton's smallest dot tile along each dimension
 
@@ -95,14 +97,10 @@ def _kernel(*refs, source, splits: int, planes: int, quantized: bool, compute, p
     scale_ref, refs = refs[0], refs[1:]
   rope_ref, m_ref, l_ref, acc_refs = refs[0], refs[1], refs[2], refs[3:]
 
-  b, split = pl.program_id(0), pl.program_id(2)
+  b = pl.program_id(0)
   length = lengths_ref[b]
-  held = pl.cdiv(length, source.blk)
-  per_split = pl.cdiv(held, splits)
-  first_block = split * per_split
-  count = jnp.clip(held - first_block, 0, per_split)  # the early stop
-  queries = Queries(lat=tuple(r[...] for r in q_refs), rope=q_rope_ref[...],
-                    positions=positions_ref[...])
+  first_block, count = program_blocks(length, source.blk, splits, pl.program_id(2))
+  queries = read_queries(q_refs, q_rope_ref, positions_ref)
 
   def body(j, state):
     i = first_block + j
@@ -112,12 +110,7 @@ def _kernel(*refs, source, splits: int, planes: int, quantized: bool, compute, p
     return attend_block(state, queries, latent, scale, rope, start=start, first=start,
                         length=length, compute=compute)
 
-  state = jax.lax.fori_loop(0, count, body, initial_state(
-      positions_ref.shape[0], tuple(r.shape[-1] for r in q_refs)))
-  m_ref[...] = state.m
-  l_ref[...] = state.l
-  for ref, acc in zip(acc_refs, state.acc):
-    ref[...] = acc
+  walk_blocks(count, body, queries, m_ref, l_ref, acc_refs)
 
 
 def gpu_partials(queries: Queries, latent: jax.Array, scale: Optional[jax.Array],
@@ -127,28 +120,19 @@ def gpu_partials(queries: Queries, latent: jax.Array, scale: Optional[jax.Array]
   """The kernel over B sequences, as mla_decode_tpu.tpu_partials (rows a multiple of
   block_q): (m, l [B,splits,rows,1], acc tuple of [B,splits,rows,C/planes]) float32."""
   b, rows = queries.positions.shape[:2]
-  planes = len(queries.lat)
   paged = page_table is not None
   quantized = scale is not None
   cache = (latent,) + ((scale,) if quantized else ()) + (rope,)
 
-  def row_block(x):  # [B,rows,W] -> the program's block_q rows
-    return pl.BlockSpec((None, block_q, x.shape[-1]), lambda i, r, s: (i, r, 0))
-
-  def out_block(width):
-    return pl.BlockSpec((None, None, block_q, width), lambda i, r, s: (i, s, r, 0))
-
   def whole(x):
     return pl.BlockSpec(x.shape, lambda i, r, s: (0,) * x.ndim)
 
-  widths = tuple(q.shape[-1] for q in queries.lat)
   table = (page_table,) if paged else ()
-  in_specs = ([whole(lengths)] + [whole(t) for t in table] + [row_block(queries.positions)]
-              + [row_block(q) for q in queries.lat] + [row_block(queries.rope)]
+  in_specs = ([whole(lengths)] + [whole(t) for t in table]
+              + [row_spec(x, block_q) for x in (queries.positions, *queries.lat, queries.rope)]
               + [whole(x) for x in cache])
-  out_specs = [out_block(1), out_block(1)] + [out_block(w) for w in widths]
-  out_shape = ([jax.ShapeDtypeStruct((b, splits, rows, 1), jnp.float32)] * 2
-               + [jax.ShapeDtypeStruct((b, splits, rows, w), jnp.float32) for w in widths])
+  out_specs, out_shape = partial_outputs(queries, splits, block_q)
+  planes = len(queries.lat)
   kernel = functools.partial(_kernel, source=source, splits=splits, planes=planes,
                              quantized=quantized, compute=compute, paged=paged)
   m, l, *acc = pl.pallas_call(

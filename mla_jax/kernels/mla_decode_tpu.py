@@ -36,7 +36,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from mla_jax.kernels.mla_decode_block import Queries, attend_block, initial_state
+from mla_jax.kernels.mla_decode_block import (Queries, attend_block, partial_outputs,
+                                             program_blocks, read_queries, row_spec,
+                                             walk_blocks)
 
 ROW_TILE = 16  # query rows are padded to a multiple of this (bfloat16's sublane tile)
 MAX_ROWS = 512  # query rows per program: a 512 x 512 float32 accumulator is 1 MiB of VMEM
@@ -106,12 +108,9 @@ def _kernel(*refs, source, splits: int, planes: int, quantized: bool, compute, p
   m_ref, l_ref, acc_refs, refs = refs[0], refs[1], refs[2:2 + planes], refs[2 + planes:]
   buffers, sems = refs[:n_cache], refs[n_cache]
 
-  b, split = pl.program_id(0), pl.program_id(2)
+  b = pl.program_id(0)
   length = prefetch[0][b]
-  held = pl.cdiv(length, source.blk)  # blocks holding tokens
-  per_split = pl.cdiv(held, splits)
-  first_block = split * per_split
-  count = jnp.clip(held - first_block, 0, per_split)  # this program's blocks: the early stop
+  first_block, count = program_blocks(length, source.blk, splits, pl.program_id(2))
 
   def copies(i, slot):
     return source.copies(b, i, cache_refs, buffers, sems, slot, prefetch)
@@ -120,8 +119,7 @@ def _kernel(*refs, source, splits: int, planes: int, quantized: bool, compute, p
   def _():
     _run(copies(first_block, 0), "start")
 
-  queries = Queries(lat=tuple(r[...] for r in q_refs), rope=q_rope_ref[...],
-                    positions=positions_ref[...])
+  queries = read_queries(q_refs, q_rope_ref, positions_ref)
 
   def body(j, state):
     slot = j % 2
@@ -138,13 +136,7 @@ def _kernel(*refs, source, splits: int, planes: int, quantized: bool, compute, p
     return attend_block(state, queries, latent, scale, rope, start=start, first=first,
                         length=length, compute=compute)
 
-  rows = positions_ref.shape[0]
-  state = jax.lax.fori_loop(0, count, body,
-                            initial_state(rows, tuple(r.shape[-1] for r in q_refs)))
-  m_ref[...] = state.m
-  l_ref[...] = state.l
-  for ref, acc in zip(acc_refs, state.acc):
-    ref[...] = acc
+  walk_blocks(count, body, queries, m_ref, l_ref, acc_refs)
 
 
 def tpu_partials(queries: Queries, latent: jax.Array, scale: Optional[jax.Array],
@@ -156,23 +148,13 @@ def tpu_partials(queries: Queries, latent: jax.Array, scale: Optional[jax.Array]
   acc tuple of [B,splits,rows,C/planes]) float32, one partial per split. interpret: False, True
   (TPU interpret mode) or a pltpu.InterpretParams (e.g. with its race detector)."""
   b, rows = queries.positions.shape[:2]
-  planes = len(queries.lat)
   paged = page_table is not None
   quantized = scale is not None
   cache = (latent,) + ((scale,) if quantized else ()) + (rope,)
-
-  def row_block(x):  # [B,rows,W] -> the program's block_q rows
-    return pl.BlockSpec((None, block_q, x.shape[-1]), lambda i, r, s, *_: (i, r, 0))
-
-  def out_block(width):
-    return pl.BlockSpec((None, None, block_q, width), lambda i, r, s, *_: (i, s, r, 0))
-
-  widths = tuple(q.shape[-1] for q in queries.lat)
-  in_specs = ([row_block(queries.positions)] + [row_block(q) for q in queries.lat]
-              + [row_block(queries.rope)] + [pl.BlockSpec(memory_space=pl.ANY)] * len(cache))
-  out_specs = [out_block(1), out_block(1)] + [out_block(w) for w in widths]
-  out_shape = ([jax.ShapeDtypeStruct((b, splits, rows, 1), jnp.float32)] * 2
-               + [jax.ShapeDtypeStruct((b, splits, rows, w), jnp.float32) for w in widths])
+  in_specs = ([row_spec(x, block_q) for x in (queries.positions, *queries.lat, queries.rope)]
+              + [pl.BlockSpec(memory_space=pl.ANY)] * len(cache))  # the cache stays in HBM
+  out_specs, out_shape = partial_outputs(queries, splits, block_q)
+  planes = len(queries.lat)
   scratch = ([pltpu.VMEM((2, source.blk) + x.shape[2:], x.dtype) for x in cache]
              + [pltpu.SemaphoreType.DMA((len(cache), 2))])
   prefetch = (lengths,) + ((page_table.reshape(-1),) if paged else ())
