@@ -69,8 +69,8 @@ def program_blocks(length: jax.Array, blk: int, splits: int, split: jax.Array
   """(first block, block count) of KV split `split` of a sequence holding `length` tokens in
   blocks of blk: the blocks that hold tokens, shared evenly among the splits (a split past them
   gets none). The count is the loop's trip count: the early stop."""
-  held = (length + blk - 1) // blk
-  per_split = (held + splits - 1) // splits
+  held = pl.cdiv(length, blk)  # lax.div: no sign test (its Mosaic lowering wants a TPU)
+  per_split = pl.cdiv(held, splits)
   first = split * per_split
   return first, jnp.clip(held - first, 0, per_split)
 
