@@ -122,10 +122,14 @@ def test_decode_step_traces_once_per_generation(model_and_params, monkeypatch):
   sampling._decode_loop.clear_cache()
   traced = chex.assert_max_traces(sampling.decode_token, n=1)  # a second trace raises
   monkeypatch.setattr(sampling, "decode_token", traced)
+  # Counted as growth: earlier tests' programs may outlive clear_cache in JAX's caches.
+  programs = lambda: (sampling._prefill._cache_size(), sampling._decode_loop._cache_size())
+  before = programs()
   generate(model, params, PROMPTS, max_new_tokens=20)
+  first = programs()
   generate(model, params, [[1, 2, 3, 4, 5, 6, 7], [9], [4, 4]], max_new_tokens=20)  # same shapes
-  assert sampling._prefill._cache_size() == 1
-  assert sampling._decode_loop._cache_size() == 1  # 20 tokens, one compiled loop, reused
+  assert programs() == first  # 20 tokens, one compiled loop, reused
+  assert first[0] - before[0] <= 1 and first[1] - before[1] <= 1
   with pytest.raises(AssertionError):  # the counter is live: a new shape traces the step again
     generate(model, params, [[1, 2]], max_new_tokens=20)
 
