@@ -28,7 +28,8 @@ import uvicorn
 from mla_jax.serving import Engine, SamplingParams
 from mla_jax.cli import main
 from mla_jax.serving.background import BackgroundEngine
-from mla_jax.serving.server import Detokenizer, RequestError, make_app, parse_completion_request
+from mla_jax.serving.openai_protocol import Detokenizer, RequestError, parse_completion_request
+from mla_jax.serving.server import make_app
 from mla_jax.tokenizers import ByteTokenizer
 from tests.helpers import SMALL_MODEL
 
