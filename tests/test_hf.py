@@ -355,8 +355,9 @@ def test_broken_checkpoints_are_named(v3_checkpoint, tmp_path):
   with pytest.raises(ValueError, match=r"unexpected tensors.*model\.layers\.0\.mlp\.experts\.0\.w"):
     load_hf(extra)
   config = json.loads((directory / "config.json").read_text())
-  (missing / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-  with pytest.raises(ValueError, match="model_type='llama' is not supported"):
+  (missing / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+  with pytest.raises(ValueError, match="model_type='gpt2' is not supported: allowed deepseek_v2, "
+                                       "deepseek_v3, llama, qwen2, mistral"):
     load_hf(missing)
   with pytest.raises(ValueError, match="no config.json"):
     load_hf(tmp_path)
