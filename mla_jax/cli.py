@@ -1,5 +1,5 @@
 """The `mla-jax` command line: `info` (sizes, memory, cache bytes), `train`, `generate`, `convert`,
-`serve` (mla_jax/serving/server.py: an OpenAI-compatible HTTP server), `bench`
+`export` (mla_jax/hf/export.py), `convert-to-mla` (mla_jax/conversion/), `serve` (mla_jax/serving/server.py: an OpenAI-compatible HTTP server), `bench`
 (mla_jax/bench/: measurements of the paper's claims).
 
 `info` and `train` take an optional YAML config (a path, or a preset name such as deepseek_v2:
@@ -398,6 +398,15 @@ def _convert(args: argparse.Namespace) -> int:
   return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+  from mla_jax.hf.export import export_run
+
+  out = export_run(args.checkpoint, args.out, args.dtype, args.max_shard_size,
+                   log=lambda line: print(line, file=sys.stderr))
+  print(f"wrote {out}: transformers' AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
+  return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
   try:
     from mla_jax.serving import server
@@ -500,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "int8/int4 quantize MLA's latent")
 
   convert = _command(commands, "convert", _convert,
-                     help="a Hugging Face DeepseekV2/V3 directory -> workdir")
+                     help="a Hugging Face DeepseekV2/V3 (or Llama, Qwen2, Mistral) directory -> "
+                          "workdir")
   convert.add_argument("--from-hf", required=True, metavar="DIR",
                        help="local directory with config.json and *.safetensors")
   convert.add_argument("--out", required=True, metavar="WORKDIR", help="new workdir to write")
@@ -508,6 +518,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="parameter and activation dtype: auto keeps the checkpoint's own "
                        "torch_dtype (bfloat16 stays bfloat16, float32 otherwise); or float32, "
                        "bfloat16, float16 (bf16, fp32, fp16 also work)")
+
+  export = _command(commands, "export", _export,
+                    help="a workdir's MLA model -> a Hugging Face DeepseekV2/V3 directory")
+  export.add_argument("checkpoint", metavar="CHECKPOINT_DIR",
+                      help="a workdir from `mla-jax train`, `convert` or `convert-to-mla` (its "
+                           "latest checkpoint is exported)")
+  export.add_argument("out", metavar="OUT_DIR", help="new directory to write")
+  export.add_argument("--dtype", default="auto",
+                      help="weight dtype: auto keeps the parameters' own; or float32, bfloat16, "
+                           "float16 (the router stays float32)")
+  export.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                      help="largest safetensors file, e.g. 5GB or 500MiB; more files get an index")
 
   serve = _command(commands, "serve", _serve, epilog=SERVE_EPILOG,
                    help="an OpenAI-compatible HTTP server (POST /v1/completions) over the "

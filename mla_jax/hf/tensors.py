@@ -143,11 +143,13 @@ def _layer_entries(c: ModelConfig, layer: int
     if c.scoring_func == "sigmoid":
       entries["mlp.gate.e_score_correction_bias"] = _one(mlp + ("e_score_correction_bias",), (e,),
                                                          _same)
-    if c.n_shared_experts:
-      shared = _mlp_entries(c, layer, "shared_experts", i * c.n_shared_experts,
-                            "mlp.shared_experts.")
-      entries.update({name: (shape, [(mlp + path, f) for path, f in targets])
-                      for name, (shape, targets) in shared.items()})
+    # Without shared experts transformers still builds them, zero wide, and saves their empty
+    # tensors: optional entries that become no parameter (see params_from_hf).
+    shared = _mlp_entries(c, layer, "shared_experts", i * c.n_shared_experts,
+                          "mlp.shared_experts.")
+    entries.update({name: (shape, [(mlp + path, f) for path, f in targets]
+                           if c.n_shared_experts else [])
+                    for name, (shape, targets) in shared.items()})
   return entries
 
 
@@ -257,7 +259,8 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray],
 
   Non-parameter buffers a checkpoint may carry (rotary inv_freq) are ignored; anything else
   unexpected (MTP layers included: see split_mtp_tensors), missing or mis-shaped is a ValueError
-  naming the tensor, raised before any is converted. `place(path, array)` puts each converted
+  naming the tensor, raised before any is converted; the empty shared-expert tensors of a model
+  without shared experts may be there or not. `place(path, array)` puts each converted
   array where it goes (default: NumPy).
   """
   tensors = fuse_expert_tensors(tensors)
@@ -271,15 +274,18 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray],
             if any(name.startswith(after_last) for name in unexpected) else "")
     raise ValueError(f"unexpected tensors in checkpoint: {unexpected[:5]}"
                      f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all){hint}")
-  missing = sorted(name for name in expected if name not in tensors)
+  missing = sorted(name for name, (_, targets) in expected.items()
+                   if name not in tensors and targets)  # an empty tensor may be left out
   if missing:
     raise ValueError(f"missing tensors in checkpoint: {missing[:5]}"
                      f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
   for name, (shape, _) in expected.items():
-    if tuple(np.shape(tensors[name])) != shape:
+    if name in tensors and tuple(np.shape(tensors[name])) != shape:
       raise ValueError(f"tensor {name} has shape {tuple(np.shape(tensors[name]))}, expected {shape}")
   params: dict[str, Any] = {}
   for name, (_, targets) in expected.items():
+    if not targets:
+      continue
     array = np.asarray(tensors[name])
     for path, convert in targets:
       node = params
@@ -328,7 +334,11 @@ def hf_tensors_from_params(config: ModelConfig, params: Mapping[str, Any]
   leaves = _leaf_paths(params)
   out: dict[str, np.ndarray] = {}
   used: set[tuple[str, ...]] = set()
+  empty_dtype = np.asarray(params["embed_tokens"]).dtype
   for name, (shape, targets) in tensor_map(config).items():
+    if not targets:  # zero-width shared experts, as transformers saves them
+      out[name] = np.zeros(shape, empty_dtype)
+      continue
     missing = [path for path, _ in targets if path not in leaves]
     if missing:
       raise ValueError(f"params lack {'/'.join(missing[0])}, which {name} is made of: they are "
