@@ -140,11 +140,33 @@ def _start_distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize()
 
 
+def _init_from_config(args: argparse.Namespace) -> Config:
+  """`train --init-from WORKDIR`: the config is the workdir's own config.yaml unless CONFIG is
+  given, in a new workdir runs/<its name>-ft-<run id> unless workdir= is."""
+  from mla_jax.config.loader import load_config
+  from mla_jax.workdir import config_path
+
+  start = Path(args.init_from)
+  overrides = list(args.overrides) + [f"train.init_from={args.init_from}"]
+  if args.config is not None and "=" in args.config:
+    overrides.insert(0, args.config)
+  elif args.config is not None:
+    return load_config(args.config, *overrides)
+  if not config_path(start).is_file():
+    raise ValueError(f"--init-from {args.init_from!r} is not a workdir: no config.yaml")
+  config = load_config(config_path(start), *overrides)
+  if any(o.startswith("workdir=") for o in overrides):
+    return config
+  return dataclasses.replace(config, workdir=None).with_default_workdir(
+      f"{start.resolve().name}-ft")
+
+
 def _train(args: argparse.Namespace) -> int:
   from mla_jax.config.loader import DEFAULT_NAME
   from mla_jax.train.checks import check_inputs
 
-  config = _resolve_config(args).with_default_workdir(DEFAULT_NAME)
+  config = (_init_from_config(args) if args.init_from is not None
+            else _resolve_config(args)).with_default_workdir(DEFAULT_NAME)
   _warn_cache_width(config.model)
   if args.print_config:  # nothing is trained, no workdir is made, JAX is not imported
     import yaml
@@ -407,6 +429,19 @@ def _export(args: argparse.Namespace) -> int:
   return 0
 
 
+def _convert_to_mla(args: argparse.Namespace) -> int:
+  from mla_jax.conversion.convert import convert_to_mla, report_lines
+
+  report = convert_to_mla(args.source, args.out, args.kv_lora_rank, args.rope_dim, args.method,
+                          args.calibration, args.calibration_samples,
+                          log=lambda line: print(line, file=sys.stderr))
+  for line in report_lines(report):
+    print(line)
+  print(f"wrote {args.out}: fine-tune it with `mla-jax train --init-from {args.out}`, run it with "
+        f"`mla-jax generate --checkpoint {args.out}`")
+  return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
   try:
     from mla_jax.serving import server
@@ -475,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
       "model on the Python standard library's sources",
       epilog=TRAIN_EPILOG % {"presets": ", ".join(presets())})
   _config_arguments(train)
+  train.add_argument("--init-from", metavar="WORKDIR",
+                     help="start from the latest parameters of this workdir (e.g. from `mla-jax "
+                          "convert-to-mla`) with a fresh optimizer: fine-tuning; without CONFIG "
+                          "its own config.yaml is the config (default: a random init)")
   train.add_argument("--print-config", action="store_true",
                      help="print the resolved config (CONFIG with the overrides applied, workdir "
                      "resolved) as YAML and exit, without training or creating the workdir")
@@ -518,6 +557,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="parameter and activation dtype: auto keeps the checkpoint's own "
                        "torch_dtype (bfloat16 stays bfloat16, float32 otherwise); or float32, "
                        "bfloat16, float16 (bf16, fp32, fp16 also work)")
+
+  to_mla = _command(commands, "convert-to-mla", _convert_to_mla,
+                    help="an MHA/GQA/MQA model (workdir, or Llama / Mistral directory) -> an "
+                         "MLA workdir (MHA2MLA / TransMLA)")
+  to_mla.add_argument("source", metavar="SRC", help="an mla-jax MHA/GQA/MQA workdir, or a Hugging "
+                      "Face Llama or Mistral directory")
+  to_mla.add_argument("out", metavar="OUT", help="new workdir to write")
+  to_mla.add_argument("--kv-lora-rank", type=int, required=True, metavar="C",
+                      help="latent width cached per token (at most model.hidden_size)")
+  to_mla.add_argument("--rope-dim", type=int, required=True, metavar="R",
+                      help="shared RoPE key width cached per token (even; at most one kv head's "
+                           "RoPE width for a DeepSeek-compatible model, or whole heads' widths)")
+  to_mla.add_argument("--method", choices=("mha2mla", "transmla"), default="mha2mla",
+                      help="which RoPE features keep their rotation: MHA2MLA's largest "
+                           "contributions, or TransMLA's RoRoPE principal directions")
+  to_mla.add_argument("--calibration", metavar="DATA",
+                      help="text for the activation-aware conversion: a file, directory or glob, "
+                           "or 'stdlib' (the corpus `mla-jax train` uses by default); its "
+                           "training split is read (default: weight-only)")
+  to_mla.add_argument("--calibration-samples", type=int, default=64, metavar="N",
+                      help="calibration windows of up to 256 tokens")
 
   export = _command(commands, "export", _export,
                     help="a workdir's MLA model -> a Hugging Face DeepseekV2/V3 directory")

@@ -101,7 +101,13 @@ def _float_tensors(file: Path, tensors: dict[str, np.ndarray]) -> dict[str, np.n
   return tensors
 
 
-def _check_tokenizer(directory: Path, vocab_size: int) -> None:
+def hf_eos_id(directory: Path) -> int | None:
+  """config.json's eos_token_id when it is one integer, else None."""
+  eos = read_json(Path(directory) / "config.json").get("eos_token_id")
+  return eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+
+
+def check_tokenizer(directory: Path, vocab_size: int) -> None:
   """Raises ValueError naming the source's tokenizer.json when it is not JSON, not a tokenizer
   the tokenizers library reads, or has token ids beyond the model's vocab_size (they would index
   past the embedding table)."""
@@ -123,13 +129,11 @@ def _check_tokenizer(directory: Path, vocab_size: int) -> None:
 def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32",
                log: Callable[[str], None] = _note) -> Path:
   """Writes a Hugging Face DeepseekV2/V3 (or Llama, Qwen2, Mistral) directory as an mla-jax
-  workdir that `mla-jax generate` runs: config.yaml, an orbax checkpoint of the parameters, special_tokens.json (the EOS id) and
-  tokenizer.json when the source has one. Without one, `log` says so, and `generate` refuses
+  workdir that `mla-jax generate` runs: config.yaml, an orbax checkpoint of the parameters,
+  special_tokens.json (the EOS id) and tokenizer.json when the source has one. Without one, `log` says so, and `generate` refuses
   text prompts on the workdir until a tokenizer.json is copied there (token ids still work)."""
-  import shutil
-
   from mla_jax import workdir as layout
-  from mla_jax.checkpoint import Checkpoints, check_writable_directory
+  from mla_jax.checkpoint import check_writable_directory
   from mla_jax.config.run import Config, TrainConfig
 
   workdir = Path(workdir)
@@ -138,27 +142,16 @@ def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32",
     raise ValueError(f"--out {str(workdir)!r} already holds checkpoints; choose a new directory")
   model, params = load_hf(source, dtype=dtype, log=log)  # every check happens before writing
   directory = Path(source).expanduser()
-  _check_tokenizer(directory, model.config.vocab_size)
-  hf_config = read_json(directory / "config.json")
-  eos = hf_config.get("eos_token_id")
-  eos = eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+  check_tokenizer(directory, model.config.vocab_size)
+  eos = hf_eos_id(directory)
   # The workdir's train section is unused by generate, but must be valid for this model.
   train = TrainConfig(seq_len=min(TrainConfig.seq_len, model.config.max_seq_len))
   config = Config(model=model.config, train=train, workdir=str(workdir))
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpoints = Checkpoints(workdir, keep=1)
-  try:
-    checkpoints.save_params(0, params, {"model": model.config.to_dict(), "source": str(source),
-                                        "eos_token_id": eos})
-  finally:
-    checkpoints.close()
-  layout.write_config(workdir, config)
   tokenizer = layout.tokenizer_path(directory)  # the same file name in both directories
-  if tokenizer.is_file():
-    shutil.copy(tokenizer, layout.tokenizer_path(workdir))
-  else:
+  layout.write_params_workdir(workdir, config, params, {"source": str(source),
+                                                        "eos_token_id": eos},
+                              tokenizer if tokenizer.is_file() else None, eos)
+  if not tokenizer.is_file():
     log(f"no tokenizer.json in {directory}: `mla-jax generate` will refuse text prompts on "
         f"{workdir} until you copy the model's tokenizer.json there")
-  layout.special_tokens_path(workdir).write_text(json.dumps(
-      {"eos_token_id": eos, "tokenizer": layout.TOKENIZER_FILE if tokenizer.is_file() else None}))
   return workdir
