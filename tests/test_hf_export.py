@@ -18,9 +18,8 @@ from mla_jax.config import ModelConfig
 from mla_jax.hf import load_hf, read_safetensors, save_hf
 from mla_jax.tokenizers import ByteTokenizer, byte_tokenizer_json
 from tests.helpers import DATA, SMALL_MODEL
+from tests.hf_parity import PARITY_INSTALL, assert_same_greedy_tokens
 
-PARITY_INSTALL = ('pip install torch --index-url https://download.pytorch.org/whl/cpu && '
-                  'pip install "transformers>=5.24,<6"')
 torch = pytest.importorskip("torch", reason=f"Hugging Face parity tests need PyTorch: {PARITY_INSTALL}")
 transformers = pytest.importorskip(
     "transformers", reason=f"Hugging Face parity tests need transformers: {PARITY_INSTALL}")
@@ -112,15 +111,7 @@ def test_transformers_computes_the_same_logits_and_greedy_tokens(exported):
     expected = hf_model(torch.as_tensor(tokens)).logits.numpy()
   logits, _ = model.apply({"params": params}, jnp.asarray(tokens))
   assert np.abs(np.asarray(logits) - expected).max() <= 1e-4
-  prompt = tokens[:, :8]
-  hf_model.generation_config.eos_token_id = None  # the export names EOS 3; mla-jax runs on past it
-  with torch.no_grad():
-    hf_out = hf_model.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape),
-                               max_new_tokens=30, min_new_tokens=30, do_sample=False,
-                               pad_token_id=0).numpy()
-  ours = mla_jax.generate(model, params, prompt, attention_mask=np.ones_like(prompt),
-                          max_new_tokens=30)
-  np.testing.assert_array_equal(ours, hf_out)
+  assert_same_greedy_tokens(hf_model, model, params, tokens[:, :8], 30)  # past the export's EOS
 
 
 def test_shards_are_bounded_by_size_and_indexed(exported):

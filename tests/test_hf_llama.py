@@ -11,8 +11,8 @@ import mla_jax
 from mla_jax.hf import load_hf
 from mla_jax.hf.llama import llama_config_from_hf
 
-PARITY_INSTALL = ('pip install torch --index-url https://download.pytorch.org/whl/cpu && '
-                  'pip install "transformers>=5.24,<6"')
+from tests.hf_parity import PARITY_INSTALL, assert_same_greedy_tokens, random_hf_model
+
 torch = pytest.importorskip("torch", reason=f"Hugging Face parity tests need PyTorch: {PARITY_INSTALL}")
 transformers = pytest.importorskip(
     "transformers", reason=f"Hugging Face parity tests need transformers: {PARITY_INSTALL}")
@@ -35,14 +35,7 @@ CASES = {
 
 def _hf_model(name):
   family, extra = CASES[name]
-  config = getattr(transformers, f"{family}Config")(**{**COMMON, **extra})
-  config._attn_implementation = "eager"
-  torch.manual_seed(0)
-  model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-  with torch.no_grad():  # larger-than-init weights and non-unit norms, so mistakes show
-    for pname, p in model.named_parameters():
-      p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in pname else 0.15 * torch.randn_like(p))
-  return model
+  return random_hf_model(family, **{**COMMON, **extra})
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
@@ -70,14 +63,7 @@ def test_logits_and_greedy_tokens_match_transformers(saved):
   logits, _ = model.apply({"params": params}, jnp.asarray(tokens))
   assert np.abs(np.asarray(logits) - expected).max() <= 1e-4
 
-  prompt = tokens[:, :6]
-  with torch.no_grad():
-    hf_out = hf_model.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape),
-                               max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                               pad_token_id=0).numpy()
-  ours = mla_jax.generate(model, params, prompt, attention_mask=np.ones_like(prompt),
-                          max_new_tokens=40)
-  np.testing.assert_array_equal(ours, hf_out)
+  assert_same_greedy_tokens(hf_model, model, params, tokens[:, :6], 40)
 
 
 def test_unsupported_options_are_named():
