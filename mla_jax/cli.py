@@ -47,6 +47,13 @@ def _size(num_bytes: int) -> str:
   return f"{num_bytes / 2**30:,.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:,.1f} MiB"
 
 
+def mha_with_the_same_heads(config: ModelConfig) -> ModelConfig:
+  """The MHA baseline a model's cache is compared with: its heads and widths, every head its own
+  key and value (one RoPE key group, float cache)."""
+  return dataclasses.replace(config, attention="mha", num_kv_heads=None, cache_dtype=None,
+                             qk_rope_groups=1)
+
+
 def describe(config: ModelConfig) -> list[str]:
   """The lines `mla-jax info` prints: size, and what one token costs in the decode cache."""
   import jax
@@ -59,7 +66,7 @@ def describe(config: ModelConfig) -> list[str]:
   # Bytes as the cache stores them (model.cache_dtype, else model.dtype; int8/int4 with scales).
   token_bytes = cache_bytes_per_token(config)
   shape = attention_kind(config).describe_cache(config)
-  mha = dataclasses.replace(config, attention="mha", num_kv_heads=None, cache_dtype=None)
+  mha = mha_with_the_same_heads(config)
   mha_per_layer = mha.cache_elements_per_token_per_layer()
   context_bytes = token_bytes * config.max_seq_len
   params = abstract_params(config)
@@ -90,7 +97,7 @@ def cache_width_warning(config: ModelConfig) -> Optional[str]:
   if config.attention != "mla":
     return None
   latent = config.cache_elements_per_token_per_layer()
-  mha = dataclasses.replace(config, attention="mha", num_kv_heads=None, cache_dtype=None)
+  mha = mha_with_the_same_heads(config)
   kv = mha.cache_elements_per_token_per_layer()
   if latent <= kv:
     return None
