@@ -142,7 +142,8 @@ def test_calibration_windows_come_from_the_training_split(tmp_path):
   for row in windows[:8]:
     piece = row.astype(np.uint16).tobytes()
     assert piece in train and piece not in val
-  with pytest.raises(ValueError, match=r"holds 4 tokens in its training split, fewer than one "
+  # One file: its last 5% is validation, so "abc" trains on "ab" and its EOS, 3 tokens.
+  with pytest.raises(ValueError, match=r"holds 3 tokens in its training split, fewer than one "
                                        r"window of 65: give more text"):
     (tmp_path / "short.txt").write_text("abc")
     calibration_tokens(str(tmp_path / "short.txt"), ByteTokenizer(), 64, 2)
