@@ -34,6 +34,20 @@ def random_hf_model(family: str, **config):
   return model
 
 
+def case_model(cases: dict, common: dict, name: str):
+  """random_hf_model of a parity test's case: cases[name] is (family, config fields over common)."""
+  family, extra = cases[name]
+  return random_hf_model(family, **{**common, **extra})
+
+
+def saved_case(cases: dict, common: dict, name: str, tmp_path_factory):
+  """(name, live HF model, the directory transformers' save_pretrained wrote it to)."""
+  hf_model = case_model(cases, common, name)
+  directory = tmp_path_factory.mktemp(name)
+  hf_model.save_pretrained(directory)
+  return name, hf_model, directory
+
+
 def assert_same_greedy_tokens(hf_model, model, params, prompt: np.ndarray, new_tokens: int):
   """transformers' and mla-jax's greedy continuations of prompt [B,T] are the same tokens (an
   explicit all-ones mask: id 0 is no padding here; no EOS on either side)."""

@@ -13,7 +13,7 @@ import mla_jax
 from mla_jax.hf import (dequantize_fp8, dtype_name, fuse_expert_tensors, load_hf,
                         model_config_from_hf, params_from_hf, split_mtp_tensors)
 from tests.helpers import rel_err
-from tests.hf_parity import PARITY_INSTALL, assert_same_greedy_tokens, random_hf_model
+from tests.hf_parity import PARITY_INSTALL, assert_same_greedy_tokens, case_model, saved_case
 
 torch = pytest.importorskip("torch", reason=f"Hugging Face parity tests need PyTorch: {PARITY_INSTALL}")
 transformers = pytest.importorskip(
@@ -59,17 +59,13 @@ CASES = {
 
 
 def _hf_model(name):
-  family, extra = CASES[name]
-  return random_hf_model(family, **{**COMMON, **extra})
+  return case_model(CASES, COMMON, name)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def saved(request, tmp_path_factory):
   """A checkpoint directory written by transformers' save_pretrained, and the live HF model."""
-  hf_model = _hf_model(request.param)
-  directory = tmp_path_factory.mktemp(request.param)
-  hf_model.save_pretrained(directory)
-  return request.param, hf_model, directory
+  return saved_case(CASES, COMMON, request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import mla_jax
 from mla_jax.hf import load_hf
 from mla_jax.hf.llama import llama_config_from_hf
 
-from tests.hf_parity import PARITY_INSTALL, assert_same_greedy_tokens, random_hf_model
+from tests.hf_parity import PARITY_INSTALL, assert_same_greedy_tokens, case_model, saved_case
 
 torch = pytest.importorskip("torch", reason=f"Hugging Face parity tests need PyTorch: {PARITY_INSTALL}")
 transformers = pytest.importorskip(
@@ -34,16 +34,12 @@ CASES = {
 
 
 def _hf_model(name):
-  family, extra = CASES[name]
-  return random_hf_model(family, **{**COMMON, **extra})
+  return case_model(CASES, COMMON, name)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def saved(request, tmp_path_factory):
-  hf_model = _hf_model(request.param)
-  directory = tmp_path_factory.mktemp(request.param)
-  hf_model.save_pretrained(directory)
-  return request.param, hf_model, directory
+  return saved_case(CASES, COMMON, request.param, tmp_path_factory)
 
 
 def test_logits_and_greedy_tokens_match_transformers(saved):
