@@ -70,7 +70,14 @@ def _hf(directory):
   return model.eval()
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+# Two cases run by default (V3 with MoE, q-LoRA and YaRN; V2 with the RoPE permutation), the
+# others with -m slow: each case builds, exports and runs a model in transformers.
+DEFAULT_CASES = {"v3_moe_q_lora_yarn", "v2_moe_half_rotation"}
+
+
+@pytest.fixture(scope="module", params=[
+    name if name in DEFAULT_CASES else pytest.param(name, marks=pytest.mark.slow)
+    for name in sorted(CASES)])
 def exported(request, tmp_path_factory):
   model, params = _model(request.param)
   directory = tmp_path_factory.mktemp(request.param) / "hf"
@@ -130,6 +137,7 @@ def test_shards_are_bounded_by_size_and_indexed(exported):
   assert json.loads((directory / "generation_config.json").read_text())["eos_token_id"] == 3
 
 
+@pytest.mark.slow
 def test_bfloat16_weights_export_as_bfloat16(tmp_path):
   model, params = _model("v3_moe_q_lora_yarn", dtype="bfloat16")
   directory = save_hf(model, params, tmp_path / "bf16")
@@ -143,6 +151,7 @@ def test_bfloat16_weights_export_as_bfloat16(tmp_path):
                                 np.asarray(params["layers_0"]["self_attn"]["q_b_proj"]))
 
 
+@pytest.mark.slow
 def test_what_no_deepseek_config_expresses_is_refused(tmp_path):
   cases = [
       (dict(attention="gqa", num_kv_heads=2), r"^model\.attention=gqa: a DeepSeek checkpoint "
@@ -201,7 +210,9 @@ def _run(*args, timeout=600):
                         text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module", params=sorted(TRAINED))
+@pytest.fixture(scope="module", params=[  # the MoE run with -m slow: the cases above export MoE
+    pytest.param(name, marks=pytest.mark.slow) if name == "moe" else name
+    for name in sorted(TRAINED)])
 def trained_export(request, tmp_path_factory):
   root = tmp_path_factory.mktemp(f"trained_{request.param}")
   train = _run("train", f"workdir={root / 'run'}", f"data.path={DATA}", *SMALL_MODEL,
