@@ -1,5 +1,5 @@
 """The `mla-jax` command line: `info` (sizes, memory, cache bytes), `train`, `generate`, `convert`,
-`serve` (mla_jax/serving/server.py: an OpenAI-compatible HTTP server), `bench`
+`export` (mla_jax/hf/export.py), `convert-to-mla` (mla_jax/conversion/), `serve` (mla_jax/serving/server.py: an OpenAI-compatible HTTP server), `bench`
 (mla_jax/bench/: measurements of the paper's claims).
 
 `info` and `train` take an optional YAML config (a path, or a preset name such as deepseek_v2:
@@ -47,6 +47,13 @@ def _size(num_bytes: int) -> str:
   return f"{num_bytes / 2**30:,.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:,.1f} MiB"
 
 
+def mha_with_the_same_heads(config: ModelConfig) -> ModelConfig:
+  """The MHA baseline a model's cache is compared with: its heads and widths, every head its own
+  key and value (one RoPE key group, float cache)."""
+  return dataclasses.replace(config, attention="mha", num_kv_heads=None, cache_dtype=None,
+                             qk_rope_groups=1)
+
+
 def describe(config: ModelConfig) -> list[str]:
   """The lines `mla-jax info` prints: size, and what one token costs in the decode cache."""
   import jax
@@ -59,7 +66,7 @@ def describe(config: ModelConfig) -> list[str]:
   # Bytes as the cache stores them (model.cache_dtype, else model.dtype; int8/int4 with scales).
   token_bytes = cache_bytes_per_token(config)
   shape = attention_kind(config).describe_cache(config)
-  mha = dataclasses.replace(config, attention="mha", num_kv_heads=None, cache_dtype=None)
+  mha = mha_with_the_same_heads(config)
   mha_per_layer = mha.cache_elements_per_token_per_layer()
   context_bytes = token_bytes * config.max_seq_len
   params = abstract_params(config)
@@ -90,7 +97,7 @@ def cache_width_warning(config: ModelConfig) -> Optional[str]:
   if config.attention != "mla":
     return None
   latent = config.cache_elements_per_token_per_layer()
-  mha = dataclasses.replace(config, attention="mha", num_kv_heads=None, cache_dtype=None)
+  mha = mha_with_the_same_heads(config)
   kv = mha.cache_elements_per_token_per_layer()
   if latent <= kv:
     return None
@@ -140,11 +147,33 @@ def _start_distributed(args: argparse.Namespace) -> None:
     jax.distributed.initialize()
 
 
+def _init_from_config(args: argparse.Namespace) -> Config:
+  """`train --init-from WORKDIR`: the config is the workdir's own config.yaml unless CONFIG is
+  given, in a new workdir runs/<its name>-ft-<run id> unless workdir= is."""
+  from mla_jax.config.loader import load_config
+  from mla_jax.workdir import config_path
+
+  start = Path(args.init_from)
+  overrides = list(args.overrides) + [f"train.init_from={args.init_from}"]
+  if args.config is not None and "=" in args.config:
+    overrides.insert(0, args.config)
+  elif args.config is not None:
+    return load_config(args.config, *overrides)
+  if not config_path(start).is_file():
+    raise ValueError(f"--init-from {args.init_from!r} is not a workdir: no config.yaml")
+  config = load_config(config_path(start), *overrides)
+  if any(o.startswith("workdir=") for o in overrides):
+    return config
+  return dataclasses.replace(config, workdir=None).with_default_workdir(
+      f"{start.resolve().name}-ft")
+
+
 def _train(args: argparse.Namespace) -> int:
   from mla_jax.config.loader import DEFAULT_NAME
   from mla_jax.train.checks import check_inputs
 
-  config = _resolve_config(args).with_default_workdir(DEFAULT_NAME)
+  config = (_init_from_config(args) if args.init_from is not None
+            else _resolve_config(args)).with_default_workdir(DEFAULT_NAME)
   _warn_cache_width(config.model)
   if args.print_config:  # nothing is trained, no workdir is made, JAX is not imported
     import yaml
@@ -379,6 +408,28 @@ def _convert(args: argparse.Namespace) -> int:
   return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+  from mla_jax.hf.export import export_run
+
+  out = export_run(args.checkpoint, args.out, args.dtype, args.max_shard_size,
+                   log=lambda line: print(line, file=sys.stderr))
+  print(f"wrote {out}: transformers' AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
+  return 0
+
+
+def _convert_to_mla(args: argparse.Namespace) -> int:
+  from mla_jax.conversion.convert import convert_to_mla, report_lines
+
+  report = convert_to_mla(args.source, args.out, args.kv_lora_rank, args.rope_dim, args.method,
+                          args.calibration, args.calibration_samples,
+                          log=lambda line: print(line, file=sys.stderr))
+  for line in report_lines(report):
+    print(line)
+  print(f"wrote {args.out}: fine-tune it with `mla-jax train --init-from {args.out}`, run it with "
+        f"`mla-jax generate --checkpoint {args.out}`")
+  return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
   try:
     from mla_jax.serving import server
@@ -447,6 +498,10 @@ def build_parser() -> argparse.ArgumentParser:
       "model on the Python standard library's sources",
       epilog=TRAIN_EPILOG % {"presets": ", ".join(presets())})
   _config_arguments(train)
+  train.add_argument("--init-from", metavar="WORKDIR",
+                     help="start from the latest parameters of this workdir (e.g. from `mla-jax "
+                          "convert-to-mla`) with a fresh optimizer: fine-tuning; without CONFIG "
+                          "its own config.yaml is the config (default: a random init)")
   train.add_argument("--print-config", action="store_true",
                      help="print the resolved config (CONFIG with the overrides applied, workdir "
                      "resolved) as YAML and exit, without training or creating the workdir")
@@ -481,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "int8/int4 quantize MLA's latent")
 
   convert = _command(commands, "convert", _convert,
-                     help="a Hugging Face DeepseekV2/V3 directory -> workdir")
+                     help="a Hugging Face DeepseekV2/V3 (or Llama, Qwen2, Mistral) directory -> "
+                          "workdir")
   convert.add_argument("--from-hf", required=True, metavar="DIR",
                        help="local directory with config.json and *.safetensors")
   convert.add_argument("--out", required=True, metavar="WORKDIR", help="new workdir to write")
@@ -489,6 +545,39 @@ def build_parser() -> argparse.ArgumentParser:
                        help="parameter and activation dtype: auto keeps the checkpoint's own "
                        "torch_dtype (bfloat16 stays bfloat16, float32 otherwise); or float32, "
                        "bfloat16, float16 (bf16, fp32, fp16 also work)")
+
+  to_mla = _command(commands, "convert-to-mla", _convert_to_mla,
+                    help="an MHA/GQA/MQA model (workdir, or Llama / Mistral directory) -> an "
+                         "MLA workdir (MHA2MLA / TransMLA)")
+  to_mla.add_argument("source", metavar="SRC", help="an mla-jax MHA/GQA/MQA workdir, or a Hugging "
+                      "Face Llama or Mistral directory")
+  to_mla.add_argument("out", metavar="OUT", help="new workdir to write")
+  to_mla.add_argument("--kv-lora-rank", type=int, required=True, metavar="C",
+                      help="latent width cached per token (at most model.hidden_size)")
+  to_mla.add_argument("--rope-dim", type=int, required=True, metavar="R",
+                      help="shared RoPE key width cached per token (even; at most one kv head's "
+                           "RoPE width for a DeepSeek-compatible model, or whole heads' widths)")
+  to_mla.add_argument("--method", choices=("mha2mla", "transmla"), default="mha2mla",
+                      help="which RoPE features keep their rotation: MHA2MLA's largest "
+                           "contributions, or TransMLA's RoRoPE principal directions")
+  to_mla.add_argument("--calibration", metavar="DATA",
+                      help="text for the activation-aware conversion: a file, directory or glob, "
+                           "or 'stdlib' (the corpus `mla-jax train` uses by default); its "
+                           "training split is read (default: weight-only)")
+  to_mla.add_argument("--calibration-samples", type=int, default=64, metavar="N",
+                      help="calibration windows of up to 256 tokens")
+
+  export = _command(commands, "export", _export,
+                    help="a workdir's MLA model -> a Hugging Face DeepseekV2/V3 directory")
+  export.add_argument("checkpoint", metavar="CHECKPOINT_DIR",
+                      help="a workdir from `mla-jax train`, `convert` or `convert-to-mla` (its "
+                           "latest checkpoint is exported)")
+  export.add_argument("out", metavar="OUT_DIR", help="new directory to write")
+  export.add_argument("--dtype", default="auto",
+                      help="weight dtype: auto keeps the parameters' own; or float32, bfloat16, "
+                           "float16 (the router stays float32)")
+  export.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                      help="largest safetensors file, e.g. 5GB or 500MiB; more files get an index")
 
   serve = _command(commands, "serve", _serve, epilog=SERVE_EPILOG,
                    help="an OpenAI-compatible HTTP server (POST /v1/completions) over the "

@@ -24,6 +24,37 @@ class ByteTokenizer:
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
 
+def _byte_chars() -> dict[int, str]:
+  """GPT-2's byte -> printable character table, which the tokenizers library's ByteLevel
+  pre-tokenizer and decoder use: printable Latin-1 bytes map to themselves, the others to
+  characters from U+0100 on, in byte order."""
+  kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+          *range(ord("®"), ord("ÿ") + 1)]
+  moved = [b for b in range(256) if b not in kept]
+  return {**{b: chr(b) for b in kept}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+BYTE_SPECIAL_TOKENS = {"<|eos|>": ByteTokenizer.EOS, "<|pad|>": ByteTokenizer.PAD,
+                       "<|bos|>": ByteTokenizer.BOS}
+
+
+def byte_tokenizer_json() -> str:
+  """ByteTokenizer as a Hugging Face tokenizer.json (the tokenizers library's format): byte b is
+  id b, then EOS, PAD and BOS as the special tokens <|eos|>, <|pad|>, <|bos|>; decoding joins the
+  bytes as UTF-8 (invalid bytes become U+FFFD, as ByteTokenizer.decode does). Text encodes to
+  the ids ByteTokenizer gives, except that a special token's own spelling in the text becomes
+  its id."""
+  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+  vocab = {char: byte for byte, char in _byte_chars().items()}
+  tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: one token per byte
+  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tokenizer.decoder = decoders.ByteLevel()
+  tokenizer.add_special_tokens([AddedToken(text, special=True)
+                                for text in sorted(BYTE_SPECIAL_TOKENS, key=BYTE_SPECIAL_TOKENS.get)])
+  return tokenizer.to_str()
+
+
 class HFTokenizer:
   """A Hugging Face tokenizer.json (tokenizers library) behind ByteTokenizer's small interface."""
 

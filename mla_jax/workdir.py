@@ -83,6 +83,32 @@ def write_config(workdir: str | Path, config: Config) -> Path:
   return path
 
 
+def write_params_workdir(workdir: str | Path, config: Config, params: Any, meta: dict[str, Any],
+                         tokenizer: Optional[Path] = None, eos_token_id: Optional[int] = None,
+                         special_tokens: bool = True) -> Path:
+  """Writes a workdir holding parameters alone (no optimizer state; `mla-jax generate` runs it,
+  `mla-jax train --init-from` starts from it): an orbax checkpoint at step 0 with `meta`,
+  config.yaml, a copy of `tokenizer` (a tokenizer.json) when given, and with special_tokens
+  special_tokens.json (the EOS id; it marks a model whose text needs that tokenizer, so the
+  byte tokenizer is never used in its place). The caller has checked the directory."""
+  import shutil
+
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoints = Checkpoints(workdir, keep=1)
+  try:
+    checkpoints.save_params(0, params, {"model": config.model.to_dict(), **meta})
+  finally:
+    checkpoints.close()
+  write_config(workdir, config)
+  if tokenizer is not None:
+    shutil.copy(tokenizer, tokenizer_path(workdir))
+  if special_tokens:
+    special_tokens_path(workdir).write_text(json.dumps(
+        {"eos_token_id": eos_token_id, "tokenizer": TOKENIZER_FILE if tokenizer else None}))
+  return workdir
+
+
 def read_workdir_config(workdir: str | Path) -> Config:
   """The Config in a workdir's config.yaml; ValueError when the path is not a workdir."""
   path = config_path(workdir)
@@ -155,9 +181,10 @@ def abstract_params(config: "ModelConfig", device: Any = None) -> Any:
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
 
 
-def load_checkpoint(workdir: str | Path) -> tuple[Config, Any, int]:
+def load_checkpoint(workdir: str | Path, target: Any = None) -> tuple[Config, Any, int]:
   """(config, params, step) of the latest checkpoint in a `mla-jax train` or `mla-jax convert`
-  workdir, the parameters on one device; clear errors for a directory that is not one, or whose
+  workdir, the parameters on one device (or as `target`, a tree of jax.ShapeDtypeStruct with
+  shardings, says: restored in place over a mesh); clear errors for a directory that is not one, or whose
   checkpoint is of another model than its config.yaml. A checkpoint that cannot be read raises
   CheckpointError (a ValueError) naming it."""
   config = read_workdir_config(workdir)
@@ -174,7 +201,7 @@ def load_checkpoint(workdir: str | Path) -> tuple[Config, Any, int]:
       raise ValueError(f"workdir {str(workdir)!r}: its checkpoint (step {step}) is of another "
                        f"model than its config.yaml; differing fields: "
                        f"{'; '.join('model.' + d for d in differences)}")
-    target = abstract_params(config.model)
+    target = abstract_params(config.model) if target is None else target
     if meta.get("params_only"):  # written by `mla-jax convert`
       params = checkpoints.restore_params(step, target)
     else:  # a train state: its params subtree alone

@@ -55,6 +55,17 @@ def test_info_counts_the_cache_as_stored(capsys, cache_dtype, per_layer):
   assert "15.00% of its cache" in out
 
 
+def test_info_compares_grouped_rope_keys_with_mha(capsys):
+  """An MLA model with several RoPE keys (what convert-to-mla writes for an exact GQA conversion)
+  is compared with MHA of its heads, whose keys are one group each, rather than refused."""
+  assert main(["info", str(CONFIGS / "tiny.yaml"), "model.qk_rope_head_dim=32",
+               "model.qk_rope_groups=2"]) == 0
+  out = capsys.readouterr().out
+  assert "kv cache per token per layer: 64 elements" in out
+  # MHA: 4 heads x (k 32 + 32 + v 32) = 384 elements; 64 / 384.
+  assert "vs MHA with the same heads (384 elements per token per layer): 16.67% of its cache" in out
+
+
 def test_bad_override_is_one_clear_line(capsys):
   assert main(["info", str(CONFIGS / "tiny.yaml"), "model.kv_lora_rank=-3"]) == 2
   err = capsys.readouterr().err

@@ -93,7 +93,11 @@ INVALID = [
     ("model.num_heads", dict(num_heads=0)),
     ("model.q_lora_rank", dict(q_lora_rank=0)),
     ("model.kv_lora_rank", dict(kv_lora_rank=-1)),
-    ("model.qk_nope_head_dim", dict(qk_nope_head_dim=0)),
+    ("model.qk_nope_head_dim", dict(qk_nope_head_dim=-1)),
+    ("model.qkv_bias", dict(qkv_bias=True)),  # MLA has no biases
+    ("model.qk_rope_groups", dict(qk_rope_groups=3)),  # 16 features: not 3 even groups
+    ("model.qk_rope_groups", dict(qk_rope_groups=0)),
+    ("model.qk_rope_groups", dict(attention="gqa", num_kv_heads=2, qk_rope_groups=2)),
     ("model.qk_rope_head_dim", dict(qk_rope_head_dim=7)),
     ("model.qk_rope_head_dim", dict(qk_rope_head_dim=0)),
     ("model.v_head_dim", dict(v_head_dim=0)),
@@ -314,3 +318,16 @@ def test_dtype_objects_outside_the_allowed_list_are_still_named():
     ModelConfig(dtype=jnp.int8)
   with pytest.raises(ValueError, match=r"^model\.param_dtype='float64' is invalid: allowed: "):
     ModelConfig(param_dtype=float)
+
+
+def test_later_fields_appear_only_when_set():
+  """qkv_bias and qk_rope_groups came after configs and checkpoints were written: at their
+  defaults they are left out of to_dict, so run ids and stored models stay what they were."""
+  assert "qkv_bias" not in ModelConfig().to_dict()
+  assert "qk_rope_groups" not in ModelConfig().to_dict()
+  assert mla_jax.Config().run_id() == "1488a0f8"  # the quick start's workdir, as documented
+  grouped = ModelConfig(qk_rope_groups=2)
+  assert grouped.to_dict()["qk_rope_groups"] == 2
+  assert ModelConfig(**grouped.to_dict()) == grouped
+  biased = ModelConfig(attention="gqa", num_kv_heads=2, qkv_bias=True)
+  assert biased.to_dict()["qkv_bias"] is True and ModelConfig(**biased.to_dict()) == biased

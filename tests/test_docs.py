@@ -42,6 +42,7 @@ def fenced_blocks(path, language):
 BASH_BLOCKS = {
     "architecture.md": {},
     "checkpoints.md": {"deepseek": "test_deepseek_block_as_written (slow, needs torch)"},
+    "conversion.md": {"recipe": "test_conversion_recipe_as_written (slow)"},
     "decode.md": {},
     "generation.md": {"generate": "test_quick_start_and_generate_as_written (slow, test_readme)"},
     "installation.md": {},
@@ -131,7 +132,9 @@ PYTHON_CHECKS = {
     "serving.md": lambda ns: len(ns["completions"]) == 3 and len(ns["sampled"]) == 6 and (
         ns["engine"].stats["pages_free"] == 32),
     "nnx.md": lambda ns: ns["out"].shape == (2, 3 + 8) and ns["losses"][-1] < ns["losses"][0],
+    "conversion.md": lambda ns: ns["text"].startswith("def parse(") and len(ns["theirs"]) > 4,
 }
+SLOW_PYTHON_PAGES = {"conversion.md"}  # its block reads the recipe's workdirs: made by a slow fixture
 
 
 def test_every_page_with_python_has_a_check():
@@ -157,10 +160,59 @@ def python_stand_ins():
   reads, made by the test (the blocks run as written otherwise)."""
   from mla_jax.config import load_config
 
-  return {"generation.md": {load_config(None).workdir: "trained_workdir"}}
+  return {"generation.md": {load_config(None).workdir: "trained_workdir"},
+          "conversion.md": {"runs/convert-gqa-mla-ft": "recipe_fine_tuned",
+                            "runs/convert-gqa-hf": "recipe_export"}}
 
 
-@pytest.mark.parametrize("page", sorted(PYTHON_CHECKS))
+RECIPE_STEPS = " train.steps=4 train.eval_every=2 train.eval_batches=1 train.checkpoint_every=4"
+
+
+@pytest.fixture(scope="module")
+def conversion_recipe(tmp_path_factory):
+  """conversion.md's recipe block, each line as written in a directory of its own, the two
+  trainings shortened to 4 steps (RECIPE_STEPS appended; as written they take an hour here) and
+  the calibration to 8 windows: the source, its conversion, the fine-tune and the export."""
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  cwd = tmp_path_factory.mktemp("recipe")
+  for line in bash("conversion.md", "recipe").strip().splitlines():
+    command = line + (RECIPE_STEPS if " train" in line else "")
+    command = command.replace("--calibration stdlib", "--calibration stdlib "
+                              "--calibration-samples 8")
+    result = subprocess.run(["bash", "-c", command.replace("mla-jax", shlex.quote(MLA_JAX), 1)],
+                            cwd=cwd, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, (command, result.stderr)
+  return cwd
+
+
+@pytest.fixture
+def recipe_fine_tuned(conversion_recipe):
+  return str(conversion_recipe / "runs" / "convert-gqa-mla-ft")
+
+
+@pytest.fixture
+def recipe_export(conversion_recipe):
+  return str(conversion_recipe / "runs" / "convert-gqa-hf")
+
+
+@pytest.mark.slow
+def test_conversion_recipe_as_written(conversion_recipe):
+  """What the recipe's lines leave: an 80% smaller cache, a fine-tune that started from the
+  conversion (evaluated at step 0) and an export transformers' config reads as DeepseekV3."""
+  import json
+
+  report = json.loads((conversion_recipe / "runs" / "convert-gqa-mla" / "conversion.json")
+                      .read_text())
+  assert report["cache_elements_per_token_per_layer"] == {"source": 160, "target": 32}
+  metrics = (conversion_recipe / "runs" / "convert-gqa-mla-ft" / "metrics.jsonl").read_text()
+  assert '"step": 0, "val_loss"' in metrics
+  config = json.loads((conversion_recipe / "runs" / "convert-gqa-hf" / "config.json").read_text())
+  assert config["model_type"] == "deepseek_v3" and config["kv_lora_rank"] == 16
+
+
+@pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow)
+                                  if p in SLOW_PYTHON_PAGES else p for p in sorted(PYTHON_CHECKS)])
 def test_python_blocks_run(page, request):
   namespace = {}
   stand_ins = python_stand_ins().get(page, {})

@@ -13,11 +13,8 @@ import mla_jax
 from mla_jax.hf import (dequantize_fp8, dtype_name, fuse_expert_tensors, load_hf,
                         model_config_from_hf, params_from_hf, split_mtp_tensors)
 from tests.helpers import rel_err
+from tests.hf_parity import PARITY_INSTALL, assert_same_greedy_tokens, case_model, saved_case
 
-# The README's test command does not install PyTorch (its default Linux wheel is a CUDA build of
-# several GB); without it these tests are reported skipped with the command that adds them.
-PARITY_INSTALL = ('pip install torch --index-url https://download.pytorch.org/whl/cpu && '
-                  'pip install "transformers>=5.24,<6"')
 torch = pytest.importorskip("torch", reason=f"Hugging Face parity tests need PyTorch: {PARITY_INSTALL}")
 transformers = pytest.importorskip(
     "transformers", reason=f"Hugging Face parity tests need transformers: {PARITY_INSTALL}")
@@ -62,27 +59,13 @@ CASES = {
 
 
 def _hf_model(name):
-  family, extra = CASES[name]
-  config = getattr(transformers, f"{family}Config")(**{**COMMON, **extra})
-  config._attn_implementation = "eager"
-  torch.manual_seed(0)
-  model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
-  with torch.no_grad():  # larger-than-init weights and non-unit norms, so mistakes show
-    for pname, p in model.named_parameters():
-      p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in pname else 0.15 * torch.randn_like(p))
-    for bname, b in model.named_buffers():
-      if "e_score_correction_bias" in bname:
-        b.copy_(0.3 * torch.randn_like(b))  # changes which experts are chosen, not their weights
-  return model
+  return case_model(CASES, COMMON, name)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def saved(request, tmp_path_factory):
   """A checkpoint directory written by transformers' save_pretrained, and the live HF model."""
-  hf_model = _hf_model(request.param)
-  directory = tmp_path_factory.mktemp(request.param)
-  hf_model.save_pretrained(directory)
-  return request.param, hf_model, directory
+  return saved_case(CASES, COMMON, request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +87,7 @@ def test_logits_and_greedy_generation_match_transformers(saved):
     logits, _ = model.apply({"params": params}, jnp.asarray(tokens), attn_impl=impl)
     assert np.abs(np.asarray(logits) - expected).max() <= 1e-4, impl
 
-  prompt = tokens[:, :8]
-  with torch.no_grad():
-    hf_out = hf_model.generate(torch.as_tensor(prompt), attention_mask=torch.ones(prompt.shape),
-                               max_new_tokens=60, min_new_tokens=60, do_sample=False,
-                               pad_token_id=0).numpy()  # explicit mask: id 0 is no padding here
-  ours = mla_jax.generate(model, params, prompt, attention_mask=np.ones_like(prompt),
-                          max_new_tokens=60)
-  np.testing.assert_array_equal(ours, hf_out)
+  assert_same_greedy_tokens(hf_model, model, params, tokens[:, :8], 60)
 
 
 def test_bf16_stays_close_to_float32(saved):
@@ -355,8 +331,9 @@ def test_broken_checkpoints_are_named(v3_checkpoint, tmp_path):
   with pytest.raises(ValueError, match=r"unexpected tensors.*model\.layers\.0\.mlp\.experts\.0\.w"):
     load_hf(extra)
   config = json.loads((directory / "config.json").read_text())
-  (missing / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
-  with pytest.raises(ValueError, match="model_type='llama' is not supported"):
+  (missing / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+  with pytest.raises(ValueError, match="model_type='gpt2' is not supported: allowed deepseek_v2, "
+                                       "deepseek_v3, llama, qwen2, mistral"):
     load_hf(missing)
   with pytest.raises(ValueError, match="no config.json"):
     load_hf(tmp_path)

@@ -85,7 +85,7 @@ def test_parity_tests_say_why_they_are_skipped_and_how_to_run_them(tmp_path):
                           text=True, timeout=300)
   assert result.returncode == 5, result.stdout + result.stderr  # 5: this file alone ran nothing
   install = re.search(r"PARITY_INSTALL = \('(.*)'\s*'(.*)'\)",
-                      (ROOT / "tests" / "test_hf.py").read_text())
+                      (ROOT / "tests" / "hf_parity.py").read_text())
   command = install.group(1) + install.group(2)
   assert command in (ROOT / "docs" / "testing.md").read_text().replace("\n", " ")
   assert "docs/testing.md" in README

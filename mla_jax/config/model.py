@@ -99,7 +99,8 @@ class ModelConfig:
   Letters used in shape comments: D hidden_size, H num_heads, G num_kv_heads, Q q_lora_rank,
   C kv_lora_rank, N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim, I intermediate_size.
   The baselines use per-head keys of N + R (RoPE on the last R) and values of V, so comparisons
-  with MLA change only the attention and its cache.
+  with MLA change only the attention and its cache. N may be 0 (every key feature rotated, as in
+  Llama, Qwen2 and Mistral).
   """
 
   vocab_size: int = 260
@@ -125,6 +126,13 @@ class ModelConfig:
   param_dtype: str = "float32"
   attention: str = "mla"
   num_kv_heads: Optional[int] = None  # baselines only; None = H for mha, 1 for mqa
+  # Baselines only: biases on the query, key and value projections (Qwen2's attention).
+  qkv_bias: bool = False
+  # MLA only: k_rope (and each head's q_rope) is this many groups of R / qk_rope_groups features,
+  # every group rotated at the same frequencies, as if each were its own RoPE key. DeepSeek's MLA
+  # has one (1); a model converted from GQA with every RoPE feature kept has one per kv head
+  # (docs/conversion.md). Only 1 is expressible as a DeepSeek checkpoint.
+  qk_rope_groups: int = 1
   initializer_range: float = 0.02
   # DeepSeekMoE (n_routed_experts=None: every layer is a dense SwiGLU MLP).
   n_routed_experts: Optional[int] = None
@@ -163,10 +171,13 @@ class ModelConfig:
       object.__setattr__(self, name, dtype_to_name(getattr(self, name)))
     _check_fields(self, "model.")
     for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "kv_lora_rank",
-                 "qk_nope_head_dim", "v_head_dim", "intermediate_size", "max_seq_len",
+                 "v_head_dim", "intermediate_size", "max_seq_len",
                  "rope_theta", "rms_norm_eps", "latent_norm_eps", "initializer_range"):
       _positive(f"model.{name}", getattr(self, name))
     _positive("model.q_lora_rank", self.q_lora_rank, optional=True)
+    if self.qk_nope_head_dim < 0:
+      _fail("model.qk_nope_head_dim", self.qk_nope_head_dim, "must be >= 0 (0: RoPE on every "
+            "key feature)")
     if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
       _fail("model.qk_rope_head_dim", self.qk_rope_head_dim, "must be a positive even number")
     for name in ("dtype", "param_dtype"):
@@ -245,6 +256,16 @@ class ModelConfig:
     if self.attention not in ATTENTION_KINDS:
       _fail("model.attention", self.attention, f"allowed: {', '.join(ATTENTION_KINDS)}")
     g, h = self.num_kv_heads, self.num_heads
+    if self.attention == "mla" and self.qkv_bias:
+      _fail("model.qkv_bias", self.qkv_bias, "must be false for attention=mla (DeepSeek's MLA "
+            "has no biases)")
+    groups, r = self.qk_rope_groups, self.qk_rope_head_dim
+    if groups <= 0 or r % (2 * groups):
+      _fail("model.qk_rope_groups", groups, f"must be a positive number of groups of RoPE "
+            f"pairs dividing qk_rope_head_dim={r} into even widths")
+    if self.attention != "mla" and groups != 1:
+      _fail("model.qk_rope_groups", groups, f"must be 1 for attention={self.attention} (each "
+            "kv head has its own RoPE key)")
     if self.attention == "mla":
       if g is not None:
         _fail("model.num_kv_heads", g, "must be null for attention=mla (MLA caches one latent)")
@@ -290,7 +311,16 @@ class ModelConfig:
     return self.kv_heads * (self.qk_head_dim + self.v_head_dim)
 
   def to_dict(self) -> dict[str, Any]:
+    """The fields as plain values. Fields added after configs and checkpoints were first written
+    (_LATER_FIELDS) appear only when they differ from their default, so a config that does not
+    use them keeps its run id and its checkpoints' stored model."""
     out = dataclasses.asdict(self)
     if self.rope_scaling is not None:
       out["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+    for name, default in _LATER_FIELDS.items():
+      if out[name] == default:
+        del out[name]
     return out
+
+
+_LATER_FIELDS = {"qkv_bias": False, "qk_rope_groups": 1}  # field -> its default

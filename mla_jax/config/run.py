@@ -41,6 +41,9 @@ class TrainConfig:
   # none keeps every activation; full keeps only each block's input; dots_saveable keeps the
   # matmul outputs and recomputes the rest.
   remat: str = "none"
+  # A workdir whose latest parameters start this run (from `mla-jax convert-to-mla`, or another
+  # run of the same model) instead of a random init; the optimizer starts fresh. null: random.
+  init_from: Optional[str] = None
 
   def __post_init__(self):
     _check_fields(self, "train.")
@@ -65,6 +68,8 @@ class TrainConfig:
       _fail("train.sample_temperature", self.sample_temperature, "must be >= 0 (0 = greedy)")
     if self.remat not in REMAT_POLICIES:
       _fail("train.remat", self.remat, f"allowed: {', '.join(REMAT_POLICIES)}")
+    if self.init_from is not None and not self.init_from.strip():
+      _fail("train.init_from", self.init_from, "must be a workdir path, or null")
 
   @property
   def warmup(self) -> int:
@@ -146,10 +151,13 @@ class Config:
   def run_fields(self) -> dict[str, Any]:
     """The fields that define what a checkpoint of this run holds: the model (less how it is
     executed: moe_impl, cache_dtype, the decode_* fields), the data, the seed and the optimisation
-    (warmup resolved). Logging, evaluation, checkpoint cadence, sampling,
+    (warmup resolved; the starting workdir, train.init_from, when set). Logging, evaluation,
+    checkpoint cadence, sampling,
     the mesh and the workdir may change when a run resumes; these may not."""
     train = {name: getattr(self.train, name) for name in _RUN_TRAIN_FIELDS}
     train["warmup_steps"] = self.train.warmup
+    if self.train.init_from is not None:  # only when set: runs from a random init keep their ids
+      train["init_from"] = self.train.init_from
     model = {k: v for k, v in self.model.to_dict().items() if k not in _EXECUTION_MODEL_FIELDS}
     return {"model": model, "train": train, "data": dataclasses.asdict(self.data),
             "seed": self.seed}

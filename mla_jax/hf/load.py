@@ -1,5 +1,6 @@
-"""load_hf (a Hugging Face DeepseekV2/V3 directory -> model and params) and convert_hf (-> an
-mla-jax workdir that `mla-jax generate` runs). Neither imports training code or an optimizer."""
+"""load_hf (a Hugging Face DeepseekV2/V3 directory -> an MLA model and params; a Llama, Qwen2 or
+Mistral one -> the MHA/GQA/MQA baseline) and convert_hf (-> an mla-jax workdir that `mla-jax
+generate` runs). Neither imports training code or an optimizer."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from mla_jax.hf.config import model_config_from_hf, mtp_layer_count
+from mla_jax.hf.config import SUPPORTED_MODEL_TYPES, model_config_from_hf, mtp_layer_count
+from mla_jax.hf.llama import LLAMA_MODEL_TYPES, llama_config_from_hf, untie_embeddings
 from mla_jax.hf.safetensors import (_fp8_block, _safetensors_files, dequantize_fp8, dtype_name,
                                     read_json, read_safetensors)
 from mla_jax.hf.tensors import _MTP_HEAD, params_from_hf, split_mtp_tensors
@@ -25,9 +27,10 @@ def _note(message: str) -> None:
 
 def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None,
             log: Callable[[str], None] = _note) -> tuple["Transformer", dict[str, Any]]:
-  """(model, params) from a local Hugging Face DeepseekV2/V3 directory (config.json and
-  *.safetensors, with or without an index). dtype (float32, bfloat16 or float16, as a dtype, a
-  name or an alias such as "bf16") applies to activations and parameters.
+  """(model, params) from a local Hugging Face directory (config.json and *.safetensors, with or
+  without an index): DeepseekV2/V3 as MLA, Llama / Qwen2 / Mistral as the MHA/GQA/MQA baseline
+  (mla_jax/hf/llama.py). dtype (float32, bfloat16 or float16, as a dtype, a name or an alias
+  such as "bf16") applies to activations and parameters.
 
   With a mesh, each tensor is converted and placed on its devices (sharded as the tables in
   mla_jax.sharding say) as soon as it is read, so the whole model never sits on one device.
@@ -45,12 +48,25 @@ def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None,
   if not config_file.is_file():
     raise ValueError(f"{directory} is not a Hugging Face model directory: no config.json")
   hf_config = read_json(config_file)
-  config = model_config_from_hf(hf_config, str(config_file), dtype=name, param_dtype=name)
+  model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
+  llama = model_type in LLAMA_MODEL_TYPES
+  if isinstance(hf_config, dict) and not llama and model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"{config_file}: model_type={model_type!r} is not supported: allowed "
+                     f"{', '.join(SUPPORTED_MODEL_TYPES + LLAMA_MODEL_TYPES)}")
+  if llama:
+    config = llama_config_from_hf(hf_config, str(config_file), log, dtype=name, param_dtype=name)
+  else:
+    config = model_config_from_hf(hf_config, str(config_file), dtype=name, param_dtype=name)
   tensors: dict[str, np.ndarray] = {}
   for file in _safetensors_files(directory):
     tensors.update(_float_tensors(file, read_safetensors(file)))
   tensors = dequantize_fp8(tensors, _fp8_block(hf_config, str(config_file)), str(directory))
-  tensors, mtp = split_mtp_tensors(config, tensors, mtp_layer_count(hf_config, str(config_file)))
+  mtp = []
+  if llama:
+    tensors = untie_embeddings(hf_config, tensors)
+  else:
+    tensors, mtp = split_mtp_tensors(config, tensors,
+                                     mtp_layer_count(hf_config, str(config_file)))
   if mtp:
     layers = sorted({int(n.split(".")[2]) for n in mtp})
     names = ", ".join(f"model.layers.{i}.*" for i in layers)
@@ -85,7 +101,13 @@ def _float_tensors(file: Path, tensors: dict[str, np.ndarray]) -> dict[str, np.n
   return tensors
 
 
-def _check_tokenizer(directory: Path, vocab_size: int) -> None:
+def hf_eos_id(directory: Path) -> int | None:
+  """config.json's eos_token_id when it is one integer, else None."""
+  eos = read_json(Path(directory) / "config.json").get("eos_token_id")
+  return eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+
+
+def check_tokenizer(directory: Path, vocab_size: int) -> None:
   """Raises ValueError naming the source's tokenizer.json when it is not JSON, not a tokenizer
   the tokenizers library reads, or has token ids beyond the model's vocab_size (they would index
   past the embedding table)."""
@@ -106,14 +128,12 @@ def _check_tokenizer(directory: Path, vocab_size: int) -> None:
 
 def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32",
                log: Callable[[str], None] = _note) -> Path:
-  """Writes a Hugging Face DeepseekV2/V3 directory as an mla-jax workdir that `mla-jax generate`
-  runs: config.yaml, an orbax checkpoint of the parameters, special_tokens.json (the EOS id) and
-  tokenizer.json when the source has one. Without one, `log` says so, and `generate` refuses
+  """Writes a Hugging Face DeepseekV2/V3 (or Llama, Qwen2, Mistral) directory as an mla-jax
+  workdir that `mla-jax generate` runs: config.yaml, an orbax checkpoint of the parameters,
+  special_tokens.json (the EOS id) and tokenizer.json when the source has one. Without one, `log` says so, and `generate` refuses
   text prompts on the workdir until a tokenizer.json is copied there (token ids still work)."""
-  import shutil
-
   from mla_jax import workdir as layout
-  from mla_jax.checkpoint import Checkpoints, check_writable_directory
+  from mla_jax.checkpoint import check_writable_directory
   from mla_jax.config.run import Config, TrainConfig
 
   workdir = Path(workdir)
@@ -122,27 +142,16 @@ def convert_hf(source: str | Path, workdir: str | Path, dtype: str = "float32",
     raise ValueError(f"--out {str(workdir)!r} already holds checkpoints; choose a new directory")
   model, params = load_hf(source, dtype=dtype, log=log)  # every check happens before writing
   directory = Path(source).expanduser()
-  _check_tokenizer(directory, model.config.vocab_size)
-  hf_config = read_json(directory / "config.json")
-  eos = hf_config.get("eos_token_id")
-  eos = eos if isinstance(eos, int) and not isinstance(eos, bool) else None
+  check_tokenizer(directory, model.config.vocab_size)
+  eos = hf_eos_id(directory)
   # The workdir's train section is unused by generate, but must be valid for this model.
   train = TrainConfig(seq_len=min(TrainConfig.seq_len, model.config.max_seq_len))
   config = Config(model=model.config, train=train, workdir=str(workdir))
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpoints = Checkpoints(workdir, keep=1)
-  try:
-    checkpoints.save_params(0, params, {"model": model.config.to_dict(), "source": str(source),
-                                        "eos_token_id": eos})
-  finally:
-    checkpoints.close()
-  layout.write_config(workdir, config)
   tokenizer = layout.tokenizer_path(directory)  # the same file name in both directories
-  if tokenizer.is_file():
-    shutil.copy(tokenizer, layout.tokenizer_path(workdir))
-  else:
+  layout.write_params_workdir(workdir, config, params, {"source": str(source),
+                                                        "eos_token_id": eos},
+                              tokenizer if tokenizer.is_file() else None, eos)
+  if not tokenizer.is_file():
     log(f"no tokenizer.json in {directory}: `mla-jax generate` will refuse text prompts on "
         f"{workdir} until you copy the model's tokenizer.json there")
-  layout.special_tokens_path(workdir).write_text(json.dumps(
-      {"eos_token_id": eos, "tokenizer": layout.TOKENIZER_FILE if tokenizer.is_file() else None}))
   return workdir

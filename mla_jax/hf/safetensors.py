@@ -1,5 +1,5 @@
-"""Reading a Hugging Face checkpoint's files: JSON, safetensors (memory-mapped, bfloat16 and FP8
-included), FP8 block dequantization, and the dtype names mla-jax accepts."""
+"""Reading and writing a Hugging Face checkpoint's files: JSON, safetensors (memory-mapped,
+bfloat16 and FP8 included), FP8 block dequantization, and the dtype names mla-jax accepts."""
 
 from __future__ import annotations
 
@@ -82,6 +82,37 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     tensors[name] = (np.zeros(shape, dtype) if data is None else
                      data[begin:end].view(dtype).reshape(shape))
   return tensors
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray]) -> int:
+  """Writes tensors (float32, float16, bfloat16, in the given order) as one .safetensors file in
+  the documented format read_safetensors reads: 8-byte little-endian header size, the JSON
+  header padded with spaces to 8 bytes, the raw little-endian data; metadata {"format": "pt"} as
+  transformers' save_pretrained writes it. Returns the data's size in bytes. Raises ValueError
+  naming a tensor of another dtype."""
+  import ml_dtypes
+
+  names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+           np.dtype(ml_dtypes.bfloat16): "BF16"}
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for name, tensor in tensors.items():
+    kind = names.get(np.dtype(tensor.dtype))
+    if kind is None:
+      raise ValueError(f"tensor {name} has dtype {np.dtype(tensor.dtype).name}: the export writes "
+                       "float32, float16 or bfloat16")
+    size = int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
+    header[name] = {"dtype": kind, "shape": list(tensor.shape),
+                    "data_offsets": [offset, offset + size]}
+    offset += size
+  encoded = json.dumps(header, separators=(",", ":")).encode()
+  encoded += b" " * (-len(encoded) % 8)
+  with open(path, "wb") as f:
+    f.write(len(encoded).to_bytes(8, "little"))
+    f.write(encoded)
+    for tensor in tensors.values():
+      f.write(np.ascontiguousarray(tensor).tobytes())  # native order: little-endian hosts
+  return offset
 
 
 class _BlockDequantized:

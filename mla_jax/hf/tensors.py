@@ -22,26 +22,65 @@ import numpy as np
 from mla_jax.config.model import ModelConfig
 
 
-Conversion = Callable[[np.ndarray], np.ndarray]
+class Conversion:
+  """One HF tensor -> one parameter (__call__), and back: put(out, param) writes the parameter
+  into its part of the HF tensor `out`, so export is the exact inverse of loading."""
+
+  def __call__(self, w: np.ndarray) -> np.ndarray:
+    raise NotImplementedError
+
+  def put(self, out: np.ndarray, param: np.ndarray) -> None:
+    raise NotImplementedError
+
+
 Target = tuple[tuple[str, ...], Conversion]  # (param path, how to get it from the HF tensor)
 
 
-def _linear(shape_in_first: tuple[int, ...]) -> Conversion:
-  """[out, in] -> [in, *out split]: transpose, then split an axis into e.g. (H, K) or (H, V)."""
-  return lambda w: np.ascontiguousarray(w.T).reshape(shape_in_first)
+class _Linear(Conversion):
+  """[out, in] -> [in, *out split]: transpose, then split an axis into e.g. (H, K) or (H, V)
+  (a bias [out] is only split)."""
+
+  def __init__(self, shape_in_first: tuple[int, ...]):
+    self.shape = tuple(shape_in_first)
+
+  def __call__(self, w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w.T).reshape(self.shape)
+
+  def put(self, out: np.ndarray, param: np.ndarray) -> None:
+    out[...] = np.asarray(param).reshape(out.shape[::-1]).T
 
 
-def _same(w: np.ndarray) -> np.ndarray:
-  return w
+class _Same(Conversion):
+  def __call__(self, w: np.ndarray) -> np.ndarray:
+    return w
+
+  def put(self, out: np.ndarray, param: np.ndarray) -> None:
+    out[...] = param
 
 
-def _experts_half(half: int, size: int) -> Conversion:
+class _ExpertsHalf(Conversion):
   """Fused gate_up_proj [E, 2I, D] -> its gate (half 0) or up (half 1) part as [E, D, I]."""
-  return lambda w: np.ascontiguousarray(w[:, half * size:(half + 1) * size].transpose(0, 2, 1))
+
+  def __init__(self, half: int, size: int):
+    self.part = slice(half * size, (half + 1) * size)
+
+  def __call__(self, w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w[:, self.part].transpose(0, 2, 1))
+
+  def put(self, out: np.ndarray, param: np.ndarray) -> None:
+    out[:, self.part] = np.asarray(param).transpose(0, 2, 1)
 
 
-def _experts_transpose(w: np.ndarray) -> np.ndarray:  # down_proj [E, D, I] -> [E, I, D]
-  return np.ascontiguousarray(w.transpose(0, 2, 1))
+class _ExpertsTranspose(Conversion):  # down_proj [E, D, I] <-> [E, I, D]
+  def __call__(self, w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w.transpose(0, 2, 1))
+
+  def put(self, out: np.ndarray, param: np.ndarray) -> None:
+    out[...] = np.asarray(param).transpose(0, 2, 1)
+
+
+_linear, _same, _experts_half, _experts_transpose = (_Linear, _Same(), _ExpertsHalf,
+                                                     _ExpertsTranspose())
 
 
 def _mlp_entries(c: ModelConfig, layer: int, ours: str, width: int, prefix: str
@@ -104,17 +143,24 @@ def _layer_entries(c: ModelConfig, layer: int
     if c.scoring_func == "sigmoid":
       entries["mlp.gate.e_score_correction_bias"] = _one(mlp + ("e_score_correction_bias",), (e,),
                                                          _same)
-    if c.n_shared_experts:
-      shared = _mlp_entries(c, layer, "shared_experts", i * c.n_shared_experts,
-                            "mlp.shared_experts.")
-      entries.update({name: (shape, [(mlp + path, f) for path, f in targets])
-                      for name, (shape, targets) in shared.items()})
+    # Without shared experts transformers still builds them, zero wide, and saves their empty
+    # tensors: optional entries that become no parameter (see params_from_hf).
+    shared = _mlp_entries(c, layer, "shared_experts", i * c.n_shared_experts,
+                          "mlp.shared_experts.")
+    entries.update({name: (shape, [(mlp + path, f) for path, f in targets]
+                           if c.n_shared_experts else [])
+                    for name, (shape, targets) in shared.items()})
   return entries
 
 
 def tensor_map(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
-  """HF tensor name -> (its expected shape, the params it becomes). Experts use transformers'
-  fused layout (gate_up_proj [E,2I,D], down_proj [E,D,I]); see fuse_expert_tensors."""
+  """HF tensor name -> (its expected shape, the params it becomes): DeepSeek's names for MLA,
+  the Llama family's for the baselines (mla_jax/hf/llama.py). Experts use transformers' fused
+  layout (gate_up_proj [E,2I,D], down_proj [E,D,I]); see fuse_expert_tensors."""
+  if config.attention != "mla":
+    from mla_jax.hf.llama import llama_tensor_map
+
+    return llama_tensor_map(config)
   c = config
   d = c.hidden_size
   out = {
@@ -213,7 +259,8 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray],
 
   Non-parameter buffers a checkpoint may carry (rotary inv_freq) are ignored; anything else
   unexpected (MTP layers included: see split_mtp_tensors), missing or mis-shaped is a ValueError
-  naming the tensor, raised before any is converted. `place(path, array)` puts each converted
+  naming the tensor, raised before any is converted; the empty shared-expert tensors of a model
+  without shared experts may be there or not. `place(path, array)` puts each converted
   array where it goes (default: NumPy).
   """
   tensors = fuse_expert_tensors(tensors)
@@ -227,15 +274,18 @@ def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray],
             if any(name.startswith(after_last) for name in unexpected) else "")
     raise ValueError(f"unexpected tensors in checkpoint: {unexpected[:5]}"
                      f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all){hint}")
-  missing = sorted(name for name in expected if name not in tensors)
+  missing = sorted(name for name, (_, targets) in expected.items()
+                   if name not in tensors and targets)  # an empty tensor may be left out
   if missing:
     raise ValueError(f"missing tensors in checkpoint: {missing[:5]}"
                      f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
   for name, (shape, _) in expected.items():
-    if tuple(np.shape(tensors[name])) != shape:
+    if name in tensors and tuple(np.shape(tensors[name])) != shape:
       raise ValueError(f"tensor {name} has shape {tuple(np.shape(tensors[name]))}, expected {shape}")
   params: dict[str, Any] = {}
   for name, (_, targets) in expected.items():
+    if not targets:
+      continue
     array = np.asarray(tensors[name])
     for path, convert in targets:
       node = params
@@ -254,3 +304,57 @@ def to_scan_layout(config: ModelConfig, params: dict[str, Any]) -> dict[str, Any
   from mla_jax.model import stack_layers
 
   return stack_layers(config, params)
+
+
+def _leaf_paths(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
+                ) -> dict[tuple[str, ...], Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_leaf_paths(value, prefix + (key,)))
+    else:
+      out[prefix + (key,)] = value
+  return out
+
+
+def hf_tensors_from_params(config: ModelConfig, params: Mapping[str, Any]
+                           ) -> dict[str, np.ndarray]:
+  """The inverse of params_from_hf: HF-named NumPy tensors from a params tree (either layer
+  layout; the scan layout is unstacked first), each in its parameter's dtype, experts in
+  transformers' fused layout. Loading the result with params_from_hf gives the same arrays bit
+  for bit. Raises ValueError naming a parameter the config's tensor map lacks (params of another
+  model) or one it expects and the tree lacks."""
+  from mla_jax.layers.params import unbox
+
+  params = unbox(params)
+  if "layers" in params:
+    from mla_jax.model import unstack_layers
+
+    params = unstack_layers(config, params)
+  leaves = _leaf_paths(params)
+  out: dict[str, np.ndarray] = {}
+  used: set[tuple[str, ...]] = set()
+  empty_dtype = np.asarray(params["embed_tokens"]).dtype
+  for name, (shape, targets) in tensor_map(config).items():
+    if not targets:  # zero-width shared experts, as transformers saves them
+      out[name] = np.zeros(shape, empty_dtype)
+      continue
+    missing = [path for path, _ in targets if path not in leaves]
+    if missing:
+      raise ValueError(f"params lack {'/'.join(missing[0])}, which {name} is made of: they are "
+                       "not this config's model")
+    arrays = [np.asarray(leaves[path]) for path, _ in targets]
+    tensor = np.empty(shape, arrays[0].dtype)
+    for (path, convert), array in zip(targets, arrays):
+      try:
+        convert.put(tensor, array)
+      except ValueError:  # a reshape or broadcast that does not fit: a mis-shaped parameter
+        raise ValueError(f"parameter {'/'.join(path)} has shape {array.shape}, which does not "
+                         f"make {name} of shape {shape}: params of another model") from None
+      used.add(path)
+    out[name] = tensor
+  extra = sorted("/".join(path) for path in leaves if path not in used)
+  if extra:
+    raise ValueError(f"params hold {extra[:3]}{' ...' if len(extra) > 3 else ''}, which no "
+                     "Hugging Face tensor of this config holds: they are not this config's model")
+  return out

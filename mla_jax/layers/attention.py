@@ -27,20 +27,28 @@ from mla_jax.layers.flash_decode import (grouped_decode_partials, normalize,
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
                                     resolve_attn_impl)
 from mla_jax.layers.paged_attention import pages_per_block, paged_grouped_decode_partials
-from mla_jax.layers.params import ParamSpecs, cast, declare, projection
+from mla_jax.layers.params import ParamSpec, ParamSpecs, cast, declare, projection
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.layers.rope import apply_rope, rope_cos_sin
 from mla_jax.sharding import sequence_split
 
 
 def mha_specs(config: ModelConfig) -> ParamSpecs:
-  """q_proj [D,H,N+R], k_proj [D,G,N+R], v_proj [D,G,V], o_proj [H,V,D]; G = config.kv_heads."""
+  """q_proj [D,H,N+R], k_proj [D,G,N+R], v_proj [D,G,V], o_proj [H,V,D]; G = config.kv_heads.
+  With model.qkv_bias (Qwen2) also q_bias [H,N+R], k_bias [G,N+R], v_bias [G,V], from zeros."""
   cfg = config
   d, h, g, v, k_dim = cfg.hidden_size, cfg.num_heads, cfg.kv_heads, cfg.v_head_dim, cfg.qk_head_dim
-  return {"q_proj": projection(cfg, (d, h, k_dim), ("embed", "heads", "head_dim")),
-          "k_proj": projection(cfg, (d, g, k_dim), ("embed", "kv_heads", "head_dim")),
-          "v_proj": projection(cfg, (d, g, v), ("embed", "kv_heads", "head_dim")),
-          "o_proj": projection(cfg, (h, v, d), ("heads", "head_dim", "embed"))}
+  specs = {"q_proj": projection(cfg, (d, h, k_dim), ("embed", "heads", "head_dim")),
+           "k_proj": projection(cfg, (d, g, k_dim), ("embed", "kv_heads", "head_dim")),
+           "v_proj": projection(cfg, (d, g, v), ("embed", "kv_heads", "head_dim")),
+           "o_proj": projection(cfg, (h, v, d), ("heads", "head_dim", "embed"))}
+  if cfg.qkv_bias:
+    dtype = str(jnp.dtype(cfg.param_dtype))
+    zeros = nn.initializers.zeros
+    specs.update({"q_bias": ParamSpec((h, k_dim), ("heads", "head_dim"), zeros, dtype),
+                  "k_bias": ParamSpec((g, k_dim), ("kv_heads", "head_dim"), zeros, dtype),
+                  "v_bias": ParamSpec((g, v), ("kv_heads", "head_dim"), zeros, dtype)})
+  return specs
 
 
 def mha_attention(config: ModelConfig, params: dict, x: jax.Array, *,
@@ -71,9 +79,12 @@ def mha_attention(config: ModelConfig, params: dict, x: jax.Array, *,
     return jnp.concatenate([z[..., :n], apply_rope(z[..., n:], cos, sin, cfg.rope_interleave)],
                            axis=-1)
 
-  q = with_rope(jnp.einsum("BTD,DHK->BTHK", x, cast(params["q_proj"], cfg)))
-  k = with_rope(jnp.einsum("BTD,DGK->BTGK", x, cast(params["k_proj"], cfg)))
-  val = jnp.einsum("BTD,DGV->BTGV", x, cast(params["v_proj"], cfg))
+  def bias(name: str) -> jax.Array:  # [heads, features], or 0 without model.qkv_bias
+    return cast(params[name], cfg) if cfg.qkv_bias else jnp.zeros((), dtype)
+
+  q = with_rope(jnp.einsum("BTD,DHK->BTHK", x, cast(params["q_proj"], cfg)) + bias("q_bias"))
+  k = with_rope(jnp.einsum("BTD,DGK->BTGK", x, cast(params["k_proj"], cfg)) + bias("k_bias"))
+  val = jnp.einsum("BTD,DGV->BTGV", x, cast(params["v_proj"], cfg)) + bias("v_bias")
 
   new = KVCache(k=jnp.swapaxes(k, 1, 2), v=jnp.swapaxes(val, 1, 2))  # [B,G,T,K], [B,G,T,V]
   if cache is None:

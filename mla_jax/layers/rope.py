@@ -3,6 +3,10 @@
 Only the decoupled RoPE part of MLA's queries and keys (width R = qk_rope_head_dim) is rotated.
 The layout is the checkpoint's: DeepSeek's own weights rotate interleaved pairs (x0,x1),(x2,x3)...;
 half-rotation pairs x_i with x_{i+R/2}. The two differ by a fixed permutation of the R features.
+
+Pair j (of R/2) turns at inv_freq[j] = rope_theta ** (-2j / R). With model.qk_rope_groups = g > 1
+(MLA only) the R/2 pairs are g groups of R/(2g), each group turning at the frequencies of a
+RoPE key of width R/g: several RoPE keys side by side (docs/conversion.md).
 """
 
 from __future__ import annotations
@@ -38,12 +42,15 @@ def _yarn_inv_freq(dim: int, base: float, yarn: YarnScaling) -> np.ndarray:
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-  """Inverse frequencies [R/2] as a host constant (shapes only depend on the config)."""
-  dim, base = config.qk_rope_head_dim, config.rope_theta
+  """Inverse frequencies [R/2] of the pairs as a host constant (shapes only depend on the
+  config): one RoPE key's, repeated for each of model.qk_rope_groups."""
+  groups, base = config.qk_rope_groups, config.rope_theta
+  dim = config.qk_rope_head_dim // groups  # one group's width
   if config.rope_scaling is not None:
-    return _yarn_inv_freq(dim, base, config.rope_scaling).astype(np.float32)
-  exponents = np.arange(0, dim, 2, dtype=np.float64) / dim
-  return (1.0 / base**exponents).astype(np.float32)
+    inv_freq = _yarn_inv_freq(dim, base, config.rope_scaling)
+  else:
+    inv_freq = 1.0 / base**(np.arange(0, dim, 2, dtype=np.float64) / dim)
+  return np.tile(inv_freq, groups).astype(np.float32)
 
 
 def rope_cos_sin(positions: jax.Array, config: ModelConfig) -> tuple[jax.Array, jax.Array]:

@@ -135,14 +135,15 @@ def _regular(files: list[Path], name: str) -> None:
                      "save the text to a file and give that")
 
 
-def load_corpus(config: DataConfig, min_tokens: int) -> Corpus:
-  """Reads and splits the corpus. Raises ValueError naming data.path when it matches no file,
-  is not text (check_text: before any file is read whole), is a device or pipe, or has too few
-  tokens for min_tokens. Files that look binary in a corpus that is text overall are kept and
-  listed in Corpus.binary_files."""
+def load_corpus(config: DataConfig, min_tokens: int, option: str = "data.path") -> Corpus:
+  """Reads and splits the corpus. Raises ValueError naming data.path (or `option`, for a caller
+  whose user gave the path under another name) when it matches no file, is not text
+  (check_text: before any file is read whole), is a device or pipe, or has too few tokens for
+  min_tokens. Files that look binary in a corpus that is text overall are kept and listed in
+  Corpus.binary_files."""
   source = config.path if config.path is not None else f"Python stdlib at {stdlib_root()}"
   files = list_files(config.path)
-  name = f"data.path={config.path!r}"
+  name = f"{option}={config.path!r}"
   if not files:
     raise ValueError(f"{name} matches no files")
   binary = check_text(files, name) if config.path is not None else ()  # before reading any whole
@@ -150,7 +151,7 @@ def load_corpus(config: DataConfig, min_tokens: int) -> Corpus:
   contents = [(f, f.read_bytes()) for f in files]
   contents = [(f, data) for f, data in contents if data]
   if not contents:
-    raise ValueError(f"data.path={config.path!r} matches only empty files ({len(files)})")
+    raise ValueError(f"{name} matches only empty files ({len(files)})")
   if len(contents) == 1:  # one file: hold out its tail
     data = contents[0][1]
     cut = int(len(data) * (1 - config.val_fraction))
@@ -170,9 +171,9 @@ def load_corpus(config: DataConfig, min_tokens: int) -> Corpus:
                   binary_files=binary)
   for split in ("train", "val"):
     if len(getattr(corpus, split)) < min_tokens:
-      raise ValueError(f"data.path={config.path!r}: the {split} split has "
-                       f"{len(getattr(corpus, split))} tokens, fewer than train.seq_len + 1 = "
-                       f"{min_tokens}")
+      raise ValueError(f"{name}: the {split} split has {len(getattr(corpus, split))} tokens, "
+                       f"fewer than {'train.seq_len' if option == 'data.path' else 'the window'}"
+                       f" + 1 = {min_tokens}")
   return corpus
 
 

@@ -147,7 +147,13 @@ def _train(config: Config, log: Callable[[str], None], progress: bool) -> dict:
     layout.write_config(workdir, config)
   checkpoints = Checkpoints(workdir, tc.keep_checkpoints)
   try:
-    if resume_step is None:
+    if resume_step is None and tc.init_from is not None:
+      from mla_jax.workdir import load_checkpoint
+
+      _, params, start_step = load_checkpoint(tc.init_from, trainer.abstract_state().params)
+      state = trainer.state_from_params(params)
+      log(f"initialized from {tc.init_from} (its step {start_step}); the optimizer starts fresh")
+    elif resume_step is None:
       state = trainer.init_state()
     else:
       state = checkpoints.restore(resume_step, trainer.abstract_state())
@@ -186,6 +192,8 @@ def _loop(config: Config, trainer: Trainer, corpus: Corpus, checkpoints: Checkpo
     metrics_log = MetricsLog(workdir, resume_step=start) if main_process else None
     report = _Progress(config, start, metrics_log, log, progress)
     try:
+      if start == 0 and tc.init_from is not None:  # the starting model, before any update
+        report.write(report.validation(0, trainer.evaluate(state.params, corpus)))
       for step in range(start + 1, tc.steps + 1):
         batch = batch_at(corpus.train, config.seed, TRAIN_STREAM, step - 1, tc.batch_size,
                          tc.seq_len)

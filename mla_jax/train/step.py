@@ -130,6 +130,13 @@ class Trainer:
     init = jax.jit(self._init, out_shardings=self.state_shardings)
     return init(jax.random.key(self.config.seed))
 
+  def state_from_params(self, params) -> TrainState:
+    """Step 0 with the given parameters (train.init_from, restored into abstract_state's params:
+    already placed) and a fresh optimizer state, sharded as init_state shards its own."""
+    start = lambda p: TrainState(step=jnp.int32(0), params=p,  # noqa: E731
+                                 opt_state=self.optimizer.init(p))
+    return jax.jit(start, out_shardings=self.state_shardings)(params)
+
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state: a restore target that allocates nothing."""
     return jax.tree_util.tree_map(

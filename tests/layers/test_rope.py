@@ -25,6 +25,21 @@ def test_plain_frequencies():
                              [1.0, 0.1, 0.01, 0.001], rtol=1e-6)
 
 
+def test_rope_groups_repeat_one_keys_frequencies():
+  """qk_rope_groups=2: R = 16 features are two RoPE keys of 8, each at the frequencies a key of
+  8 has; rotating the concatenation rotates each group as a key of 8 on its own."""
+  grouped = ModelConfig(qk_rope_head_dim=2 * R, qk_rope_groups=2, rope_theta=100.0)
+  one = _config(rope_theta=100.0)
+  np.testing.assert_allclose(rope_inv_freq(grouped), [1.0, 0.1 ** 0.5, 0.1, 0.1 ** 1.5] * 2,
+                             rtol=1e-6)
+  x = jax.random.normal(jax.random.key(2), (1, 3, 2, 2 * R))
+  positions = jnp.array([[0, 4, 11]])
+  both = _rotate(x, positions, grouped, interleave=True)
+  for g in range(2):
+    np.testing.assert_allclose(both[..., g * R:(g + 1) * R],
+                               _rotate(x[..., g * R:(g + 1) * R], positions, one, True), atol=1e-6)
+
+
 def test_interleaved_rotates_adjacent_pairs_by_position_times_frequency():
   x = jnp.zeros((1, 1, 1, R)).at[..., 2].set(1.0)  # unit vector on the first axis of pair 1
   out = _rotate(x, jnp.array([[3]]), _config(), interleave=True)[0, 0, 0]
