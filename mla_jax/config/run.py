@@ -145,8 +145,8 @@ class Config:
 
   def run_fields(self) -> dict[str, Any]:
     """The fields that define what a checkpoint of this run holds: the model (less how it is
-    executed: moe_impl, cache_dtype, decode_block_size), the data, the seed and the optimisation
-    (warmup resolved). Logging, evaluation, checkpoint cadence, sampling,
+    executed: moe_impl, cache_dtype, decode_block_size, flash_block_q/k), the data, the seed and
+    the optimisation (warmup resolved). Logging, evaluation, checkpoint cadence, sampling,
     the mesh and the workdir may change when a run resumes; these may not."""
     train = {name: getattr(self.train, name) for name in _RUN_TRAIN_FIELDS}
     train["warmup_steps"] = self.train.warmup
@@ -167,7 +167,8 @@ class Config:
 
 
 # How a model is executed, not what its parameters are: the same checkpoint serves any of these.
-_EXECUTION_MODEL_FIELDS = ("moe_impl", "cache_dtype", "decode_block_size")
+_EXECUTION_MODEL_FIELDS = ("moe_impl", "cache_dtype", "decode_block_size", "flash_block_q",
+                           "flash_block_k")
 _RUN_TRAIN_FIELDS = ("steps", "batch_size", "seq_len", "learning_rate", "min_learning_rate",
                      "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "mesh": MeshConfig}
