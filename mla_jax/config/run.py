@@ -12,6 +12,8 @@ from mla_jax.config.fields import _check_fields, _check_type, _fail, _positive
 from mla_jax.config.model import ModelConfig
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# The attention paths a train step may take (the differentiable ones of layers.masking.ATTN_IMPLS).
+TRAIN_ATTN_IMPLS = ("auto", "naive", "flash_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,10 @@ class TrainConfig:
   # none keeps every activation; full keeps only each block's input; dots_saveable keeps the
   # matmul outputs and recomputes the rest.
   remat: str = "none"
+  # The attention path of the train step (layers/masking.py): auto runs flash attention (blocked,
+  # memory linear in seq_len) from FLASH_ATTENTION_MIN_TOKENS tokens on and the naive path
+  # (the [B,H,T,T] scores kept for the backward pass) below; flash_attention or naive force one.
+  attn_impl: str = "auto"
 
   def __post_init__(self):
     _check_fields(self, "train.")
@@ -65,6 +71,8 @@ class TrainConfig:
       _fail("train.sample_temperature", self.sample_temperature, "must be >= 0 (0 = greedy)")
     if self.remat not in REMAT_POLICIES:
       _fail("train.remat", self.remat, f"allowed: {', '.join(REMAT_POLICIES)}")
+    if self.attn_impl not in TRAIN_ATTN_IMPLS:
+      _fail("train.attn_impl", self.attn_impl, f"allowed: {', '.join(TRAIN_ATTN_IMPLS)}")
 
   @property
   def warmup(self) -> int:

@@ -279,3 +279,34 @@ def test_auto_picks_flash_attention_for_long_sequences_without_a_cache():
   assert resolve_attn_impl("auto", FLASH_ATTENTION_MIN_TOKENS, True) == "flash"
   with pytest.raises(ValueError, match="flash_attention"):
     resolve_attn_impl("flash-attention", 8, False)
+
+
+# --- Memory: the compiled training step's temporaries, linear in T --------------------------
+
+def _step_temporaries(seq_len, attn_impl):
+  from mla_jax.config.run import Config, TrainConfig
+  from mla_jax.train import Trainer
+
+  model = mla_jax.ModelConfig(hidden_size=64, num_layers=1, num_heads=4, q_lora_rank=None,
+                              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                              v_head_dim=16, intermediate_size=128, max_seq_len=seq_len)
+  config = Config(model=model, train=TrainConfig(batch_size=1, seq_len=seq_len, steps=10,
+                                                 attn_impl=attn_impl))
+  trainer = Trainer.build(config, devices=jax.devices()[:1])
+  return trainer.compile_train_step().memory_analysis().temp_size_in_bytes
+
+
+def test_training_step_temporaries_grow_linearly_and_are_an_eighth_of_naive_at_8k():
+  flash = {t: _step_temporaries(t, "flash_attention") for t in (2048, 4096, 8192)}
+  naive = _step_temporaries(8192, "naive")
+  assert flash[8192] <= naive / 8
+  # Linear: doubling T at most doubles them (a quadratic term would take them towards 4x).
+  assert flash[4096] <= 2.1 * flash[2048] and flash[8192] <= 2.1 * flash[4096]
+  # The naive step's [B,H,T,T] softmax alone is 4 x 8192^2 x 4 bytes = 1 GiB.
+  assert naive >= 2**30
+
+
+@pytest.mark.slow
+def test_naive_training_step_temporaries_grow_quadratically():
+  naive = {t: _step_temporaries(t, "naive") for t in (2048, 4096, 8192)}
+  assert naive[4096] >= 3.5 * naive[2048] and naive[8192] >= 3.5 * naive[4096]
