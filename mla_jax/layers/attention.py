@@ -95,7 +95,7 @@ def mha_attention(config: ModelConfig, params: dict, x: jax.Array, *,
                       for x in (contiguous.k, contiguous.v))
       kv_lengths = lengths + num_tokens
     out = flash_attention(q, keys, values, scale=cfg.softmax_scale,
-                          query_positions=None if cache is None else positions,
+                          query_offsets=None if cache is None else lengths,
                           kv_lengths=kv_lengths, block_q=cfg.flash_block_q,
                           block_k=cfg.flash_block_k).astype(dtype)  # [B,T,H,V]
     return jnp.einsum("BTHV,HVD->BTD", out, cast(params["o_proj"], cfg)), new_cache

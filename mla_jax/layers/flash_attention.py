@@ -19,7 +19,7 @@ What it computes (per batch row b, query t, head h in group g = h // (H/G), key 
   score = q[b,t,h] . k[b,s,g] + q_rope[b,t,h] . k_rope[b,s]          (the second term optional)
   out[b,t,h] = sum_s softmax_s(scale * score over visible s) v[b,s,g]
 
-with s visible iff s <= query_positions[b,t] and s < kv_lengths[b]. MLA passes its per-head
+with s visible iff s <= query_offsets[b] + t and s < kv_lengths[b]. MLA passes its per-head
 k_nope (G = H, width N) and its one shared RoPE key k_rope [B,S,R], which is never broadcast to
 the heads: its term is one dot of all heads' q_rope rows against the block's k_rope. Keys (N or
 N + R) and values (V) have their own widths. The baselines pass G key/value heads (MHA G = H,
@@ -68,7 +68,7 @@ class Blocks(NamedTuple):
 
 
 def check_operands(q: jax.Array, k: jax.Array, v: jax.Array, q_rope: Optional[jax.Array],
-                   k_rope: Optional[jax.Array], query_positions: Optional[jax.Array],
+                   k_rope: Optional[jax.Array], query_offsets: Optional[jax.Array],
                    kv_lengths: Optional[jax.Array], block_q: int, block_k: int) -> None:
   """Raises ValueError naming the operand whose shape does not fit the others."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
@@ -91,23 +91,22 @@ def check_operands(q: jax.Array, k: jax.Array, v: jax.Array, q_rope: Optional[ja
     if q_rope.shape != (b, t, h, r) or k_rope.shape != (b, s, r):
       raise ValueError(f"q_rope {tuple(q_rope.shape)} / k_rope {tuple(k_rope.shape)} do not "
                        f"fit: expected [{b},{t},{h},R] and [{b},{s},R]")
-  if query_positions is not None and query_positions.shape != (b, t):
-    raise ValueError(f"query_positions has shape {tuple(query_positions.shape)}, expected "
-                     f"[{b},{t}]")
+  if query_offsets is not None and query_offsets.shape != (b,):
+    raise ValueError(f"query_offsets has shape {tuple(query_offsets.shape)}, expected [{b}]")
   if kv_lengths is not None and kv_lengths.shape != (b,):
     raise ValueError(f"kv_lengths has shape {tuple(kv_lengths.shape)}, expected [{b}]")
-  if query_positions is None and s != t:
-    raise ValueError(f"without query_positions queries are at 0..T-1 over their own keys, but "
-                     f"T={t} and S={s}: pass query_positions for queries into a cache")
+  if query_offsets is None and s != t:
+    raise ValueError(f"without query_offsets queries are at 0..T-1 over their own keys, but "
+                     f"T={t} and S={s}: pass query_offsets for queries into a cache")
   for name, size in (("block_q", block_q), ("block_k", block_k)):
     if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
       raise ValueError(f"{name}={size!r} is invalid: must be a positive integer")
 
 
-def to_blocks(q, k, v, q_rope, k_rope, query_positions, kv_lengths, block_q: int,
+def to_blocks(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q: int,
               block_k: int) -> Blocks:
   """The operands of flash_attention (q [B,T,H,K], k [B,S,G,K], v [B,S,G,V], q_rope [B,T,H,R],
-  k_rope [B,S,R], query_positions [B,T], kv_lengths [B]) in block-major layout, padded to whole
+  k_rope [B,S,R], query_offsets [B], kv_lengths [B]) in block-major layout, padded to whole
   blocks. Linear ops only, so autodiff moves the gradients back through them for free."""
   b, t, h, _ = q.shape
   s, g = k.shape[1], k.shape[2]
@@ -128,8 +127,9 @@ def to_blocks(q, k, v, q_rope, k_rope, query_positions, kv_lengths, block_q: int
   def key_slots(x: jax.Array) -> jax.Array:  # [B,S,G,F] -> [nk,B,G,bk,F]
     return jnp.moveaxis(blocked(x, bk), 3, 2)
 
-  if query_positions is None:
-    query_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if query_offsets is None:
+    query_offsets = jnp.zeros((b,), jnp.int32)
+  query_positions = query_offsets.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)
   if kv_lengths is None:
     kv_lengths = jnp.full((b,), s, jnp.int32)
   positions = blocked(query_positions.astype(jnp.int32), bq, fill=-1)  # [nq,B,bq]
@@ -283,40 +283,76 @@ blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 def xla_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                         q_rope: Optional[jax.Array] = None, k_rope: Optional[jax.Array] = None,
-                        query_positions: Optional[jax.Array] = None,
+                        query_offsets: Optional[jax.Array] = None,
                         kv_lengths: Optional[jax.Array] = None,
                         block_q: int = DEFAULT_BLOCK_Q,
                         block_k: int = DEFAULT_BLOCK_K) -> jax.Array:
   """flash_attention's JAX path (any backend): the reference the kernels are tested against.
   Arguments as flash_attention's."""
-  check_operands(q, k, v, q_rope, k_rope, query_positions, kv_lengths, block_q, block_k)
+  check_operands(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
   b, t, h, _ = q.shape
   # The scale goes on the queries once (outside the custom VJP, so autodiff carries it).
   q = q * jnp.asarray(scale, q.dtype)
   q_rope = None if q_rope is None else q_rope * jnp.asarray(scale, q_rope.dtype)
-  blocks = to_blocks(q, k, v, q_rope, k_rope, query_positions, kv_lengths, block_q, block_k)
+  blocks = to_blocks(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
   out = blocked_attention(blocks, kv_lengths is not None)
   return from_blocks(out, t, h)
 
 
+IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+
+
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                     q_rope: Optional[jax.Array] = None, k_rope: Optional[jax.Array] = None,
-                    query_positions: Optional[jax.Array] = None,
+                    query_offsets: Optional[jax.Array] = None,
                     kv_lengths: Optional[jax.Array] = None, block_q: int = DEFAULT_BLOCK_Q,
-                    block_k: int = DEFAULT_BLOCK_K) -> jax.Array:
+                    block_k: int = DEFAULT_BLOCK_K, implementation: str = "auto",
+                    interpret: bool = False) -> jax.Array:
   """Causal attention in memory linear in T, differentiable: out [B,T,H,V] in v's dtype.
 
   q [B,T,H,K]; k [B,S,G,K] and v [B,S,G,V] with G key/value heads (H a multiple of G; head h
   reads group h // (H/G)); q_rope [B,T,H,R] and k_rope [B,S,R] (optional, together): a score
   term shared by all heads (MLA's RoPE key). scale: the softmax scale (config.softmax_scale,
-  YaRN's mscale included). query_positions [B,T] int: each query's position among the keys
-  (default 0..T-1, which needs S = T); kv_lengths [B] int: slots holding keys (default all S).
-  Slot s is visible to query t of row b iff s <= query_positions[b,t] and s < kv_lengths[b]; a
-  query that sees nothing gets zeros. block_q / block_k: rows and slots per block.
+  YaRN's mscale included). query_offsets [B] int: query t of row b is at position
+  query_offsets[b] + t among the keys, the tokens cached before it (default 0, which needs
+  S = T); kv_lengths [B] int: slots holding keys (default all S). Slot s is visible to query t
+  of row b iff s <= query_offsets[b] + t and s < kv_lengths[b]; a query that sees nothing gets
+  zeros.
 
-  Raises ValueError for operands whose shapes do not fit each other, or block sizes that are not
-  positive integers. Source: FlashAttention-2 (Dao 2023), algorithms 1 and 2.
+  implementation: 'auto' runs, in the program lowered for each platform, the Pallas kernel of
+  mla_jax/kernels/ on TPU and GPU where it takes the operands, and this module's JAX path
+  elsewhere; 'xla' the JAX path; 'pallas_tpu' / 'pallas_gpu' that kernel (interpret=True runs
+  it in Pallas' interpret mode, on any backend: for tests). block_q / block_k: rows and slots
+  per block of the JAX path (the kernels use their own, kernels.flash_attention.default_blocks).
+
+  Raises ValueError for operands whose shapes do not fit each other, block sizes that are not
+  positive integers, or an unknown implementation. Source: FlashAttention-2 (Dao 2023),
+  algorithms 1 and 2.
   """
-  return xla_flash_attention(q, k, v, scale=scale, q_rope=q_rope, k_rope=k_rope,
-                             query_positions=query_positions, kv_lengths=kv_lengths,
-                             block_q=block_q, block_k=block_k)
+  check_operands(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} is invalid: allowed "
+                     f"{', '.join(IMPLEMENTATIONS)}")
+  xla = functools.partial(xla_flash_attention, scale=scale, query_offsets=query_offsets,
+                          kv_lengths=kv_lengths, block_q=block_q, block_k=block_k)
+  if implementation == "xla":
+    return xla(q, k, v, q_rope=q_rope, k_rope=k_rope)
+  from mla_jax.kernels import flash_attention as kernels  # Pallas, only where a kernel may run
+
+  def kernel(platform: str):
+    def run(q, k, v, q_rope, k_rope):
+      scaled = lambda x: None if x is None else x * jnp.asarray(scale, x.dtype)  # noqa: E731
+      return kernels.kernel_flash_attention(scaled(q), k, v, scaled(q_rope), k_rope,
+                                            query_offsets, kv_lengths, platform=platform,
+                                            interpret=interpret)
+    return run
+
+  if implementation != "auto":
+    return kernel(implementation.removeprefix("pallas_"))(q, k, v, q_rope, k_rope)
+  by_platform = {name: kernel(platform) for name, platform in (("tpu", "tpu"), ("cuda", "gpu"))
+                 if kernels.supports(platform, q, k, v, q_rope)}
+  if not by_platform:
+    return xla(q, k, v, q_rope=q_rope, k_rope=k_rope)
+  return jax.lax.platform_dependent(
+      q, k, v, q_rope, k_rope, default=lambda q, k, v, q_rope, k_rope: xla(
+          q, k, v, q_rope=q_rope, k_rope=k_rope), **by_platform)

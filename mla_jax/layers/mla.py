@@ -206,7 +206,7 @@ def mla_attention(config: ModelConfig, params: dict, x: jax.Array, *,
     k_nope, values = _expand(keys.c_kv.astype(dtype), w_kv_b, n)  # [B,S,H,N], [B,S,H,V]
     out = flash_attention(
         q_nope, k_nope, values, q_rope=q_rope, k_rope=keys.k_rope.astype(dtype),
-        scale=cfg.softmax_scale, query_positions=None if cache is None else positions,
+        scale=cfg.softmax_scale, query_offsets=None if cache is None else lengths,
         kv_lengths=None if cache is None else lengths + num_tokens, block_q=cfg.flash_block_q,
         block_k=cfg.flash_block_k).astype(dtype)
     record("k_nope", k_nope)

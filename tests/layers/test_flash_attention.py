@@ -19,7 +19,7 @@ from tests.helpers import TINY_CONFIGS, rel_err, variant
 TOL = 1e-5  # float32, relative to each tensor's scale
 
 
-def dense_attention(q, k, v, q_rope, k_rope, positions, kv_lengths, scale):
+def dense_attention(q, k, v, q_rope, k_rope, offsets, kv_lengths, scale):
   """Softmax over the whole [B,H,T,S] scores, keys repeated per head, masked as documented."""
   b, t, h, _ = q.shape
   s, g = k.shape[1], k.shape[2]
@@ -27,12 +27,11 @@ def dense_attention(q, k, v, q_rope, k_rope, positions, kv_lengths, scale):
   scores = jnp.einsum("bthk,bshk->bhts", q, keys)
   if q_rope is not None:
     scores = scores + jnp.einsum("bthr,bsr->bhts", q_rope, k_rope)
-  if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+  positions = (0 if offsets is None else offsets[:, None]) + jnp.arange(t)[None, :]  # [B|1,T]
   if kv_lengths is None:
     kv_lengths = jnp.full((b,), s)
   slot = jnp.arange(s)
-  visible = (slot <= positions[:, :, None]) & (slot < kv_lengths[:, None, None])  # [B,T,S]
+  visible = (slot <= positions[..., None]) & (slot < kv_lengths[:, None, None])  # [B,T,S]
   scores = jnp.where(visible[:, None], scores * scale, -jnp.inf)
   probs = jnp.where(visible[:, None], jax.nn.softmax(scores, axis=-1), 0.0)
   return jnp.einsum("bhts,bshv->bthv", probs, values)
@@ -48,7 +47,7 @@ def _operands(b, t, s, h, g, k_dim, v_dim, r, seed=0):
   return q, k, v, q_rope, k_rope
 
 
-def _check_against_dense(operands, positions, kv_lengths, real, block_q, block_k, scale=0.3):
+def _check_against_dense(operands, offsets, kv_lengths, real, block_q, block_k, scale=0.3):
   """Outputs and the gradients of every float operand of a weighted sum over the real queries."""
   weights = jax.random.normal(jax.random.key(9), operands[0].shape[:3] + operands[2].shape[3:])
 
@@ -58,9 +57,9 @@ def _check_against_dense(operands, positions, kv_lengths, real, block_q, block_k
     return f
 
   flash = lambda q, k, v, qr, kr: flash_attention(  # noqa: E731
-      q, k, v, q_rope=qr, k_rope=kr, scale=scale, query_positions=positions,
+      q, k, v, q_rope=qr, k_rope=kr, scale=scale, query_offsets=offsets,
       kv_lengths=kv_lengths, block_q=block_q, block_k=block_k)
-  dense = lambda q, k, v, qr, kr: dense_attention(q, k, v, qr, kr, positions, kv_lengths,  # noqa
+  dense = lambda q, k, v, qr, kr: dense_attention(q, k, v, qr, kr, offsets, kv_lengths,  # noqa
                                                   scale)
   out = jax.jit(flash)(*operands)
   expected = dense(*operands)
@@ -106,18 +105,17 @@ def test_queries_into_a_cache_with_ragged_lengths(kv_heads, r):
   v = jnp.where(empty[:, :, None, None], jnp.nan, v)
   if r:
     k_rope = jnp.where(empty[:, :, None], jnp.nan, k_rope)
-  positions = lengths[:, None] + jnp.arange(t)[None, :]
   real = jnp.arange(t)[None, :] < num_tokens[:, None]
   clean = lambda x: None if x is None else jnp.nan_to_num(x)  # noqa: E731  the dense reference
   dense_ops = (q, clean(k), clean(v), q_rope, clean(k_rope))
   out = jax.jit(lambda *xs: flash_attention(
-      *xs[:3], q_rope=xs[3], k_rope=xs[4], scale=0.3, query_positions=positions,
+      *xs[:3], q_rope=xs[3], k_rope=xs[4], scale=0.3, query_offsets=lengths,
       kv_lengths=kv_lengths, block_q=4, block_k=8))(q, k, v, q_rope, k_rope)
   assert bool(jnp.all(jnp.isfinite(out)))
-  expected = dense_attention(*dense_ops, positions, kv_lengths, 0.3)
+  expected = dense_attention(*dense_ops, lengths, kv_lengths, 0.3)
   assert rel_err(jnp.where(real[:, :, None, None], out, 0),
                  jnp.where(real[:, :, None, None], expected, 0)) <= TOL
-  _check_against_dense(dense_ops, positions, kv_lengths, real, 4, 8)
+  _check_against_dense(dense_ops, lengths, kv_lengths, real, 4, 8)
 
 
 def test_a_query_that_sees_nothing_gets_zeros_and_finite_gradients():
@@ -126,8 +124,7 @@ def test_a_query_that_sees_nothing_gets_zeros_and_finite_gradients():
 
   def f(q, k, v):
     return flash_attention(q, k, v, q_rope=q_rope, k_rope=k_rope, scale=1.0,
-                           query_positions=jnp.broadcast_to(jnp.arange(6), (2, 6)),
-                           kv_lengths=kv_lengths, block_q=4, block_k=4)
+                           query_offsets=jnp.zeros((2,), jnp.int32), kv_lengths=kv_lengths, block_q=4, block_k=4)
 
   np.testing.assert_array_equal(f(q, k, v)[1], 0.0)
   grads = jax.grad(lambda *xs: jnp.sum(f(*xs) ** 2), argnums=(0, 1, 2))(q, k, v)
@@ -144,8 +141,7 @@ def test_causal_blocks_past_the_diagonal_are_skipped():
   q, k, v, _, _ = _operands(1, 64, 64, 2, 2, 8, 8, 0)
   blocks = to_blocks(q, k, v, None, None, None, None, 16, 16)
   np.testing.assert_array_equal(key_blocks_to_visit(blocks), [1, 2, 3, 4])  # 10 of 16 pairs
-  offset = to_blocks(q[:, :16], k, v, None, None, jnp.full((1, 16), 40) + jnp.arange(16),
-                     jnp.array([56]), 16, 16)
+  offset = to_blocks(q[:, :16], k, v, None, None, jnp.array([40]), jnp.array([56]), 16, 16)
   np.testing.assert_array_equal(key_blocks_to_visit(offset), [4])  # slots 0..55 only
   attend = lambda k: flash_attention(q, k, v, scale=1.0, block_q=16, block_k=16)  # noqa: E731
   changed = k.at[:, 32:].set(100.0)
@@ -160,7 +156,7 @@ def test_bad_operands_are_named():
     flash_attention(q, k, v, q_rope=q_rope, scale=1.0)
   with pytest.raises(ValueError, match="v .* does not fit k"):
     flash_attention(q, k, v[:, :5], scale=1.0)
-  with pytest.raises(ValueError, match="pass query_positions"):
+  with pytest.raises(ValueError, match="pass query_offsets"):
     flash_attention(q, k[:, :6], v[:, :6], scale=1.0)
   with pytest.raises(ValueError, match="block_q=0 is invalid"):
     flash_attention(q, k, v, scale=1.0, block_q=0)
