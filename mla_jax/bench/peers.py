@@ -29,15 +29,14 @@ import argparse
 import dataclasses
 import statistics
 import tempfile
-import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mla_jax.bench import add_quick_option
-from mla_jax.bench.common import Report, Table, base_config, header_lines, progress
+from mla_jax.bench.common import (Report, Table, base_config, header_lines, progress,
+                                  time_interleaved)
 from mla_jax.config.model import ModelConfig
 from mla_jax.config.run import Config, TrainConfig
 from mla_jax.layers.masking import prefill_attn_impl
@@ -88,22 +87,8 @@ def hf_config(model: ModelConfig):
   return config
 
 
-def time_interleaved(calls: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
-  """Seconds of each call (each returns once its work is done), `repeats` rounds of one call
-  each in turn, after one untimed round."""
-  for call in calls.values():
-    call()
-  times: dict[str, list[float]] = {name: [] for name in calls}
-  for _ in range(repeats):
-    for name, call in calls.items():
-      start = time.perf_counter()
-      call()
-      times[name].append(time.perf_counter() - start)
-  return times
-
-
-def _summary(seconds: list[float]) -> tuple[float, float, float]:
-  return (statistics.median(seconds) * 1e3, min(seconds) * 1e3, max(seconds) * 1e3)
+def _summary(timing) -> tuple[float, float, float]:
+  return timing.median_s * 1e3, timing.min_s * 1e3, timing.max_s * 1e3
 
 
 def run(args: argparse.Namespace) -> Report:
@@ -148,19 +133,18 @@ def run(args: argparse.Namespace) -> Report:
 
   def hf_prefill():
     with torch.inference_mode():
-      hf_model(prompt_torch, use_cache=True)
+      return hf_model(prompt_torch, use_cache=True).logits  # computed once it returns
 
   progress(f"prefill, {args.repeats} interleaved calls each")
   prefill_times = time_interleaved(
-      {"transformers": hf_prefill,
-       "mla-jax": lambda: jax.block_until_ready(prefill(params, prompt_jax))}, args.repeats)
+      {"transformers": hf_prefill, "mla-jax": lambda: prefill(params, prompt_jax)}, args.repeats)
 
   # Training: one AdamW step with the gradient clipped to norm 1, same batch each step.
   b, t = args.train_batch, args.train_seq_len
   batch = rng.integers(0, model_cfg.vocab_size, (b, t + 1))
   config = Config(model=model.config, train=TrainConfig(batch_size=b, seq_len=t, steps=10**6,
                                                         warmup_steps=0))
-  trainer = Trainer.build(config)
+  trainer = Trainer.build(config, devices=jax.devices()[:1])
   progress(f"compiling mla-jax's training step of {b} x {t} tokens "
            f"({prefill_attn_impl(t)} attention)")
   trainer.compile_train_step()
@@ -171,7 +155,7 @@ def run(args: argparse.Namespace) -> Report:
 
   def ours_step():
     state["state"], metrics = trainer.train_step(state["state"], inputs, targets)
-    jax.block_until_ready(metrics["loss"])
+    return metrics["loss"]
 
   hf_model.train()
   optimizer = torch.optim.AdamW(hf_model.parameters(), lr=1e-4, betas=(0.9, 0.95),
@@ -184,6 +168,7 @@ def run(args: argparse.Namespace) -> Report:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(hf_model.parameters(), 1.0)
     optimizer.step()
+    return None  # PyTorch on the CPU has finished when the call returns
 
   progress(f"training step, {args.repeats} interleaved calls each")
   train_times = time_interleaved({"transformers": hf_step, "mla-jax": ours_step}, args.repeats)

@@ -58,10 +58,16 @@ def _attention_fwd(q, k, v, q_rope, k_rope, offsets, lengths, platform, block_q,
 
 def _attention_bwd(platform, block_q, block_k, interpret, residuals, d_out):
   q, k, v, q_rope, k_rope, offsets, lengths, out, lse = residuals
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # rowsum(dO o)
   dq, dk, dv, dq_rope, dk_rope = KERNELS[platform].backward(
-      q, k, v, q_rope, k_rope, offsets, lengths, out, lse, d_out, block_q=block_q,
+      q, k, v, q_rope, k_rope, offsets, lengths, lse, d_out, delta, block_q=block_q,
       block_k=block_k, interpret=interpret)
-  return dq, dk, dv, dq_rope, dk_rope, None, None
+  b, h, s = dk.shape[:3]
+  g = k.shape[1]
+  # Per query head -> per key/value head (GQA, MQA), and the rope key's share over all heads.
+  group = lambda x, like: x.reshape(b, g, h // g, s, -1).sum(axis=2).astype(like.dtype)  # noqa
+  dk_rope = None if k_rope is None else dk_rope.sum(axis=1).astype(k_rope.dtype)
+  return dq, group(dk, k), group(dv, v), dq_rope, dk_rope, None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

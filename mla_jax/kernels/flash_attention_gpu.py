@@ -105,10 +105,13 @@ def _forward_kernel(offsets_ref, lengths_ref, *refs, block_q, block_k, rope):
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
-def _probabilities(offset, length, i, j, q, q_rope, k, k_rope, lse, block_q, block_k):
-  """p = exp(s - lse) of one block, 0 where masked: [bq,bk] float32."""
+def _score_grads(offset, length, i, j, q, q_rope, k, k_rope, v, lse, do, delta, block_q,
+                 block_k):
+  """One block's probabilities p = exp(s - lse) (0 where masked) and the scores' gradient
+  dS = p (dO V^T - rowsum(dO o)): both [bq,bk] float32."""
   p = jnp.exp(_scores(q, q_rope, k, k_rope) - lse[:, None])
-  return jnp.where(_mask(offset, length, i, j, block_q, block_k), p, 0.0)
+  p = jnp.where(_mask(offset, length, i, j, block_q, block_k), p, 0.0)
+  return p, p * (plgpu.dot(do, v.T) - delta[:, None])
 
 
 def _dkv_kernel(offsets_ref, lengths_ref, *refs, block_q, block_k, rope):
@@ -128,12 +131,11 @@ def _dkv_kernel(offsets_ref, lengths_ref, *refs, block_q, block_k, rope):
     dk, dv, dk_rope = carry
     q = _block(q_ref, i * block_q, block_q)
     q_rope = None if q_rope_ref is None else _block(q_rope_ref, i * block_q, block_q)
-    p = _probabilities(offset, length, i, j, q, q_rope, k, k_rope,
-                       lse_ref[pl.ds(i * block_q, block_q)], block_q, block_k)
     do = _block(do_ref, i * block_q, block_q)
+    rows = pl.ds(i * block_q, block_q)
+    p, ds = _score_grads(offset, length, i, j, q, q_rope, k, k_rope, v, lse_ref[rows], do,
+                         delta_ref[rows], block_q, block_k)
     dv = dv + plgpu.dot(p.astype(do.dtype).T, do)
-    dp = plgpu.dot(do, v.T)
-    ds = p * (dp - delta_ref[pl.ds(i * block_q, block_q)][:, None])
     dk = dk + plgpu.dot(ds.astype(q.dtype).T, q)
     if q_rope is not None:
       dk_rope = dk_rope + plgpu.dot(ds.astype(q_rope.dtype).T, q_rope)
@@ -165,9 +167,8 @@ def _dq_kernel(offsets_ref, lengths_ref, *refs, block_q, block_k, rope):
   def body(j, carry):
     dq, dq_rope = carry
     k, k_rope = _keys(k_ref, k_rope_ref, j, block_k)
-    p = _probabilities(offset, length, i, j, q, q_rope, k, k_rope, lse, block_q, block_k)
-    dp = plgpu.dot(do, _block(v_ref, j * block_k, block_k).T)
-    ds = p * (dp - delta[:, None])
+    _, ds = _score_grads(offset, length, i, j, q, q_rope, k, k_rope,
+                         _block(v_ref, j * block_k, block_k), lse, do, delta, block_q, block_k)
     dq = dq + plgpu.dot(ds.astype(k.dtype), k)
     if q_rope is not None:
       dq_rope = dq_rope + plgpu.dot(ds.astype(k_rope.dtype), k_rope)
@@ -228,15 +229,15 @@ def forward(q, k, v, q_rope, k_rope, offsets, lengths, *, block_q, block_k, inte
                operands, interpret, "mla_flash_attention_fwd")
 
 
-def backward(q, k, v, q_rope, k_rope, offsets, lengths, out, lse, d_out, *, block_q, block_k,
+def backward(q, k, v, q_rope, k_rope, offsets, lengths, lse, d_out, delta, *, block_q, block_k,
              interpret=False):
-  """Cotangents (dq, dk, dv, dq_rope, dk_rope) of forward, in the operands' shapes and dtypes
-  (dk, dv summed over each key/value head's query heads, dk_rope over all heads)."""
+  """Cotangents of forward: dq [B,H,T,K] and dq_rope [B,H,T,R] in q's dtype; per query head
+  and float32, dk [B,H,S,K], dv [B,H,S,V] and dk_rope [B,H,S,R] (the caller sums them over the
+  heads that share a key). delta [B,H,T] float32: rowsum(dO o)."""
   b, h, t, kd = q.shape
   g, s, v_dim = k.shape[1], k.shape[2], v.shape[-1]
   rope = q_rope is not None
   r = q_rope.shape[-1] if rope else 0
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B,H,T]
   operands = [offsets, lengths, q, k, v] + ([q_rope, k_rope] if rope else []) + [lse, d_out,
                                                                                 delta]
   rope_key = [pl.BlockSpec((None, s, r), lambda x, b_, h_: (b_, 0, 0))] if rope else []
@@ -260,7 +261,4 @@ def backward(q, k, v, q_rope, k_rope, offsets, lengths, out, lse, d_out, *, bloc
       [_row(block_q, w) for w in q_widths],
       [jax.ShapeDtypeStruct((b, h, t, w), x.dtype) for w, x in zip(q_widths, (q, q_rope))],
       operands, interpret, "mla_flash_attention_dq")
-  group = lambda x: x.reshape(b, g, h // g, s, x.shape[-1]).sum(axis=2)  # noqa: E731
-  dk, dv = group(per_head[0]).astype(k.dtype), group(per_head[1]).astype(v.dtype)
-  dk_rope = per_head[2].sum(axis=1).astype(k_rope.dtype) if rope else None
-  return dq[0], dk, dv, (dq[1] if rope else None), dk_rope
+  return dq[0], *per_head[:2], (dq[1] if rope else None), (per_head[2] if rope else None)

@@ -130,12 +130,15 @@ def _forward_kernel(offsets_ref, lengths_ref, *refs, block_q, block_k, rope):
     lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
 
 
-def _probabilities(offsets_ref, lengths_ref, b, i, j, q_ref, k_ref, q_rope_ref, k_rope_ref,
-                   lse_ref, block_q, block_k) -> jax.Array:
-  """p = exp(s - lse) of one block, 0 where masked: [bq,bk] float32."""
+def _score_grads(offsets_ref, lengths_ref, b, i, j, q_ref, k_ref, v_ref, q_rope_ref, k_rope_ref,
+                 lse_ref, do_ref, delta_ref, block_q, block_k) -> tuple[jax.Array, jax.Array]:
+  """One block's probabilities p = exp(s - lse) (0 where masked) and the scores' gradient
+  dS = p (dO V^T - rowsum(dO o)): both [bq,bk] float32."""
   s = _scores(q_ref, k_ref, q_rope_ref, k_rope_ref)
   p = jnp.exp(s - _lanes(lse_ref[...], block_k))
-  return jnp.where(_mask(offsets_ref, lengths_ref, b, i, j, block_q, block_k), p, 0.0)
+  p = jnp.where(_mask(offsets_ref, lengths_ref, b, i, j, block_q, block_k), p, 0.0)
+  dp = lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
+  return p, p * (dp - _lanes(delta_ref[...], block_k))
 
 
 def _dkv_kernel(offsets_ref, lengths_ref, *refs, block_q, block_k, rope):
@@ -155,12 +158,10 @@ def _dkv_kernel(offsets_ref, lengths_ref, *refs, block_q, block_k, rope):
 
   @pl.when(j * block_k < _visible(offsets_ref, lengths_ref, b, i, block_q))
   def _block():
-    p = _probabilities(offsets_ref, lengths_ref, b, i, j, q_ref, k_ref, q_rope_ref, k_rope_ref,
-                       lse_ref, block_q, block_k)
+    p, ds = _score_grads(offsets_ref, lengths_ref, b, i, j, q_ref, k_ref, v_ref, q_rope_ref,
+                         k_rope_ref, lse_ref, do_ref, delta_ref, block_q, block_k)
     do = do_ref[...]
     dv_sc[...] += jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
-    dp = lax.dot_general(do, v_ref[...], NT, preferred_element_type=jnp.float32)
-    ds = p * (dp - _lanes(delta_ref[...], block_k))  # [bq,bk]
     q = q_ref[...]
     dk_sc[...] += jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32)
     if rope:
@@ -193,10 +194,8 @@ def _dq_kernel(offsets_ref, lengths_ref, *refs, block_q, block_k, rope):
 
   @pl.when(j * block_k < _visible(offsets_ref, lengths_ref, b, i, block_q))
   def _block():
-    p = _probabilities(offsets_ref, lengths_ref, b, i, j, q_ref, k_ref, q_rope_ref, k_rope_ref,
-                       lse_ref, block_q, block_k)
-    dp = lax.dot_general(do_ref[...], v_ref[...], NT, preferred_element_type=jnp.float32)
-    ds = p * (dp - _lanes(delta_ref[...], block_k))
+    _, ds = _score_grads(offsets_ref, lengths_ref, b, i, j, q_ref, k_ref, v_ref, q_rope_ref,
+                         k_rope_ref, lse_ref, do_ref, delta_ref, block_q, block_k)
     k = k_ref[...]
     dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
     if rope:
@@ -273,7 +272,7 @@ def _shapes(q, k, v, q_rope):
 
 
 def forward(q, k, v, q_rope, k_rope, offsets, lengths, *, block_q, block_k, interpret=False):
-  """(out [B,H,T,V] in v's dtype, lse [B,H,T,128] float32, lane-replicated)."""
+  """(out [B,H,T,V] in v's dtype, lse [B,H,T] float32)."""
   b, h, t, kd = q.shape
   s, v_dim = k.shape[2], v.shape[-1]
   rope = q_rope is not None
@@ -284,25 +283,26 @@ def forward(q, k, v, q_rope, k_rope, offsets, lengths, *, block_q, block_k, inte
     specs_in += [specs.query(q_rope.shape[-1]), specs.rope_key()]
     operands += [q_rope, k_rope]
   kernel = functools.partial(_forward_kernel, block_q=block_q, block_k=block_k, rope=rope)
-  return _call(kernel, (b, h, t // block_q, s // block_k), specs_in,
-               [specs.query_out(v_dim), specs.query_out(LANES)],
-               [jax.ShapeDtypeStruct((b, h, t, v_dim), v.dtype),
-                jax.ShapeDtypeStruct((b, h, t, LANES), jnp.float32)],
-               [pltpu.VMEM((block_q, LANES), jnp.float32), pltpu.VMEM((block_q, LANES), jnp.float32),
-                pltpu.VMEM((block_q, v_dim), jnp.float32)],
-               operands, offsets, lengths, interpret, "mla_flash_attention_fwd")
+  statistic = pltpu.VMEM((block_q, LANES), jnp.float32)  # running max and sum, lane-replicated
+  out, lse = _call(kernel, (b, h, t // block_q, s // block_k), specs_in,
+                   [specs.query_out(v_dim), specs.query_out(LANES)],
+                   [jax.ShapeDtypeStruct((b, h, t, v_dim), v.dtype),
+                    jax.ShapeDtypeStruct((b, h, t, LANES), jnp.float32)],
+                   [statistic, statistic, pltpu.VMEM((block_q, v_dim), jnp.float32)],
+                   operands, offsets, lengths, interpret, "mla_flash_attention_fwd")
+  return out, lse[..., 0]  # the kernel writes it lane-replicated; one lane is kept
 
 
-def backward(q, k, v, q_rope, k_rope, offsets, lengths, out, lse, d_out, *, block_q, block_k,
+def backward(q, k, v, q_rope, k_rope, offsets, lengths, lse, d_out, delta, *, block_q, block_k,
              interpret=False):
-  """Cotangents (dq, dk, dv, dq_rope, dk_rope) of forward, in the operands' shapes and dtypes
-  (dk, dv summed over each key/value head's query heads, dk_rope over all heads)."""
+  """Cotangents of forward: dq [B,H,T,K] and dq_rope [B,H,T,R] in q's dtype; per query head
+  and float32, dk [B,H,S,K], dv [B,H,S,V] and dk_rope [B,H,S,R] (the caller sums them over the
+  heads that share a key). delta [B,H,T] float32: rowsum(dO o)."""
   b, h, t, kd = q.shape
   g, s, v_dim = k.shape[1], k.shape[2], v.shape[-1]
   rope = q_rope is not None
   r = q_rope.shape[-1] if rope else 0
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  delta = jnp.broadcast_to(delta, (b, h, t, LANES))  # rowsum(dO o), lane-replicated
+  lse, delta = (jnp.broadcast_to(x[..., None], (b, h, t, LANES)) for x in (lse, delta))
   operands = [q, k, v] + ([q_rope, k_rope] if rope else []) + [lse, d_out, delta]
 
   def inputs(specs):
@@ -328,7 +328,4 @@ def backward(q, k, v, q_rope, k_rope, offsets, lengths, out, lse, d_out, *, bloc
       [jax.ShapeDtypeStruct((b, h, t, w), x.dtype) for w, x in zip(q_widths, (q, q_rope))],
       [pltpu.VMEM((block_q, w), jnp.float32) for w in q_widths],
       operands, offsets, lengths, interpret, "mla_flash_attention_dq")
-  group = lambda x: x.reshape(b, g, h // g, s, x.shape[-1]).sum(axis=2)  # noqa: E731
-  dk, dv = group(per_head[0]).astype(k.dtype), group(per_head[1]).astype(v.dtype)
-  dk_rope = per_head[2].sum(axis=1).astype(k_rope.dtype) if rope else None
-  return dq[0], dk, dv, (dq[1] if rope else None), dk_rope
+  return dq[0], *per_head[:2], (dq[1] if rope else None), (per_head[2] if rope else None)
