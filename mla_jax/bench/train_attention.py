@@ -6,7 +6,14 @@ program compiled ahead of time; the peak memory is XLA's memory analysis of that
 (arguments, outputs and temporaries per device), the figure the train command's pre-check
 reads. A naive step that needs more than this machine's available memory is not run (the
 pre-check would refuse it); the row says so and gives its size. The two paths' steps are timed
-interleaved (common.time_interleaved).
+interleaved (common.time_interleaved); compile seconds (lowering and compiling ahead of time) are
+apart from the timed steps.
+
+The roofline of each T is the naive step's: XLA's cost analysis of that compiled program (FLOPs
+and bytes accessed, every one counted: it has no loops) over the machine's ceilings measured in
+the same run, and which ceiling binds. Both paths are judged against it ('of roofline' = roofline
+time / median step). The flash program's own count is not used: XLA's cost analysis counts a
+while loop's body once, and its key-block loops are while loops, so it would undercount.
 
 The block-size table times the flash step at one T for each (flash_block_q, flash_block_k)
 listed: how the defaults (model.flash_block_q / flash_block_k) are chosen.
@@ -21,7 +28,8 @@ import jax
 import numpy as np
 
 from mla_jax.bench import add_quick_option
-from mla_jax.bench.common import Table, parse_ints, progress, time_interleaved
+from mla_jax.bench.common import (Ceilings, Table, cost, measure_ceilings, parse_ints, progress,
+                                  time_interleaved)
 from mla_jax.config.model import ModelConfig
 from mla_jax.config.run import Config, TrainConfig
 from mla_jax.layers.masking import FLASH_ATTENTION_MIN_TOKENS
@@ -66,7 +74,8 @@ def parse_lengths(text: str) -> list[int]:
 
 
 def _step(model: ModelConfig, batch: int, seq_len: int, attn_impl: str):
-  """(a call running one train step, its compiled memory in bytes, compile seconds)."""
+  """(the Trainer with its step compiled, the step's memory in bytes, compile seconds, XLA's
+  cost analysis of the compiled step)."""
   import time
 
   config = Config(model=dataclasses.replace(model, max_seq_len=max(model.max_seq_len, seq_len)),
@@ -74,9 +83,9 @@ def _step(model: ModelConfig, batch: int, seq_len: int, attn_impl: str):
                                     warmup_steps=10, attn_impl=attn_impl))
   trainer = Trainer.build(config, devices=jax.devices()[:1])
   start = time.perf_counter()
-  memory = step_memory(trainer.compile_train_step())["total"]
+  compiled = trainer.compile_train_step()
   compile_s = time.perf_counter() - start
-  return trainer, memory, compile_s
+  return trainer, step_memory(compiled)["total"], compile_s, cost(compiled)
 
 
 def _runner(trainer: Trainer, batch: int, seq_len: int, vocab: int):
@@ -91,8 +100,9 @@ def _runner(trainer: Trainer, batch: int, seq_len: int, vocab: int):
 
 
 def paths_against_length(model: ModelConfig, lengths: list[int], batch: int,
-                         repeats: int) -> Table:
-  """The naive and the flash training step at each T: median/min/max ms and peak memory."""
+                         repeats: int, ceilings: Ceilings) -> Table:
+  """The naive and the flash training step at each T: median/min/max ms, compile seconds and
+  peak memory of each, against the naive step's roofline (see the module docstring)."""
   limit, what = device_memory_available(jax.devices()[:1]) or (float("inf"), "unknown")
   rows = []
   for t in lengths:
@@ -100,25 +110,41 @@ def paths_against_length(model: ModelConfig, lengths: list[int], batch: int,
     calls = {}
     for path in PATHS:
       progress(f"{path} attention, training step of {batch} x {t:,} tokens")
-      trainer, memory, compile_s = _step(model, batch, t, path)
+      trainer, memory, compile_s, analysis = _step(model, batch, t, path)
       row[f"{path}_mib"] = memory / 2**20
+      row[f"{path}_compile_s"] = compile_s
+      if path == "naive":
+        roofline_s, row["bound"] = ceilings.roofline_s(analysis.get("bytes accessed", 0.0),
+                                                       analysis.get("flops", 0.0))
+        row["roofline_ms"] = roofline_s * 1e3
       if memory > limit:
         row[f"{path}_ms"] = f"does not fit ({memory / 2**30:,.1f} GiB)"
         continue
       calls[path] = _runner(trainer, batch, t, model.vocab_size)
     for path, timing in time_interleaved(calls, repeats).items():
       row.update({f"{path}_ms": timing.median_s * 1e3, f"{path}_min": timing.min_s * 1e3,
-                  f"{path}_max": timing.max_s * 1e3})
+                  f"{path}_max": timing.max_s * 1e3,
+                  f"{path}_of_roofline": row["roofline_ms"] / (timing.median_s * 1e3)})
     if len(calls) == 2:
       row["time_ratio"] = row["flash_attention_ms"] / row["naive_ms"]
     row["memory_ratio"] = row["naive_mib"] / row["flash_attention_mib"]
     rows.append(row)
   columns = (("seq_len", "T"), ("naive_ms", "naive ms (median)"), ("naive_min", "min"),
-             ("naive_max", "max"), ("naive_mib", "naive peak MiB"),
-             ("flash_attention_ms", "flash ms (median)"), ("flash_attention_min", "min"),
-             ("flash_attention_max", "max"), ("flash_attention_mib", "flash peak MiB"),
-             ("time_ratio", "flash / naive time"), ("memory_ratio", "naive / flash memory"))
+             ("naive_max", "max"), ("naive_compile_s", "compile s"),
+             ("naive_mib", "naive peak MiB"), ("flash_attention_ms", "flash ms (median)"),
+             ("flash_attention_min", "min"), ("flash_attention_max", "max"),
+             ("flash_attention_compile_s", "compile s"), ("flash_attention_mib", "flash peak MiB"),
+             ("time_ratio", "flash / naive time"), ("memory_ratio", "naive / flash memory"),
+             ("roofline_ms", "roofline ms"), ("bound", "bound"),
+             ("naive_of_roofline", "naive of roofline"),
+             ("flash_attention_of_roofline", "flash of roofline"))
   notes = [
+      "roofline ms: the naive step's XLA FLOPs and bytes accessed over the ceilings measured in "
+      "this run (" + "; ".join(ceilings.lines()) + "); bound: the ceiling that binds; "
+      "'of roofline' = roofline ms / median step ms. Flash attention skips the key blocks past "
+      "the causal diagonal and recomputes scores in the backward pass, so its own FLOPs differ; "
+      "XLA's count of its program would see each loop body once, so the naive count is the "
+      "common yardstick.",
       f"Peak MiB: XLA's memory analysis of each compiled train step (parameters, AdamW state, "
       f"batch and temporaries) on one device; a naive step above this machine's "
       f"{limit / 2**30:,.1f} GiB ({what}) is not run.",
@@ -135,7 +161,7 @@ def block_sizes(model: ModelConfig, pairs: list[tuple[int, int]], seq_len: int, 
   for bq, bk in pairs:
     progress(f"flash attention, blocks {bq} x {bk}, training step of {batch} x {seq_len:,}")
     config = dataclasses.replace(model, flash_block_q=bq, flash_block_k=bk)
-    trainer, memory[(bq, bk)], _ = _step(config, batch, seq_len, "flash_attention")
+    trainer, memory[(bq, bk)], _, _ = _step(config, batch, seq_len, "flash_attention")
     calls[(bq, bk)] = _runner(trainer, batch, seq_len, model.vocab_size)
   timings = time_interleaved(calls, repeats)
   rows = [{"block_q": bq, "block_k": bk, "step_ms": timings[(bq, bk)].median_s * 1e3,
@@ -167,8 +193,11 @@ def tables(args: argparse.Namespace, model: ModelConfig) -> list[Table]:
   lengths, pairs = check_options(args)
   out = []
   if lengths:
+    progress("measuring this machine's bandwidth and matmul ceilings")
+    ceilings = (measure_ceilings(model.dtype, copy_mib=8, matmul_n=128, repeats=2) if args.quick
+                else measure_ceilings(model.dtype))
     out.append(paths_against_length(model, lengths, args.attention_batch,
-                                     args.attention_repeats))
+                                    args.attention_repeats, ceilings))
   if pairs:
     out.append(block_sizes(model, pairs, args.block_size_len, args.attention_batch,
                            args.attention_repeats))

@@ -45,10 +45,11 @@ def test_moe_rows_count_the_active_parameters(tmp_path):
   assert "fewer training FLOPs per token" in raw["markdown"]
 
 
+@pytest.mark.slow  # compiles and times five train steps
 def test_naive_against_flash_attention_table_and_block_sizes(tmp_path):
   """The attention tables (T = 48; blocks 16 x 16 and 32 x 32): both paths timed with XLA's peak
-  memory of each compiled step, the ratios from those figures, and the block-size table naming
-  its fastest pair."""
+  memory and compile time of each compiled step, judged against the naive step's roofline, the
+  ratios from those figures, and the block-size table naming its fastest pair."""
   raw = run_suite("train", tmp_path, "--variants", "MLA", "--moe", "off",
                   "--attention-lengths", "48", "--block-size-len", "48")
   lengths, blocks = rows(raw, 1), rows(raw, 2)
@@ -56,7 +57,9 @@ def test_naive_against_flash_attention_table_and_block_sizes(tmp_path):
   for row in lengths:
     for path in ("naive", "flash_attention"):
       assert row[f"{path}_min"] <= row[f"{path}_ms"] <= row[f"{path}_max"]
-      assert row[f"{path}_mib"] > 0
+      assert row[f"{path}_mib"] > 0 and row[f"{path}_compile_s"] > 0
+      assert row[f"{path}_of_roofline"] == pytest.approx(row["roofline_ms"] / row[f"{path}_ms"])
+    assert row["bound"] in ("memory", "compute") and row["roofline_ms"] > 0
     assert row["time_ratio"] == pytest.approx(row["flash_attention_ms"] / row["naive_ms"])
     assert row["memory_ratio"] == pytest.approx(row["naive_mib"] / row["flash_attention_mib"])
   assert [(r["block_q"], r["block_k"]) for r in blocks] == [(16, 16), (32, 32)]
