@@ -78,21 +78,24 @@ def _check_against_dense(operands, offsets, kv_lengths, real, block_q, block_k, 
 BLOCKINGS = [(37, 8, 16), (32, 16, 8), (20, 64, 64)]
 
 
-@pytest.mark.parametrize("t,block_q,block_k", BLOCKINGS)
+@pytest.mark.parametrize("t,block_q,block_k", [
+    *BLOCKINGS[:2], pytest.param(*BLOCKINGS[2], marks=pytest.mark.slow)])
 def test_mla_shapes_shared_rope_key_and_narrower_values(t, block_q, block_k):
   # Per-head keys of N, one k_rope [B,S,R] shared by all heads, values of V != N.
   operands = _operands(2, t, t, 4, 4, 16, 24, 8)
   _check_against_dense(operands, None, None, jnp.ones((2, t), bool), block_q, block_k)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2, 1])  # MHA, GQA-2, MQA
+# MHA (the layer test below covers it), GQA-2, MQA
+@pytest.mark.parametrize("kv_heads", [pytest.param(4, marks=pytest.mark.slow), 2, 1])
 def test_grouped_query_heads(kv_heads):
   t, block_q, block_k = BLOCKINGS[0]
   operands = _operands(2, t, t, 4, kv_heads, 16, 12, 0)
   _check_against_dense(operands, None, None, jnp.ones((2, t), bool), block_q, block_k)
 
 
-@pytest.mark.parametrize("kv_heads,r", [(4, 8), (2, 0)])
+# MLA's shapes into a cache: also in the layer's ragged prefill test below.
+@pytest.mark.parametrize("kv_heads,r", [pytest.param(4, 8, marks=pytest.mark.slow), (2, 0)])
 def test_queries_into_a_cache_with_ragged_lengths(kv_heads, r):
   """Queries at an offset into 40 slots: rows hold 27 and 3 cached tokens, then 13 and 11 new
   ones (the last 2 of row 1 are padding); the slots past each row's length hold NaN."""
@@ -214,7 +217,11 @@ def _assert_same(got, want):
   assert worst <= TOL, errors
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# q_lora's path is also in q_lora_yarn_5_heads and the split-RoPE case; GQA's grouping in
+# test_grouped_query_heads and the MQA case: these two run with -m slow.
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=pytest.mark.slow) if name in ("q_lora", "gqa_4") else name
+    for name in sorted(MODELS)])
 def test_layer_output_and_every_gradient_equal_the_naive_path(name):
   cfg = MODELS[name]
   x = jax.random.normal(jax.random.key(0), (2, 37, cfg.hidden_size))
