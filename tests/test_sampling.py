@@ -50,7 +50,9 @@ def test_greedy_equals_teacher_forced_argmax_and_rows_are_independent(model_and_
   np.testing.assert_array_equal(same[1], out[0])
 
 
-
+# A prompt of FLASH_ATTENTION_MIN_TOKENS through generate: the layer's prefill test covers the
+# equality by default.
+@pytest.mark.slow
 def test_long_prompts_prefill_with_flash_attention_and_keep_greedy_tokens():
   """Prompts of FLASH_ATTENTION_MIN_TOKENS and more prefill through flash attention (the short
   ones above through the naive path): the greedy tokens equal teacher forcing with the naive
@@ -72,6 +74,7 @@ def test_long_prompts_prefill_with_flash_attention_and_keep_greedy_tokens():
     logits, _ = model.apply({"params": params}, jnp.asarray(row[None]), attn_impl="naive")
     predicted = np.asarray(jnp.argmax(logits[0], axis=-1))
     np.testing.assert_array_equal(row[len(prompt):], predicted[len(prompt) - 1:-1])
+
 
 def _padded(side, pad=59):
   """PROMPTS as one [3,7] array padded on `side` with a real token id, and its attention mask."""
