@@ -333,8 +333,8 @@ def test_nan_gradient_is_skipped_and_counted():
 def test_non_finite_updates_in_a_row_stop_training(tmp_path, monkeypatch):
   real = train_module.compute_grads
 
-  def always_nan(model, params, inputs, targets):
-    loss, grads = real(model, params, inputs, targets)
+  def always_nan(model, params, inputs, targets, attn_impl="auto"):
+    loss, grads = real(model, params, inputs, targets, attn_impl)
     return loss, jax.tree_util.tree_map(lambda g: g * jnp.nan, grads)
 
   config = load_config(None, *overrides(tmp_path / "nan", steps=50, checkpoint_every=2,
