@@ -27,6 +27,7 @@ _PUBLIC = {  # name -> the module that defines it
     "load_run": "mla_jax.runs", "Run": "mla_jax.runs",
     "MultiHeadAttention": "mla_jax.layers.attention",
     "MultiHeadLatentAttention": "mla_jax.layers.mla", "absorbed_weights": "mla_jax.kinds",
+    "flash_attention": "mla_jax.layers.flash_attention",
     "SwiGLU": "mla_jax.layers.mlp",
     "DeepSeekMoE": "mla_jax.layers.moe",
     "RMSNorm": "mla_jax.layers.norms",

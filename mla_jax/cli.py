@@ -127,6 +127,10 @@ def _info(args: argparse.Namespace) -> int:
   print(f"config: {args.config if named else '(built-in defaults = configs/tiny.yaml)'}")
   for line in describe(config.model):
     print(line)
+  from mla_jax.train.memory import attention_memory_lines
+
+  for line in attention_memory_lines(config):
+    print(line)
   return 0
 
 

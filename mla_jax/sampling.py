@@ -1,6 +1,7 @@
-"""Autoregressive generation: one jitted prefill (naive path) and one compiled decode loop
-(lax.scan over flash-decoding steps, cache donated), with greedy, temperature, top-k and top-p
-sampling. `generate` makes no host round trip per token; `stream` does, to print as it goes.
+"""Autoregressive generation: one jitted prefill (naive path, or flash attention for long
+prompts) and one compiled decode loop (lax.scan over flash-decoding steps, cache donated), with
+greedy, temperature, top-k and top-p sampling. `generate` makes no host round trip per token;
+`stream` does, to print as it goes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from mla_jax.cache import Cache
 from mla_jax.kinds import absorbed_weights, init_cache
+from mla_jax.layers.masking import prefill_attn_impl
 from mla_jax.layers.params import unbox
 from mla_jax.model import Transformer
 
@@ -202,10 +204,12 @@ def _prompt_rows(prompts: Union[Sequence[Sequence[int]], np.ndarray, jax.Array],
 @functools.partial(jax.jit, static_argnames=("model", "max_len", "sampler"))
 def _prefill(params, prompt: jax.Array, lengths: jax.Array, key: jax.Array, *, model: Transformer,
              max_len: int, sampler: Sampler) -> tuple[jax.Array, Cache]:
-  """Runs each whole prompt (naive path) and samples the first new token: [B], cache."""
+  """Runs each whole prompt and samples the first new token: [B], cache. Long prompts (from
+  FLASH_ATTENTION_MIN_TOKENS) run flash attention, in memory linear in P; short ones the naive
+  path (layers/masking.py: prefill_attn_impl)."""
   cache = init_cache(model.config, prompt.shape[0], max_len)
   logits, cache = model.apply({"params": params}, prompt, cache=cache, num_tokens=lengths,
-                              attn_impl="naive")  # [B,P,V]
+                              attn_impl=prefill_attn_impl(prompt.shape[1]))  # [B,P,V]
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B,V]
   return sampler(last, key), cache
 

@@ -40,6 +40,23 @@ def test_info_applies_overrides_and_counts_params_exactly(capsys):
   assert f"parameters: {2 * 260 * 128 + 128 + 4 * per_layer:,}" in out
 
 
+
+def test_info_shows_the_train_steps_attention_memory_per_path(capsys):
+  # tiny.yaml: 4 layers, 4 heads; one sequence of 8,192: 4 x 8192^2 x 4 bytes = 1 GiB a layer.
+  assert main(["info", "model.max_seq_len=8192", "train.seq_len=8192", "train.batch_size=1"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  start = lines.index("train step attention at train.seq_len=8,192, batch 1 on one device: "
+                      "flash_attention (train.attn_impl=auto)")
+  assert lines[start + 1] == ("  naive keeps each layer's [B,H,T,T] float32 softmax for the "
+                              "backward pass: 4 x 1.00 GiB; 4.00 GiB in all")
+  assert lines[start + 2].startswith("  flash_attention keeps each layer's [B,H,T] log-sum-exp "
+                                     "for the backward pass: 4 x 128.0 KiB, and computes the "
+                                     "scores one [B,H,512,512] block at a time (4.0 MiB)")
+  assert main(["info", "train.attn_impl=naive", "train.remat=full"]) == 0
+  out = capsys.readouterr().out  # remat keeps one layer's at a time
+  assert "batch 16 on one device: naive (train.attn_impl=naive)" in out
+  assert "for the backward pass: 1 x 4.0 MiB; 4.0 MiB in all" in out
+
 @pytest.mark.parametrize("cache_dtype, per_layer", [
     ("bfloat16", 48 * 2),  # c_kv 32 + k_rope 16, two bytes each
     ("int8", 32 + 4 + 16 * 2),  # int8 latent, its float32 scale, bfloat16 k_rope

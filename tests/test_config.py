@@ -162,6 +162,7 @@ def test_tiny_yaml_spells_out_the_built_in_defaults():
     ("train.batch_size=two", "train.batch_size='two'"),
     ("train.beta2=1.0", "train.beta2=1.0"),
     ("train.min_learning_rate=1.0", "train.min_learning_rate=1.0"),
+    ("train.attn_impl=flash", r"train.attn_impl='flash' .*auto, naive, flash_attention"),
     ("data.val_fraction=0", "data.val_fraction=0"),
     ("data.path=''", "data.path=''"),
     ("seed=1.5", "seed=1.5"),

@@ -44,6 +44,7 @@ BASH_BLOCKS = {
     "checkpoints.md": {"deepseek": "test_deepseek_block_as_written (slow, needs torch)"},
     "conversion.md": {"recipe": "test_conversion_recipe_as_written (slow)"},
     "decode.md": {},
+    "flash-attention.md": {},
     "generation.md": {"generate": "test_quick_start_and_generate_as_written (slow, test_readme)"},
     "installation.md": {},
     "layer.md": {},
@@ -125,6 +126,7 @@ PYTHON_CHECKS = {
     "generation.md": lambda ns: ns["lengths"].tolist() == [11, 9] and ns["run"].step == 2 and (
         ns["text"].startswith("class Stack:") and ns["out"].shape == (1, 12 + 40)),
     "decode.md": lambda ns: ns["with_halves"].shape == (1, 1, ns["cfg"].vocab_size),
+    "flash-attention.md": lambda ns: ns["out"].shape == (1, 1024, 4, 32),
     "quantized-cache.md": lambda ns: ns["cache"].layers[0].quantized,
     "moe.md": lambda ns: set(ns["logits"]) == {"dispatch", "dense"},
     "sharding.md": lambda ns: ns["logits"].shape == (2, 1, ns["cfg"].vocab_size) and (

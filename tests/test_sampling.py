@@ -62,6 +62,32 @@ def test_greedy_tokens_are_unchanged_by_the_pallas_decode_kernel(model_and_param
       want[2, len(PROMPTS[2]):len(PROMPTS[2]) + 6].tolist())
 
 
+# A prompt of FLASH_ATTENTION_MIN_TOKENS through generate: the layer's prefill test covers the
+# equality by default.
+@pytest.mark.slow
+def test_long_prompts_prefill_with_flash_attention_and_keep_greedy_tokens():
+  """Prompts of FLASH_ATTENTION_MIN_TOKENS and more prefill through flash attention (the short
+  ones above through the naive path): the greedy tokens equal teacher forcing with the naive
+  path all along, for two ragged rows."""
+  from mla_jax.layers.masking import FLASH_ATTENTION_MIN_TOKENS, prefill_attn_impl
+
+  cfg = variant(CFG, max_seq_len=FLASH_ATTENTION_MIN_TOKENS + 16, flash_block_q=256,
+                flash_block_k=128)
+  model = mla_jax.Transformer(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = jax.tree_util.tree_map(lambda p: p * 4 if p.ndim >= 2 else p, params)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, cfg.vocab_size, n).tolist()
+             for n in (FLASH_ATTENTION_MIN_TOKENS, FLASH_ATTENTION_MIN_TOKENS - 300)]
+  assert prefill_attn_impl(FLASH_ATTENTION_MIN_TOKENS) == "flash_attention"
+  out, lengths = generate(model, params, prompts, max_new_tokens=6, return_lengths=True)
+  for b, prompt in enumerate(prompts):
+    row = out[b, :lengths[b]]
+    logits, _ = model.apply({"params": params}, jnp.asarray(row[None]), attn_impl="naive")
+    predicted = np.asarray(jnp.argmax(logits[0], axis=-1))
+    np.testing.assert_array_equal(row[len(prompt):], predicted[len(prompt) - 1:-1])
+
+
 def _padded(side, pad=59):
   """PROMPTS as one [3,7] array padded on `side` with a real token id, and its attention mask."""
   array, mask = np.full((3, 7), pad, np.int32), np.zeros((3, 7), np.int32)

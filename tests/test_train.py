@@ -254,11 +254,53 @@ def test_memory_check_refuses_with_figures_and_knobs():
   message = str(err.value)
   assert message.startswith("the train step needs ") and "from XLA's memory analysis" in message
   for knob in ("train.batch_size (now 8)", "train.seq_len (now 32)", "mesh.fsdp", "mesh.tensor",
-               "train.remat=full"):
+               "train.remat=full", "train.attn_impl=flash_attention"):
     assert knob in message
   limit, what = train_module.device_memory_available(devices)
   assert what.endswith("shared by 8 CPU device(s)") and 0 < limit * 8 <= 2**50
 
+
+# `mla-jax train` on one device whose memory the pre-check is told is 2 GiB: at seq_len 16,384
+# the naive path's step is refused before anything is allocated; flash attention's trains.
+_BUDGET_DRIVER = """
+import sys
+import mla_jax.train.memory as memory
+memory.host_memory_available = lambda: 2 * 2**30
+from mla_jax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+_LONG = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
+         "model.q_lora_rank=null", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
+         "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.intermediate_size=64",
+         "model.max_seq_len=16384", "train.seq_len=16384", "train.batch_size=1", "train.steps=2",
+         "train.warmup_steps=0", "train.log_every=1", "train.eval_every=2", "train.eval_batches=1",
+         "train.sample_tokens=0", f"data.path={DATA}"]
+
+
+def _train_on_a_2_gib_device(tmp_path, *extra):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run([sys.executable, "-c", _BUDGET_DRIVER, "train", *_LONG,
+                         f"workdir={tmp_path / 'run'}", *extra],
+                        capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_seq_len_16384_trains_with_flash_attention_where_naive_is_refused(tmp_path):
+  refused = _train_on_a_2_gib_device(tmp_path, "train.attn_impl=naive")
+  assert refused.returncode == 2, refused.stderr
+  (line,) = refused.stderr.strip().splitlines()
+  assert line.startswith("mla-jax: error: the train step needs ")
+  assert ("of it, naive attention keeps each layer's [B,H,T,T] float32 softmax for the "
+          "backward pass: 1 x 2.00 GiB") in line
+  assert "more than the 2.00 GiB per device available" in line
+  assert "train.attn_impl=flash_attention" in line
+  assert not (tmp_path / "run").exists()  # refused before the workdir was made
+
+  trained = _train_on_a_2_gib_device(tmp_path)  # train.attn_impl=auto
+  assert trained.returncode == 0, trained.stderr
+  fit = next(line for line in trained.stdout.splitlines() if "train step memory: " in line)
+  assert "of it, flash attention keeps each layer's [B,H,T] log-sum-exp" in fit
+  assert "2.00 GiB available per device" in fit
+  assert "final: step 2, train loss " in trained.stdout
 
 def _trainer_and_state():
   config = load_config(None, *overrides("unused", steps=10))
@@ -291,8 +333,8 @@ def test_nan_gradient_is_skipped_and_counted():
 def test_non_finite_updates_in_a_row_stop_training(tmp_path, monkeypatch):
   real = train_module.compute_grads
 
-  def always_nan(model, params, inputs, targets):
-    loss, grads = real(model, params, inputs, targets)
+  def always_nan(model, params, inputs, targets, attn_impl="auto"):
+    loss, grads = real(model, params, inputs, targets, attn_impl)
     return loss, jax.tree_util.tree_map(lambda g: g * jnp.nan, grads)
 
   config = load_config(None, *overrides(tmp_path / "nan", steps=50, checkpoint_every=2,

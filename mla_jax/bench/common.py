@@ -69,6 +69,27 @@ def time_calls(call: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing
   return Timing(first, statistics.median(times), min(times), max(times), repeats)
 
 
+def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Timing]:
+  """Times several calls against each other: one round of every call in turn (the first calls,
+  compilation included), then `repeats` rounds, so a change in the machine's load hits them
+  alike. Each result is block_until_ready'd. Raises ValueError for repeats < 1."""
+  if repeats < 1:
+    raise ValueError(f"repeats={repeats} must be >= 1")
+
+  def seconds(call) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    return time.perf_counter() - start
+
+  first = {name: seconds(call) for name, call in calls.items()}
+  times: dict[str, list[float]] = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      times[name].append(seconds(call))
+  return {name: Timing(first[name], statistics.median(t), min(t), max(t), repeats)
+          for name, t in times.items()}
+
+
 # ---- progress ------------------------------------------------------------------------------
 
 class Progress:

@@ -1,4 +1,5 @@
-"""`mla-jax bench train`: training step time and tokens/s, MLA against MHA, GQA and MQA.
+"""`mla-jax bench train`: training step time and tokens/s, MLA against MHA, GQA and MQA; and the
+training step with the naive path against flash attention as T grows (bench/train_attention.py).
 
 Each model is the library's Transformer trained by the library's own `Trainer` (AdamW step,
 state donated), at the same parameter count as the MLA model (the baselines' MLP width is
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mla_jax.bench import add_quick_option
+from mla_jax.bench import add_quick_option, train_attention
 from mla_jax.bench.common import (Report, Table, cost, count_params, display_path, header_lines,
                                   match_parameters, select_variants, time_calls)
 from mla_jax.bench.common import progress
@@ -76,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--moe", default="on", choices=["on", "off"],
                       help="also train a small MLA + DeepSeekMoE model against dense MHA models "
                            "of its total and of its active parameters (default: %(default)s)")
+  train_attention.add_arguments(parser)
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -180,6 +182,7 @@ def run(args: argparse.Namespace) -> Report:
   for name in ("batch", "seq_len", "repeats"):
     if getattr(args, name) < 1:
       raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid: must be >= 1")
+  train_attention.check_options(args)
   model = model_config(args)
   rows = [measure(name, config, args.batch, args.seq_len, args.repeats)
           for name, config in variants(model, select_variants(ATTENTIONS, args.variants))]
@@ -205,21 +208,44 @@ def run(args: argparse.Namespace) -> Report:
   if args.moe == "on":
     tables.append(moe_table(moe_rows(QUICK_MOE_MODEL if args.quick else MOE_MODEL, args.batch,
                                      args.seq_len, args.repeats)))
+  attention = train_attention.tables(args, model)
+  tables += attention
+  lengths = next((t.rows for t in attention if t.title.startswith("Training step against T")),
+                 [])
   dtype = f"{model.dtype} (parameters {model.param_dtype})"
   return Report("train", header_lines(dtype, args.command), tables,
-                plot=lambda png: plot(rows, png))
+                plot=lambda png: plot(rows, png, lengths))
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, lengths: Sequence[dict] = ()) -> None:
+  """Training tokens/s of each attention; with the attention table, step time and peak memory
+  of the naive and the flash path against T beside it."""
   import matplotlib.pyplot as plt
 
-  fig, ax = plt.subplots(figsize=(6.5, 4))
+  panels = 3 if lengths else 1
+  fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4), squeeze=False)
+  ax = axes[0][0]
   names = [r["variant"] for r in rows]
   ax.bar(names, [r["tokens_per_s"] for r in rows],
          yerr=[[r["tokens_per_s"] - r["tokens_per_s"] * r["step_ms"] / r["max_ms"] for r in rows],
                [r["tokens_per_s"] * r["step_ms"] / r["min_ms"] - r["tokens_per_s"] for r in rows]],
          color=["tab:red" if n == "MLA" else "tab:gray" for n in names], capsize=4)
   ax.set_ylabel("training tokens/s (median; bars: min..max step)")
+  if lengths:
+    for impl, label, color in (("naive", "naive", "tab:gray"),
+                               ("flash_attention", "flash attention", "tab:red")):
+      timed = [r for r in lengths if isinstance(r.get(f"{impl}_ms"), float)]
+      axes[0][1].plot([r["seq_len"] for r in timed], [r[f"{impl}_ms"] for r in timed], "o-",
+                      label=label, color=color)
+      axes[0][2].plot([r["seq_len"] for r in lengths], [r[f"{impl}_mib"] for r in lengths],
+                      "o-", label=label, color=color)
+    for panel, ylabel in ((axes[0][1], "training step ms (median)"),
+                          (axes[0][2], "peak memory MiB (XLA)")):
+      panel.set_xscale("log", base=2)
+      panel.set_yscale("log")
+      panel.set_xlabel("T (tokens per sequence)")
+      panel.set_ylabel(ylabel)
+      panel.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -165,6 +165,10 @@ class ModelConfig:
   decode_kernel: str = "auto"
   decode_kernel_block_size: Optional[int] = None
   decode_kv_splits: int = 1
+  # Flash attention (training and prefill, layers/flash_attention.py): query rows and key slots
+  # per block, tuning knobs chosen by measurement (docs/flash-attention.md).
+  flash_block_q: int = 512
+  flash_block_k: int = 512
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype", "cache_dtype"):  # before the type check wants a str
@@ -198,7 +202,8 @@ class ModelConfig:
     if self.cache_dtype == "int4" and self.kv_lora_rank % 2:
       _fail("model.cache_dtype", self.cache_dtype,
             f"int4 packs two values per byte: needs an even kv_lora_rank, not {self.kv_lora_rank}")
-    _positive("model.decode_block_size", self.decode_block_size)
+    for name in ("decode_block_size", "flash_block_q", "flash_block_k"):
+      _positive(f"model.{name}", getattr(self, name))
     if self.decode_kernel not in DECODE_KERNELS:
       _fail("model.decode_kernel", self.decode_kernel, f"allowed: {', '.join(DECODE_KERNELS)}")
     if self.decode_kernel == "pallas" and self.attention != "mla":

@@ -12,6 +12,8 @@ from mla_jax.config.fields import _check_fields, _check_type, _fail, _positive
 from mla_jax.config.model import ModelConfig
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# The attention paths a train step may take (the differentiable ones of layers.masking.ATTN_IMPLS).
+TRAIN_ATTN_IMPLS = ("auto", "naive", "flash_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,10 @@ class TrainConfig:
   # A workdir whose latest parameters start this run (from `mla-jax convert-to-mla`, or another
   # run of the same model) instead of a random init; the optimizer starts fresh. null: random.
   init_from: Optional[str] = None
+  # The attention path of the train step (layers/masking.py): auto runs flash attention (blocked,
+  # memory linear in seq_len) from FLASH_ATTENTION_MIN_TOKENS tokens on and the naive path
+  # (the [B,H,T,T] scores kept for the backward pass) below; flash_attention or naive force one.
+  attn_impl: str = "auto"
 
   def __post_init__(self):
     _check_fields(self, "train.")
@@ -70,6 +76,8 @@ class TrainConfig:
       _fail("train.remat", self.remat, f"allowed: {', '.join(REMAT_POLICIES)}")
     if self.init_from is not None and not self.init_from.strip():
       _fail("train.init_from", self.init_from, "must be a workdir path, or null")
+    if self.attn_impl not in TRAIN_ATTN_IMPLS:
+      _fail("train.attn_impl", self.attn_impl, f"allowed: {', '.join(TRAIN_ATTN_IMPLS)}")
 
   @property
   def warmup(self) -> int:
@@ -150,9 +158,9 @@ class Config:
 
   def run_fields(self) -> dict[str, Any]:
     """The fields that define what a checkpoint of this run holds: the model (less how it is
-    executed: moe_impl, cache_dtype, the decode_* fields), the data, the seed and the optimisation
-    (warmup resolved; the starting workdir, train.init_from, when set). Logging, evaluation,
-    checkpoint cadence, sampling,
+    executed: moe_impl, cache_dtype, the decode_* and flash_block_* fields), the data, the seed
+    and the optimisation (warmup resolved; the starting workdir, train.init_from, when set).
+    Logging, evaluation, checkpoint cadence, sampling,
     the mesh and the workdir may change when a run resumes; these may not."""
     train = {name: getattr(self.train, name) for name in _RUN_TRAIN_FIELDS}
     train["warmup_steps"] = self.train.warmup
@@ -176,7 +184,8 @@ class Config:
 
 # How a model is executed, not what its parameters are: the same checkpoint serves any of these.
 _EXECUTION_MODEL_FIELDS = ("moe_impl", "cache_dtype", "decode_block_size", "decode_kernel",
-                           "decode_kernel_block_size", "decode_kv_splits")
+                           "decode_kernel_block_size", "decode_kv_splits", "flash_block_q",
+                           "flash_block_k")
 _RUN_TRAIN_FIELDS = ("steps", "batch_size", "seq_len", "learning_rate", "min_learning_rate",
                      "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "mesh": MeshConfig}

@@ -6,6 +6,9 @@ replaces, tested against it in interpret mode on CPU and lowered for TPU and GPU
                        layers/paged_attention.py; model.decode_kernel chooses them
   mla_decode_block.py  one latent block's scores, online softmax and weighted sum
   mla_decode_tpu.py    the Mosaic kernel; mla_decode_gpu.py the Triton one
+  flash_attention.py      flash attention for training and prefill (layers/flash_attention.py
+                          chooses it by platform): the custom VJP, the layout, the padding
+  flash_attention_tpu.py  its Mosaic kernels; flash_attention_gpu.py its Triton kernels
 
 Nothing is imported here, so importing one kernel does not import Pallas' other backends.
 """

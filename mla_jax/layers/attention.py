@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from mla_jax.cache import KVCache, load_float, write_cache
 from mla_jax.config.model import ModelConfig
 from mla_jax.paged_cache import PagedLayerCache, as_contiguous, write_paged
+from mla_jax.layers.flash_attention import flash_attention
 from mla_jax.layers.flash_decode import (grouped_decode_partials, normalize,
                                          split_over_sequence)
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
@@ -61,8 +62,10 @@ def mha_attention(config: ModelConfig, params: dict, x: jax.Array, *,
   record are accepted for the same signature: this layer has no absorbed weights).
 
   attn_impl: 'flash' (the default with a cache, via 'auto') walks the K/V cache in blocks with
-  the same flash-decoding loop as MLA, so comparisons stay fair; 'naive' and 'absorbed' (no
-  latent to absorb into: the same thing here) run the plain einsum path over the whole cache.
+  the same flash-decoding loop as MLA, so comparisons stay fair; 'flash_attention' (the default
+  for long sequences without a cache) is the same blocked attention with its own backward pass
+  as MLA's; 'naive' and 'absorbed' (no latent to absorb into: the same thing here) run the plain
+  einsum path over the whole cache.
   """
   del absorbed, record
   cfg = config
@@ -93,6 +96,20 @@ def mha_attention(config: ModelConfig, params: dict, x: jax.Array, *,
     new_cache = write_paged(new, cache, lengths, num_tokens)
   else:
     new_cache = write_cache(new, cache, lengths)
+  if impl == "flash_attention":  # blocked, linear memory (layers/flash_attention.py)
+    if new_cache is None:
+      keys, values, kv_lengths = k, val, None  # [B,T,G,K], [B,T,G,V]
+    else:
+      contiguous = (as_contiguous(new_cache) if isinstance(new_cache, PagedLayerCache)
+                    else new_cache)
+      keys, values = (jnp.swapaxes(load_float(x, dtype), 1, 2)  # [B,S,G,K], [B,S,G,V]
+                      for x in (contiguous.k, contiguous.v))
+      kv_lengths = lengths + num_tokens
+    out = flash_attention(q, keys, values, scale=cfg.softmax_scale,
+                          query_offsets=None if cache is None else lengths,
+                          kv_lengths=kv_lengths, block_q=cfg.flash_block_q,
+                          block_k=cfg.flash_block_k).astype(dtype)  # [B,T,H,V]
+    return jnp.einsum("BTHV,HVD->BTD", out, cast(params["o_proj"], cfg)), new_cache
   q = q.reshape(b, t, g, h // g, k_dim)  # query heads grouped under their key/value head
   if impl == "flash":
     keys = new if cache is None else new_cache

@@ -20,22 +20,40 @@ import jax.numpy as jnp
 
 from mla_jax.cache import Entries, slot_mask
 
-ATTN_IMPLS = ("naive", "absorbed", "flash", "auto")
+ATTN_IMPLS = ("naive", "absorbed", "flash", "flash_attention", "auto")
+
+# From this many new tokens on, 'auto' without a cache (training, a forward pass) and generate's
+# prefill run flash attention rather than the naive path: where, measured on a CPU, the blocked
+# path's training step stops being slower than the naive one (docs/flash-attention.md, `mla-jax
+# bench train --attention`). Below it the naive path's few large dots are as fast, and its
+# quadratic memory is small.
+FLASH_ATTENTION_MIN_TOKENS = 1024
 
 
 def resolve_attn_impl(attn_impl: str, num_new_tokens: int, has_cache: bool) -> str:
-  """'auto' is 'naive' without a cache (training), 'flash' with one (decode steps, and prefill
-  or chunked prefill into a cache: the blocked absorbed path reads only the filled slots).
+  """'auto' is, without a cache (training, a forward pass), 'flash_attention' from
+  FLASH_ATTENTION_MIN_TOKENS new tokens on and 'naive' below; with a cache, 'flash' (decode
+  steps, and prefill or chunked prefill into a cache: the blocked absorbed path reads only the
+  filled slots).
 
-  'naive' and 'absorbed' are the plain einsum paths over the whole cache, kept as references.
-  Decided from static shapes, never from array values, so it costs no retrace under jit.
+  'flash_attention' is the naive math blocked, with its own backward pass, in memory linear in
+  T (layers/flash_attention.py): for training and prefill; 'naive' and 'absorbed' are the plain
+  einsum paths over the whole cache, kept as references. Decided from static shapes, never from
+  array values, so it costs no retrace under jit.
   """
-  del num_new_tokens  # every T takes the same path; kept so call sites state what they know
   if attn_impl not in ATTN_IMPLS:
     raise ValueError(f"attn_impl={attn_impl!r} is invalid: allowed {', '.join(ATTN_IMPLS)}")
   if attn_impl != "auto":
     return attn_impl
-  return "flash" if has_cache else "naive"
+  if has_cache:
+    return "flash"
+  return prefill_attn_impl(num_new_tokens)
+
+
+def prefill_attn_impl(num_new_tokens: int) -> str:
+  """The path for a forward pass over `num_new_tokens` tokens at once (training, or generate's
+  prefill of a prompt): 'flash_attention' from FLASH_ATTENTION_MIN_TOKENS on, else 'naive'."""
+  return "flash_attention" if num_new_tokens >= FLASH_ATTENTION_MIN_TOKENS else "naive"
 
 
 def query_positions(batch: int, num_new: int, has_cache: bool, lengths: Optional[jax.Array],

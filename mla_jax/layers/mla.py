@@ -1,4 +1,5 @@
-"""Multi-head Latent Attention (DeepSeek-V2/V3), with a naive and an absorbed attention path.
+"""Multi-head Latent Attention (DeepSeek-V2/V3), with naive and absorbed attention paths and their
+blocked (flash) forms.
 
 Keys and values of all heads are produced from one latent c_kv [B,S,C] per token plus one shared
 RoPE key k_rope [B,S,R]; only those two are cached. With W_UK [C,H,N] and W_UV [C,H,V] the two
@@ -11,6 +12,10 @@ halves of kv_b_proj:
   flash     the absorbed math as flash-decoding (layers/flash_decode.py): the cache walked in
             blocks with an online softmax, each block read once, stopping at the longest
             sequence; the default with a cache ('auto'). 'absorbed' stays as its reference.
+  flash_attention
+            the naive math as flash attention (layers/flash_attention.py): blocked, with its
+            own backward pass, in memory linear in T; the default for training at long T
+            ('auto'), and generate's prefill of long prompts. 'naive' stays as its reference.
 
 All give the same numbers up to float rounding. The rope term q_rope . k_rope is shared: it adds
 to the scores exactly as concatenating [k_nope, k_rope] per head would, without broadcasting
@@ -40,6 +45,7 @@ from mla_jax.config.model import ModelConfig
 from mla_jax.paged_cache import PagedLayerCache, as_contiguous, write_paged
 from mla_jax.kernels import mla_decode as kernels
 from mla_jax.kernels.mla_decode import default_block_size, uses_pallas
+from mla_jax.layers.flash_attention import flash_attention
 from mla_jax.layers.flash_decode import mla_decode_partials, normalize, split_over_sequence
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
                                     resolve_attn_impl)
@@ -197,16 +203,23 @@ def mla_attention(config: ModelConfig, params: dict, x: jax.Array, *,
     out = per_head(out_lat, w_uv)  # BTHC,HCV->BTHV
     record("q_lat", q_lat)
     record("out_lat", out_lat)
+  elif impl == "flash_attention":  # the naive math in blocks, linear memory (flash_attention.py)
+    keys = new if new_cache is None else _cached_values(new_cache)  # slots zeroed per block
+    k_nope, values = _expand(keys.c_kv.astype(dtype), w_kv_b, n)  # [B,S,H,N], [B,S,H,V]
+    out = flash_attention(
+        q_nope, k_nope, values, q_rope=q_rope, k_rope=keys.k_rope.astype(dtype),
+        scale=cfg.softmax_scale, query_offsets=None if cache is None else lengths,
+        kv_lengths=None if cache is None else lengths + num_tokens, block_q=cfg.flash_block_q,
+        block_k=cfg.flash_block_k).astype(dtype)
+    record("k_nope", k_nope)
+    record("values", values)
   else:
-    cached = None if new_cache is None else latent_values(
-        as_contiguous(new_cache) if isinstance(new_cache, PagedLayerCache) else new_cache)
+    cached = None if new_cache is None else _cached_values(new_cache)
     keys, mask = reference_context(new, cached, lengths, num_tokens, positions, dtype)
     c_all, k_rope_all = keys.c_kv, keys.k_rope  # [B,S,C], [B,S,R]
     rope_scores = einsum_f32("BTHR,BSR->BHTS", q_rope, k_rope_all)
     if impl == "naive":
-      w_uk, w_uv = w_kv_b[..., :n], w_kv_b[..., n:]  # [C,H,N], [C,H,V]: plain matmuls here
-      k_nope = jnp.einsum("BSC,CHN->BSHN", c_all, w_uk)
-      values = jnp.einsum("BSC,CHV->BSHV", c_all, w_uv)
+      k_nope, values = _expand(c_all, w_kv_b, n)  # [B,S,H,N], [B,S,H,V]
       nope_scores = einsum_f32("BTHN,BSHN->BHTS", q_nope, k_nope)
       probs = masked_softmax((nope_scores + rope_scores) * cfg.softmax_scale, mask)
       out = einsum_f32("BHTS,BSHV->BTHV", probs.astype(dtype), values).astype(dtype)
@@ -226,6 +239,20 @@ def mla_attention(config: ModelConfig, params: dict, x: jax.Array, *,
   y = jnp.einsum("BTHV,HVD->BTD", out, cast(params["o_proj"], cfg))
   record("attn_out", out)
   return y, new_cache
+
+
+def _expand(c_kv: jax.Array, w_kv_b: jax.Array, nope_dim: int) -> tuple[jax.Array, jax.Array]:
+  """The naive up-projection of latents c_kv [B,S,C] by kv_b_proj [C,H,N+V]: per-head keys
+  k_nope [B,S,H,N] and values [B,S,H,V] (plain matmuls, no absorbed weights)."""
+  k_nope = jnp.einsum("BSC,CHN->BSHN", c_kv, w_kv_b[..., :nope_dim])
+  values = jnp.einsum("BSC,CHV->BSHV", c_kv, w_kv_b[..., nope_dim:])
+  return k_nope, values
+
+
+def _cached_values(cache) -> LatentCache:
+  """The updated cache as float32 values [B,S,...] (paged: gathered; quantized: decoded): a
+  whole-cache copy, for the paths that read the whole cache (reference, flash attention)."""
+  return latent_values(as_contiguous(cache) if isinstance(cache, PagedLayerCache) else cache)
 
 
 def _absorbed(cfg: ModelConfig, w_kv_b: jax.Array, absorbed: Optional[dict]

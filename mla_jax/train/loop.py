@@ -138,7 +138,9 @@ def _train(config: Config, log: Callable[[str], None], progress: bool) -> dict:
       "(the loss of a model that ignores context)")
   started = time.perf_counter()
   compiled = trainer.compile_train_step()
-  fit = check_memory(config, compiled, list(trainer.mesh.local_devices))
+  shape = trainer.mesh.shape
+  fit = check_memory(config, compiled, list(trainer.mesh.local_devices),
+                     batch_shards=shape["data"] * shape["fsdp"], head_shards=shape["tensor"])
   log(f"compiled the train step in {time.perf_counter() - started:.1f} s"
       + (f"; {fit}" if fit else ""))
 

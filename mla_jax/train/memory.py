@@ -1,14 +1,16 @@
 """The memory pre-check: what one device may use, what the compiled train step needs (XLA's
-memory analysis), and a refusal naming the knobs when it does not fit, before any array is
-allocated."""
+memory analysis), the attention's share of it, and a refusal naming the knobs when it does not
+fit, before any array is allocated."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 from mla_jax.config.run import Config
+from mla_jax.layers.masking import resolve_attn_impl
 
 
 def host_memory_available() -> Optional[int]:
@@ -41,10 +43,12 @@ def device_memory_available(devices: list) -> Optional[tuple[int, str]]:
 
 
 def _gib(num_bytes: float) -> str:
-  """Bytes in GiB, or MiB below one GiB."""
+  """Bytes in GiB, or MiB below one GiB, or KiB below one MiB."""
   if num_bytes >= 2**30:
     return f"{num_bytes / 2**30:,.2f} GiB"
-  return f"{num_bytes / 2**20:,.1f} MiB"
+  if num_bytes >= 2**20:
+    return f"{num_bytes / 2**20:,.1f} MiB"
+  return f"{num_bytes / 2**10:,.1f} KiB"
 
 
 def step_memory(compiled: Any) -> Optional[dict[str, int]]:
@@ -60,24 +64,74 @@ def step_memory(compiled: Any) -> Optional[dict[str, int]]:
   return {**parts, "total": sum(parts.values())}
 
 
+def attention_memory(config: Config, batch_shards: int = 1, head_shards: int = 1
+                     ) -> tuple[str, int, str]:
+  """The train step's attention path (train.attn_impl resolved at train.seq_len) and the bytes
+  per device of what it keeps for the backward pass that grows faster than the activations:
+  (path, bytes, description). Counted from the shapes, a lower bound on the attention's share:
+
+  naive            each layer's softmax [B,H,T,T] float32 (T = seq_len; B and H per device),
+                   kept for the backward pass (one layer at a time under train.remat);
+  flash_attention  each layer's log-sum-exp [B,H,T] float32; the scores live one block of
+                   [B,H,flash_block_q,flash_block_k] at a time.
+  """
+  m, tc = config.model, config.train
+  path = resolve_attn_impl(tc.attn_impl, tc.seq_len, has_cache=False)
+  batch = -(-tc.batch_size // batch_shards)
+  heads = -(-m.num_heads // head_shards)
+  layers = m.num_layers if tc.remat == "none" else 1
+  t = tc.seq_len
+  if path == "naive":
+    each = batch * heads * t * t * 4
+    return path, layers * each, (f"keeps each layer's [B,H,T,T] float32 softmax for the backward "
+                                 f"pass: {layers} x {_gib(each)}")
+  each = batch * heads * t * 4
+  bq, bk = min(m.flash_block_q, t), min(m.flash_block_k, t)
+  return path, layers * each, (f"keeps each layer's [B,H,T] log-sum-exp for the backward pass: "
+                               f"{layers} x {_gib(each)}, and computes the scores one "
+                               f"[B,H,{bq},{bk}] block at a time ({_gib(batch * heads * bq * bk * 4)})")
+
+
 def check_memory(config: Config, compiled: Any, devices: list,
-                 available: Optional[tuple[int, str]] = None) -> Optional[str]:
+                 available: Optional[tuple[int, str]] = None, batch_shards: int = 1,
+                 head_shards: int = 1) -> Optional[str]:
   """Refuses (ValueError, with the figures and the knobs that lower them) a train step whose
-  compiled memory exceeds what each device has; returns the line that reports the fit."""
+  compiled memory exceeds what each device has; returns the line that reports the fit.
+  batch_shards / head_shards: how many ways the mesh splits the batch and the heads (for the
+  attention's share, attention_memory)."""
   needed = step_memory(compiled)
   available = available or device_memory_available(devices)
   if needed is None or available is None:
     return None
   limit, what = available
+  path, _, attention = attention_memory(config, batch_shards, head_shards)
   figures = (f"{_gib(needed['total'])} per device ({_gib(needed['arguments'])} parameters, "
              f"optimizer state and batch + {_gib(needed['temporaries'])} activations and other "
-             "temporaries, from XLA's memory analysis of the compiled step)")
+             f"temporaries, from XLA's memory analysis of the compiled step; of it, "
+             f"{path.replace('_attention', '')} attention {attention})")
   if needed["total"] > limit:
     tc = config.train
     raise ValueError(
         f"the train step needs {figures}, more than the {_gib(limit)} per device available "
         f"({what}); lower train.batch_size (now {tc.batch_size}) or train.seq_len (now "
-        f"{tc.seq_len}), split the state over more devices with mesh.fsdp / mesh.tensor"
+        f"{tc.seq_len}), "
+        + ("run flash attention, whose memory grows linearly with seq_len, with "
+           "train.attn_impl=flash_attention, " if path == "naive" else "")
+        + "split the state over more devices with mesh.fsdp / mesh.tensor"
         + (", or recompute activations in the backward pass with train.remat=full (most "
            "effective with model.scan_layers=true)" if tc.remat == "none" else ""))
   return f"train step memory: {figures}; {_gib(limit)} available per device ({what})"
+
+
+def attention_memory_lines(config: Config) -> list[str]:
+  """What `mla-jax info` prints about the train step's attention: the path train.attn_impl
+  takes at train.seq_len, and each path's share on one device (attention_memory)."""
+  tc = config.train
+  path = attention_memory(config)[0]
+  lines = [f"train step attention at train.seq_len={tc.seq_len:,}, batch {tc.batch_size} on one "
+           f"device: {path} (train.attn_impl={tc.attn_impl})"]
+  for impl in ("naive", "flash_attention"):
+    forced = dataclasses.replace(config, train=dataclasses.replace(tc, attn_impl=impl))
+    _, kept, description = attention_memory(forced)
+    lines.append(f"  {impl} {description}; {_gib(kept)} in all")
+  return lines

@@ -52,10 +52,12 @@ def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax
 
 
 def loss_fn(model: Transformer, params, inputs: jax.Array, targets: jax.Array,
-            with_aux: bool = True) -> jax.Array:
+            with_aux: bool = True, attn_impl: str = "auto") -> jax.Array:
   """Mean next-token cross-entropy in nats (inputs, targets [B,T]), plus DeepSeekMoE's expert
-  balance loss when with_aux and model.aux_loss_alpha > 0 (evaluation reports the plain one)."""
-  (logits, _), extra = model.apply({"params": params}, inputs, mutable=["losses"])  # [B,T,V]
+  balance loss when with_aux and model.aux_loss_alpha > 0 (evaluation reports the plain one).
+  attn_impl: the attention path (train.attn_impl)."""
+  (logits, _), extra = model.apply({"params": params}, inputs, attn_impl=attn_impl,
+                                   mutable=["losses"])  # [B,T,V]
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
   if with_aux:
     # One value per MoE layer; under scan_layers one array of them per scanned group.
@@ -64,8 +66,10 @@ def loss_fn(model: Transformer, params, inputs: jax.Array, targets: jax.Array,
   return loss
 
 
-def compute_grads(model: Transformer, params, inputs, targets) -> tuple[jax.Array, Any]:
-  return jax.value_and_grad(lambda p: loss_fn(model, p, inputs, targets))(params)
+def compute_grads(model: Transformer, params, inputs, targets,
+                  attn_impl: str = "auto") -> tuple[jax.Array, Any]:
+  return jax.value_and_grad(
+      lambda p: loss_fn(model, p, inputs, targets, attn_impl=attn_impl))(params)
 
 
 def apply_gradients(optimizer: optax.GradientTransformation, schedule: optax.Schedule,
@@ -146,7 +150,8 @@ class Trainer:
   @functools.cached_property
   def _train_step(self) -> Callable:
     def step(state, inputs, targets):
-      loss, grads = compute_grads(self.model, state.params, inputs, targets)
+      loss, grads = compute_grads(self.model, state.params, inputs, targets,
+                                  self.config.train.attn_impl)
       return apply_gradients(self.optimizer, self.schedule, state, loss, grads)
 
     batch = batch_sharding(self.mesh)
@@ -172,7 +177,8 @@ class Trainer:
   @functools.cached_property
   def _eval_step(self) -> Callable:
     batch = batch_sharding(self.mesh)
-    return jax.jit(lambda params, x, y: loss_fn(self.model, params, x, y, with_aux=False),
+    return jax.jit(lambda params, x, y: loss_fn(self.model, params, x, y, with_aux=False,
+                                                 attn_impl=self.config.train.attn_impl),
                    in_shardings=(self.state_shardings.params, batch, batch),
                    out_shardings=self.replicated)
 

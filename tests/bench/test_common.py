@@ -57,6 +57,17 @@ def test_time_calls_orders_and_validates():
     common.time_calls(lambda: 1, repeats=0)
 
 
+
+def test_time_interleaved_alternates_the_calls_and_validates():
+  order = []
+  timings = common.time_interleaved({"a": lambda: order.append("a"),
+                                     "b": lambda: order.append("b")}, repeats=2)
+  assert order == ["a", "b"] * 3  # one untimed round, then the timed ones, in turn
+  for timing in timings.values():
+    assert timing.min_s <= timing.median_s <= timing.max_s and timing.repeats == 2
+  with pytest.raises(ValueError, match="repeats=0"):
+    common.time_interleaved({"a": lambda: 1}, repeats=0)
+
 def test_roofline_names_the_binding_ceiling():
   ceilings = common.Ceilings(copy_bytes_per_s=1e9, matmul_flops_per_s=1e10, copy_mib=1,
                              matmul_n=8, dtype="float32")

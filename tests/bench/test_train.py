@@ -4,9 +4,11 @@ import pytest
 
 from tests.bench.helpers import check_header, rows, run_suite
 
+NO_ATTENTION = ("--attention-lengths", "none", "--block-sizes", "none")
+
 
 def test_train_rows(tmp_path):
-  raw = run_suite("train", tmp_path, "--variants", "MLA,MQA", "--moe", "off")
+  raw = run_suite("train", tmp_path, "--variants", "MLA,MQA", "--moe", "off", *NO_ATTENTION)
   mla, mqa = rows(raw)
   assert (mla["variant"], mqa["variant"]) == ("MLA", "MQA")
   assert abs(mla["params"] - mqa["params"]) / mla["params"] < 0.01
@@ -28,7 +30,7 @@ def test_moe_rows_count_the_active_parameters(tmp_path):
   from mla_jax.bench.moe import active_param_count
   from mla_jax.bench.train import QUICK_MOE_MODEL
 
-  raw = run_suite("train", tmp_path, "--variants", "MLA")
+  raw = run_suite("train", tmp_path, "--variants", "MLA", *NO_ATTENTION)
   moe, same_total, same_active = rows(raw, 1)
   assert moe["params"] == same_total["params"] == same_total["active_params"] or (
       abs(moe["params"] - same_total["params"]) / moe["params"] < 0.02)
@@ -41,3 +43,39 @@ def test_moe_rows_count_the_active_parameters(tmp_path):
     assert row["flops_vs_moe"] == pytest.approx(row["flops_per_token"] / moe["flops_per_token"])
     assert row["compile_s"] > 0.01
   assert "fewer training FLOPs per token" in raw["markdown"]
+
+
+@pytest.mark.slow  # compiles and times five train steps
+def test_naive_against_flash_attention_table_and_block_sizes(tmp_path):
+  """The attention tables (T = 48; blocks 16 x 16 and 32 x 32): both paths timed with XLA's peak
+  memory and compile time of each compiled step, judged against the naive step's roofline, the
+  ratios from those figures, and the block-size table naming its fastest pair."""
+  raw = run_suite("train", tmp_path, "--variants", "MLA", "--moe", "off",
+                  "--attention-lengths", "48", "--block-size-len", "48")
+  lengths, blocks = rows(raw, 1), rows(raw, 2)
+  assert [r["seq_len"] for r in lengths] == [48]
+  for row in lengths:
+    for path in ("naive", "flash_attention"):
+      assert row[f"{path}_min"] <= row[f"{path}_ms"] <= row[f"{path}_max"]
+      assert row[f"{path}_mib"] > 0 and row[f"{path}_compile_s"] > 0
+      assert row[f"{path}_of_roofline"] == pytest.approx(row["roofline_ms"] / row[f"{path}_ms"])
+    assert row["bound"] in ("memory", "compute") and row["roofline_ms"] > 0
+    assert row["time_ratio"] == pytest.approx(row["flash_attention_ms"] / row["naive_ms"])
+    assert row["memory_ratio"] == pytest.approx(row["naive_mib"] / row["flash_attention_mib"])
+  assert [(r["block_q"], r["block_k"]) for r in blocks] == [(16, 16), (32, 32)]
+  best = min(blocks, key=lambda r: r["step_ms"])
+  assert f"The fastest here: {best['block_q']} x {best['block_k']}" in raw["markdown"]
+  assert "Training step against T: naive and flash attention, batch 1" in raw["markdown"]
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--block-sizes", "16x", "--block-sizes '16x' is invalid: expected QxK pairs"),
+    ("--attention-lengths", "0", "--attention-lengths '0' is invalid"),
+    ("--attention-repeats", "0", "--attention-repeats 0 is invalid: must be >= 1"),
+])
+def test_attention_options_are_checked(tmp_path, capsys, option, value, message):
+  from mla_jax.cli import main
+
+  assert main(["bench", "train", "--quick", "--out", str(tmp_path), "--variants", "MLA",
+               "--moe", "off", option, value]) == 2
+  assert message in capsys.readouterr().err

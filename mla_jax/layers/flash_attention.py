@@ -1,0 +1,358 @@
+"""Flash attention for training and prefill: blocked causal attention in linear memory, with its
+own backward pass (FlashAttention-2, Dao 2023), for MLA's head shapes and the baselines'.
+
+The plain path materialises the scores [B,H,T,S] and their softmax, and the backward pass keeps
+the softmax: quadratic memory in T. Here queries are cut into blocks of `block_q` rows and keys
+into blocks of `block_k` slots. The forward pass walks each query block's key blocks with the
+online softmax of flash-decoding (layers/flash_decode.py's loop, shared), and saves only the
+output and the log-sum-exp per query (lse = m + log l). The backward pass recomputes each block's
+scores and probabilities p = exp(s - lse) from them:
+
+  dV += p^T dO     dP = dO V^T     dS = p (dP - rowsum(dO o))     dQ += dS K     dK += dS^T Q
+
+Key blocks entirely past a query block's last visible slot are never visited (the loops' trip
+counts are traced values), so causal attention costs about half of dense, and a query block of a
+prefill into a cache visits only the slots it may see.
+
+What it computes (per batch row b, query t, head h in group g = h // (H/G), key slot s):
+
+  score = q[b,t,h] . k[b,s,g] + q_rope[b,t,h] . k_rope[b,s]          (the second term optional)
+  out[b,t,h] = sum_s softmax_s(scale * score over visible s) v[b,s,g]
+
+with s visible iff s <= query_offsets[b] + t and s < kv_lengths[b]. MLA passes its per-head
+k_nope (G = H, width N) and its one shared RoPE key k_rope [B,S,R], which is never broadcast to
+the heads: its term is one dot of all heads' q_rope rows against the block's k_rope. Keys (N or
+N + R) and values (V) have their own widths. The baselines pass G key/value heads (MHA G = H,
+GQA, MQA G = 1) and no rope term. A query that sees no slot (a padding row) gets zeros.
+
+Layout. The operands are moved once to a block-major layout ([blocks,B,G,rows,K]), so a block is
+a contiguous slice and every block dot has B,G as leading batch dimensions (the layout XLA's CPU
+dots read without a transposed copy, layers/flash_decode.py); the query rows of one group are
+its heads' rows, time-major. T and S are padded up to whole blocks; padded key slots lie past
+kv_lengths and padded queries see nothing.
+
+Backends. `flash_attention` runs this JAX path on CPU, and where a kernel exists for the
+operands, the Pallas kernels of mla_jax/kernels/ on TPU and GPU, chosen when the program is
+lowered for a platform (jax.lax.platform_dependent); this path stays the fallback and the
+reference the kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mla_jax.config.model import ModelConfig
+from mla_jax.layers.flash_decode import normalize, online_softmax_loop, zero_empty_slots
+from mla_jax.layers.precision import einsum_f32
+
+# model.flash_block_q / flash_block_k's defaults, chosen by measurement (`mla-jax bench train
+# --block-sizes`, docs/flash-attention.md).
+DEFAULT_BLOCK_Q = ModelConfig.flash_block_q
+DEFAULT_BLOCK_K = ModelConfig.flash_block_k
+
+
+class Blocks(NamedTuple):
+  """The operands in block-major layout (Q = block_q * J query rows per group, time-major)."""
+
+  q: jax.Array  # [nq,B,G,Q,K]
+  k: jax.Array  # [nk,B,G,bk,K]
+  v: jax.Array  # [nk,B,G,bk,V]
+  q_rope: Optional[jax.Array]  # [nq,B,G*Q,R] (rows g-major), or None
+  k_rope: Optional[jax.Array]  # [nk,B,bk,R], or None
+  positions: jax.Array  # [nq,B,Q] int32: each row's query position; -1 for padding rows
+  kv_lengths: jax.Array  # [B] int32
+
+
+def check_operands(q: jax.Array, k: jax.Array, v: jax.Array, q_rope: Optional[jax.Array],
+                   k_rope: Optional[jax.Array], query_offsets: Optional[jax.Array],
+                   kv_lengths: Optional[jax.Array], block_q: int, block_k: int) -> None:
+  """Raises ValueError naming the operand whose shape does not fit the others."""
+  if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+    raise ValueError(f"flash_attention takes q [B,T,H,K], k [B,S,G,K], v [B,S,G,V]; got ranks "
+                     f"{q.ndim}, {k.ndim}, {v.ndim}")
+  b, t, h, kd = q.shape
+  s, g = k.shape[1], k.shape[2]
+  if k.shape[0] != b or k.shape[3] != kd:
+    raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: expected "
+                     f"[{b},S,G,{kd}]")
+  if v.shape[:3] != (b, s, g):
+    raise ValueError(f"v {tuple(v.shape)} does not fit k {tuple(k.shape)}: expected "
+                     f"[{b},{s},{g},V]")
+  if h % g:
+    raise ValueError(f"q has {h} heads and k {g} key/value heads: H must be a multiple of G")
+  if (q_rope is None) != (k_rope is None):
+    raise ValueError("q_rope and k_rope go together: give both or neither")
+  if q_rope is not None:
+    r = q_rope.shape[-1]
+    if q_rope.shape != (b, t, h, r) or k_rope.shape != (b, s, r):
+      raise ValueError(f"q_rope {tuple(q_rope.shape)} / k_rope {tuple(k_rope.shape)} do not "
+                       f"fit: expected [{b},{t},{h},R] and [{b},{s},R]")
+  if query_offsets is not None and query_offsets.shape != (b,):
+    raise ValueError(f"query_offsets has shape {tuple(query_offsets.shape)}, expected [{b}]")
+  if kv_lengths is not None and kv_lengths.shape != (b,):
+    raise ValueError(f"kv_lengths has shape {tuple(kv_lengths.shape)}, expected [{b}]")
+  if query_offsets is None and s != t:
+    raise ValueError(f"without query_offsets queries are at 0..T-1 over their own keys, but "
+                     f"T={t} and S={s}: pass query_offsets for queries into a cache")
+  for name, size in (("block_q", block_q), ("block_k", block_k)):
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+      raise ValueError(f"{name}={size!r} is invalid: must be a positive integer")
+
+
+def to_blocks(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q: int,
+              block_k: int) -> Blocks:
+  """The operands of flash_attention (q [B,T,H,K], k [B,S,G,K], v [B,S,G,V], q_rope [B,T,H,R],
+  k_rope [B,S,R], query_offsets [B], kv_lengths [B]) in block-major layout, padded to whole
+  blocks. Linear ops only, so autodiff moves the gradients back through them for free."""
+  b, t, h, _ = q.shape
+  s, g = k.shape[1], k.shape[2]
+  j = h // g  # query heads per key/value head
+  bq, bk = min(block_q, t), min(block_k, s)
+
+  def blocked(x: jax.Array, size: int, fill=0) -> jax.Array:  # [B,L,...] -> [n,B,size,...]
+    n = -(-x.shape[1] // size)
+    pad = [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+    x = jnp.pad(x, pad, constant_values=fill)
+    return jnp.moveaxis(x.reshape((x.shape[0], n, size) + x.shape[2:]), 1, 0)
+
+  def query_rows(x: jax.Array) -> jax.Array:  # [B,T,H,F] -> [nq,B,G,bq*J,F]
+    x = blocked(x.reshape(b, t, g, j, x.shape[-1]), bq)  # [nq,B,bq,G,J,F]
+    x = jnp.moveaxis(x, 3, 2)  # [nq,B,G,bq,J,F]
+    return x.reshape(x.shape[:3] + (bq * j, x.shape[-1]))
+
+  def key_slots(x: jax.Array) -> jax.Array:  # [B,S,G,F] -> [nk,B,G,bk,F]
+    return jnp.moveaxis(blocked(x, bk), 3, 2)
+
+  if query_offsets is None:
+    query_offsets = jnp.zeros((b,), jnp.int32)
+  query_positions = query_offsets.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)
+  if kv_lengths is None:
+    kv_lengths = jnp.full((b,), s, jnp.int32)
+  positions = blocked(query_positions.astype(jnp.int32), bq, fill=-1)  # [nq,B,bq]
+  positions = jnp.repeat(positions, j, axis=2)  # [nq,B,bq*J]: row t*J + j is at time t
+  q_rope_blocks = k_rope_blocks = None
+  if q_rope is not None:
+    q_rope_blocks = query_rows(q_rope)  # [nq,B,G,Q,R]
+    q_rope_blocks = q_rope_blocks.reshape(q_rope_blocks.shape[:2] + (-1, q_rope.shape[-1]))
+    k_rope_blocks = blocked(k_rope, bk)  # [nk,B,bk,R]
+  return Blocks(q=query_rows(q), k=key_slots(k), v=key_slots(v), q_rope=q_rope_blocks,
+                k_rope=k_rope_blocks, positions=positions, kv_lengths=kv_lengths.astype(jnp.int32))
+
+
+def from_blocks(out: jax.Array, t: int, h: int) -> jax.Array:
+  """[nq,B,G,bq*J,V] -> [B,T,H,V] (head h = g*J + j), padding rows dropped."""
+  nq, b, g, rows, v = out.shape
+  j = h // g
+  out = out.reshape(nq, b, g, rows // j, j, v)
+  out = jnp.transpose(out, (1, 0, 3, 2, 4, 5))  # [B,nq,bq,G,J,V]
+  return out.reshape(b, -1, h, v)[:, :t]
+
+
+def key_blocks_to_visit(blocks: Blocks) -> jax.Array:
+  """[nq] int32: how many key blocks (from the first) hold a slot some row of each query block
+  may see; nondecreasing in the block index, so the backward pass can invert it."""
+  bk = blocks.k.shape[3]
+  last = jnp.max(blocks.positions, axis=2) + 1  # [nq,B]: one past each block's last position
+  seen = jnp.max(jnp.minimum(last, blocks.kv_lengths[None, :]), axis=1)  # [nq]
+  seen = jax.lax.cummax(jnp.maximum(seen, 0), axis=0)
+  return (seen + bk - 1) // bk
+
+
+def _scores(q: jax.Array, k: jax.Array, q_rope: Optional[jax.Array],
+            k_rope: Optional[jax.Array]) -> jax.Array:
+  """One block's float32 scores [B,G,Q,bk]: q [B,G,Q,K] . k [B,G,bk,K], plus the shared rope
+  term q_rope [B,G*Q,R] . k_rope [B,bk,R] as one dot over all heads' rows."""
+  scores = einsum_f32("BGQK,BGSK->BGQS", q, k)
+  if q_rope is not None:
+    rope = einsum_f32("BMR,BSR->BMS", q_rope, k_rope)  # M = G*Q
+    scores = scores + rope.reshape(scores.shape)
+  return scores
+
+
+def _key_block(blocks: Blocks, j: jax.Array, ragged: bool):
+  """Key block j: ({"k", "v"} [B,G,bk,...], k_rope [B,bk,R] or None, slot [bk], holds [B,bk]);
+  with ragged lengths the slots past a sequence's length are zeroed (a NaN left in an unused
+  cache slot cannot leak through 0 * NaN)."""
+  bk = blocks.k.shape[3]
+  slot = j * bk + jnp.arange(bk)
+  holds = slot[None, :] < blocks.kv_lengths[:, None]  # [B,bk]
+  kv = {"k": blocks.k[j], "v": blocks.v[j]}
+  k_rope = None if blocks.k_rope is None else blocks.k_rope[j]
+  if ragged:
+    kv = zero_empty_slots(kv, holds, seq_axis=2)
+    k_rope = None if k_rope is None else zero_empty_slots(k_rope, holds, seq_axis=1)
+  return kv, k_rope, slot, holds
+
+
+def _forward(blocks: Blocks, ragged: bool) -> tuple[jax.Array, jax.Array]:
+  """(out [nq,B,G,Q,V] in v's dtype, lse [nq,B,G,Q] float32; +inf for a row that sees nothing)."""
+  _, b, g, rows, _ = blocks.q.shape
+  v_dim = blocks.v.shape[-1]
+  to_visit = key_blocks_to_visit(blocks)
+
+  def query_block(i: jax.Array) -> tuple[jax.Array, jax.Array]:
+    q = blocks.q[i]
+    q_rope = None if blocks.q_rope is None else blocks.q_rope[i]
+
+    def read_block(j):
+      kv, k_rope, slot, holds = _key_block(blocks, j, ragged)
+      return (kv, k_rope), slot, holds
+
+    m, l, acc = online_softmax_loop(
+        lambda block: _scores(q, block[0]["k"], q_rope, block[1]),
+        lambda probs, block: einsum_f32("BGQS,BGSV->BGQV", probs, block[0]["v"]),
+        read_block, to_visit[i], blocks.positions[i][:, None, :], acc_shape=(b, g, rows, v_dim))
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+    return normalize(l, acc).astype(blocks.v.dtype), lse
+
+  return jax.lax.map(query_block, jnp.arange(blocks.q.shape[0]))
+
+
+def _backward(blocks: Blocks, out: jax.Array, lse: jax.Array, d_out: jax.Array,
+              ragged: bool) -> Blocks:
+  """The cotangents of q, k, v, q_rope, k_rope in block layout (float32 accumulators cast to
+  each operand's dtype). One pass: key blocks outer (dK, dV, dk_rope accumulated per block),
+  the query blocks that see each one inner (dQ, dq_rope accumulated in place)."""
+  nq, b, g, rows, _ = blocks.q.shape
+  d_out = d_out.astype(jnp.float32)
+  delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # [nq,B,G,Q] rowsum(dO o)
+  to_visit = key_blocks_to_visit(blocks)  # [nq]
+  first_query_block = jnp.sum(to_visit[None, :] <= jnp.arange(blocks.k.shape[0])[:, None],
+                              axis=1)  # [nk]: the first query block that visits each key block
+  rope = blocks.q_rope is not None
+  zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+
+  def key_block(carry, j):
+    dq, dq_rope = carry
+    kv, k_rope, slot, holds = _key_block(blocks, j, ragged)
+    k, v = kv["k"], kv["v"]
+
+    def body(state):
+      i, dk, dv, dk_rope, dq, dq_rope = state
+      q = blocks.q[i]
+      q_rope = blocks.q_rope[i] if rope else None
+      visible = holds[:, None, None, :] & (slot <= blocks.positions[i][:, None, :, None])
+      p = jnp.where(visible, jnp.exp(_scores(q, k, q_rope, k_rope) - lse[i][..., None]), 0.0)
+      d_o = d_out[i]  # [B,G,Q,V]
+      dv = dv + einsum_f32("BGQS,BGQV->BGSV", p, d_o)
+      ds = p * (einsum_f32("BGQV,BGSV->BGQS", d_o, v) - delta[i][..., None])  # [B,G,Q,bk]
+      dq = dq.at[i].add(einsum_f32("BGQS,BGSK->BGQK", ds, k))
+      dk = dk + einsum_f32("BGQS,BGQK->BGSK", ds, q)
+      if rope:
+        ds_rows = ds.reshape(b, g * rows, -1)  # [B,M,bk]
+        dq_rope = dq_rope.at[i].add(einsum_f32("BMS,BSR->BMR", ds_rows, k_rope))
+        dk_rope = dk_rope + einsum_f32("BMS,BMR->BSR", ds_rows, q_rope)
+      return i + 1, dk, dv, dk_rope, dq, dq_rope
+
+    state = (first_query_block[j], jnp.zeros(k.shape, jnp.float32),
+             jnp.zeros(v.shape, jnp.float32), zeros(k_rope), dq, dq_rope)
+    _, dk, dv, dk_rope, dq, dq_rope = jax.lax.while_loop(lambda s: s[0] < nq, body, state)
+    return (dq, dq_rope), (dk, dv, dk_rope)
+
+  (dq, dq_rope), (dk, dv, dk_rope) = jax.lax.scan(
+      key_block, (zeros(blocks.q), zeros(blocks.q_rope)), jnp.arange(blocks.k.shape[0]))
+  cast = lambda d, like: None if like is None else d.astype(like.dtype)  # noqa: E731
+  return Blocks(q=cast(dq, blocks.q), k=cast(dk, blocks.k), v=cast(dv, blocks.v),
+                q_rope=cast(dq_rope, blocks.q_rope), k_rope=cast(dk_rope, blocks.k_rope),
+                positions=None, kv_lengths=None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def blocked_attention(blocks: Blocks, ragged: bool) -> jax.Array:
+  """Flash attention on block-layout operands: out [nq,B,G,Q,V] (v's dtype). ragged: whether
+  kv_lengths may stop short of the keys (a cache), so empty slots are zeroed per block."""
+  return _forward(blocks, ragged)[0]
+
+
+def _blocked_attention_fwd(blocks: Blocks, ragged: bool):
+  out, lse = _forward(blocks, ragged)
+  return out, (blocks, out, lse)
+
+
+def _blocked_attention_bwd(ragged: bool, residuals, d_out):
+  blocks, out, lse = residuals
+  return (_backward(blocks, out, lse, d_out, ragged),)
+
+
+blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+
+
+def xla_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                        q_rope: Optional[jax.Array] = None, k_rope: Optional[jax.Array] = None,
+                        query_offsets: Optional[jax.Array] = None,
+                        kv_lengths: Optional[jax.Array] = None,
+                        block_q: int = DEFAULT_BLOCK_Q,
+                        block_k: int = DEFAULT_BLOCK_K) -> jax.Array:
+  """flash_attention's JAX path (any backend): the reference the kernels are tested against.
+  Arguments as flash_attention's."""
+  check_operands(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
+  b, t, h, _ = q.shape
+  # The scale goes on the queries once (outside the custom VJP, so autodiff carries it).
+  q = q * jnp.asarray(scale, q.dtype)
+  q_rope = None if q_rope is None else q_rope * jnp.asarray(scale, q_rope.dtype)
+  blocks = to_blocks(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
+  out = blocked_attention(blocks, kv_lengths is not None)
+  return from_blocks(out, t, h)
+
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                    q_rope: Optional[jax.Array] = None, k_rope: Optional[jax.Array] = None,
+                    query_offsets: Optional[jax.Array] = None,
+                    kv_lengths: Optional[jax.Array] = None, block_q: int = DEFAULT_BLOCK_Q,
+                    block_k: int = DEFAULT_BLOCK_K, implementation: str = "auto",
+                    interpret: bool = False) -> jax.Array:
+  """Causal attention in memory linear in T, differentiable: out [B,T,H,V] in v's dtype.
+
+  q [B,T,H,K]; k [B,S,G,K] and v [B,S,G,V] with G key/value heads (H a multiple of G; head h
+  reads group h // (H/G)); q_rope [B,T,H,R] and k_rope [B,S,R] (optional, together): a score
+  term shared by all heads (MLA's RoPE key). scale: the softmax scale (config.softmax_scale,
+  YaRN's mscale included). query_offsets [B] int: query t of row b is at position
+  query_offsets[b] + t among the keys, the tokens cached before it (default 0, which needs
+  S = T); kv_lengths [B] int: slots holding keys (default all S). Slot s is visible to query t
+  of row b iff s <= query_offsets[b] + t and s < kv_lengths[b]; a query that sees nothing gets
+  zeros.
+
+  implementation: 'auto' runs, in the program lowered for each platform, the Pallas kernel of
+  mla_jax/kernels/ on TPU and GPU where it takes the operands, and this module's JAX path
+  elsewhere; 'xla' the JAX path; 'pallas_tpu' / 'pallas_gpu' that kernel (interpret=True runs
+  it in Pallas' interpret mode, on any backend: for tests). block_q / block_k: rows and slots
+  per block of the JAX path (the kernels use their own, kernels.flash_attention.default_blocks).
+
+  Raises ValueError for operands whose shapes do not fit each other, block sizes that are not
+  positive integers, or an unknown implementation. Source: FlashAttention-2 (Dao 2023),
+  algorithms 1 and 2.
+  """
+  check_operands(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} is invalid: allowed "
+                     f"{', '.join(IMPLEMENTATIONS)}")
+  xla = functools.partial(xla_flash_attention, scale=scale, query_offsets=query_offsets,
+                          kv_lengths=kv_lengths, block_q=block_q, block_k=block_k)
+  if implementation == "xla":
+    return xla(q, k, v, q_rope=q_rope, k_rope=k_rope)
+  from mla_jax.kernels import flash_attention as kernels  # Pallas, only where a kernel may run
+
+  def kernel(platform: str):
+    def run(q, k, v, q_rope, k_rope):
+      scaled = lambda x: None if x is None else x * jnp.asarray(scale, x.dtype)  # noqa: E731
+      return kernels.kernel_flash_attention(scaled(q), k, v, scaled(q_rope), k_rope,
+                                            query_offsets, kv_lengths, platform=platform,
+                                            interpret=interpret)
+    return run
+
+  if implementation != "auto":
+    return kernel(implementation.removeprefix("pallas_"))(q, k, v, q_rope, k_rope)
+  by_platform = {name: kernel(platform) for name, platform in (("tpu", "tpu"), ("cuda", "gpu"))
+                 if kernels.supports(platform, q, k, v, q_rope)}
+  if not by_platform:
+    return xla(q, k, v, q_rope=q_rope, k_rope=k_rope)
+  return jax.lax.platform_dependent(
+      q, k, v, q_rope, k_rope, default=lambda q, k, v, q_rope, k_rope: xla(
+          q, k, v, q_rope=q_rope, k_rope=k_rope), **by_platform)
