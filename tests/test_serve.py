@@ -304,6 +304,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_pages(served, monkeypatc
   stats = served.engine.stats
   assert stats["pages_free"] == stats["pages_total"] and stats["running"] == 0
   (line,) = [l for l in served.log if request_id in l]
+  assert f"{request_id} 499: " in line  # the status logged for a client that left
   assert line.endswith("finish cancelled (the client disconnected)")
   assert int(line.split("output ")[1].split()[0]) < 60
 

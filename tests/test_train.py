@@ -264,7 +264,7 @@ def test_memory_check_refuses_with_figures_and_knobs():
 # the naive path's step is refused before anything is allocated; flash attention's trains.
 _BUDGET_DRIVER = """
 import sys
-import mla_jax.train.memory as memory
+import mla_jax.device_memory as memory
 memory.host_memory_available = lambda: 2 * 2**30
 from mla_jax.cli import main
 sys.exit(main(sys.argv[1:]))

@@ -27,7 +27,7 @@ from mla_jax.bench.common import progress
 from mla_jax.kinds import init_cache
 from mla_jax.model import Transformer
 from mla_jax.sampling import generate
-from mla_jax.train.memory import device_memory_available
+from mla_jax.device_memory import device_memory_available
 
 PAPER_RATIO = 5.76
 VARIANTS = (

@@ -33,7 +33,8 @@ from mla_jax.bench.common import (Ceilings, Table, cost, measure_ceilings, parse
 from mla_jax.config.model import ModelConfig
 from mla_jax.config.run import Config, TrainConfig
 from mla_jax.layers.masking import FLASH_ATTENTION_MIN_TOKENS
-from mla_jax.train.memory import device_memory_available, step_memory
+from mla_jax.device_memory import device_memory_available
+from mla_jax.train.memory import step_memory
 from mla_jax.train.step import Trainer
 
 PATHS = ("naive", "flash_attention")

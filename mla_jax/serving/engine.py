@@ -40,6 +40,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import jax
 import numpy as np
 
+from mla_jax.device_memory import device_memory_available, gib
 from mla_jax.model import Transformer
 from mla_jax.kinds import init_paged_cache
 from mla_jax.paged_cache import no_page, page_bytes
@@ -111,8 +112,10 @@ class Engine:
   library's rules, rows and pages split over its 'data' axis. decode_kernel: overrides
   model.decode_kernel ('auto', 'xla' or 'pallas').
 
-  Raises ValueError for sizes that are not positive integers, both or a too small
-  num_pages / cache_budget_bytes, and TypeError for a model it cannot run.
+  Raises ValueError, before anything is compiled or allocated, for sizes that are not positive
+  integers, a page_size above model.max_seq_len, both or a too small num_pages /
+  cache_budget_bytes, and a pool larger than a device's memory; TypeError for a model it
+  cannot run.
   """
 
   def __init__(self, model, params=None, *, max_seqs: int = DEFAULT_MAX_SEQS,
@@ -134,10 +137,14 @@ class Engine:
       raise ValueError(f"prefill_chunk={prefill_chunk} is invalid: must be at most "
                        f"model.max_seq_len ({self.config.max_seq_len})")
     self.prefill_rows = _positive_int("prefill_rows", prefill_rows)
+    if self.page_size > self.config.max_seq_len:
+      raise ValueError(f"page_size={page_size} is invalid: must be at most model.max_seq_len "
+                       f"({self.config.max_seq_len}), the longest sequence a page can hold")
     self.pages_per_sequence = -(-self.config.max_seq_len // self.page_size)
     self.bytes_per_page = bytes_per_page(self.config, self.page_size, cache_dtype)
     self.bytes_per_token = self.bytes_per_page // self.page_size
     self.num_pages = self._pool_size(num_pages, cache_budget_bytes)
+    self._check_pool_fits(num_pages, cache_budget_bytes, mesh)
     self.pool = PagePool(self.num_pages, self.page_size, prefix_sharing=bool(prefix_sharing))
     self.runner = ModelRunner(model, params, num_pages=self.num_pages, page_size=self.page_size,
                               pages_per_sequence=self.pages_per_sequence,
@@ -159,6 +166,10 @@ class Engine:
     self._running: list[_Sequence] = []  # admission order
     self._stats = collections.Counter()
     self._peak_running = 0
+    # Outputs of requests a generate() / stream() collects, by request id; and outputs that
+    # their steps produced for other requests, which the next step() returns.
+    self._mailboxes: dict[str, collections.deque[RequestOutput]] = {}
+    self._held: list[RequestOutput] = []
 
   def _pool_size(self, num_pages, budget) -> int:
     if num_pages is not None and budget is not None:
@@ -173,6 +184,25 @@ class Engine:
     if num_pages is None:
       return self.max_seqs * self.pages_per_sequence
     return _positive_int("num_pages", num_pages)
+
+  def _check_pool_fits(self, num_pages, budget, mesh) -> None:
+    """Refuses a page pool larger than a device's memory before anything is allocated."""
+    devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+    data = mesh.shape.get("data", 1) if mesh is not None else 1
+    shards = data if self.num_pages % data == 0 else 1  # as the runner lays the pools out
+    per_device = self.num_pages * self.bytes_per_page // shards
+    available = device_memory_available(devices)
+    if available is None or per_device <= available[0]:
+      return
+    limit, what = available
+    given = (f"cache_budget_bytes={budget}" if budget is not None else
+             f"num_pages={num_pages}" if num_pages is not None else
+             f"max_seqs={self.max_seqs} (num_pages defaults to max_seqs x "
+             f"{self.pages_per_sequence} pages)")
+    raise ValueError(
+        f"{given} is invalid: its pool of {self.num_pages:,} pages needs {gib(per_device)} per "
+        f"device, more than the {gib(limit)} available ({what}); at most "
+        f"{limit // self.bytes_per_page * shards:,} pages of {self.bytes_per_page:,} bytes fit")
 
   # ---- requests --------------------------------------------------------------------------
 
@@ -273,7 +303,31 @@ class Engine:
 
   def step(self) -> list[RequestOutput]:
     """One engine step: decode one token for every prefilled sequence, then admit and prefill.
-    Returns a RequestOutput for every request that produced tokens or finished."""
+    Returns a RequestOutput for every request that produced tokens or finished, less those a
+    generate() or stream() in progress collects, plus any that such a call's own steps produced
+    for other requests since the last step() (nothing is lost)."""
+    delivered, self._held = self._held, []
+    return delivered + self._route(self._step())
+
+  def _route(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+    """Puts the outputs of requests a generate() or stream() collects in their mailboxes and
+    returns the others."""
+    others = []
+    for out in outputs:
+      if out.request_id in self._mailboxes:
+        self._mailboxes[out.request_id].append(out)
+      else:
+        others.append(out)
+    return others
+
+  def _pump(self) -> None:
+    """One step on behalf of generate() / stream(): other requests' outputs wait for step()."""
+    if not self.has_unfinished():
+      raise RuntimeError("the engine has no request left to run, but a generate() or stream() "
+                         "still waits for one: was the engine stepped from another thread?")
+    self._held += self._route(self._step())
+
+  def _step(self) -> list[RequestOutput]:
     outputs: dict[str, RequestOutput] = {}
     self._take_inbox(outputs)
     self._stats["steps"] += 1
@@ -487,30 +541,43 @@ class Engine:
     for prompt, s in zip(prompts, settings):  # all checked before any is queued
       self.validate_request(prompt, s)
     ids = [self.add_request(p, s) for p, s in zip(prompts, settings)]
+    for request_id in ids:
+      self._mailboxes[request_id] = collections.deque()
     done: dict[str, Completion] = {}
-    while len(done) < len(ids):
-      for out in self.step():
-        if out.finished:
-          done[out.request_id] = out.completion
+    try:
+      while len(done) < len(ids):
+        self._pump()
+        for request_id in ids:
+          for out in self._mailboxes[request_id]:
+            if out.finished:
+              done[request_id] = out.completion
+          self._mailboxes[request_id].clear()
+    finally:
+      for request_id in ids:
+        del self._mailboxes[request_id]
     return [done[i] for i in ids]
 
   def stream(self, prompt, sampling: SamplingParams = SamplingParams()) -> Iterator[int]:
-    """Queues one request now and yields its tokens as the steps produce them (driving step()
-    itself; other queued requests run alongside). Closing the iterator cancels the request."""
+    """Queues one request now and yields its tokens as the steps produce them (driving the
+    engine itself; other queued requests run alongside, and several streams may be read in
+    turn: each gets its own tokens). Closing the iterator cancels the request."""
     request_id = self.add_request(prompt, sampling)
+    mailbox = self._mailboxes[request_id] = collections.deque()
 
     def tokens() -> Iterator[int]:
       finished = False
       try:
         while not finished:
-          for out in self.step():
-            if out.request_id == request_id:
-              yield from out.new_tokens
-              finished = out.finished
+          while not mailbox:
+            self._pump()
+          out = mailbox.popleft()
+          finished = out.finished
+          yield from out.new_tokens
       finally:
         if not finished:
           self.cancel(request_id)
-          self.step()
+          self._pump()
+        del self._mailboxes[request_id]
 
     return tokens()
 

@@ -230,7 +230,7 @@ async def _sse(background: BackgroundEngine, head: dict, pieces: AsyncIterator[_
   finally:
     if not done:
       background.cancel(head["id"])
-      record.finish_reason = "cancelled (the client disconnected)"
+      record.status, record.finish_reason = 499, "cancelled (the client disconnected)"
     record.write()
 
 

@@ -260,6 +260,19 @@ def test_an_unknown_decode_kernel_is_refused_before_compiling():
     Engine(model, params, decode_kernel="fused")
 
 
+@pytest.mark.parametrize("options,message", [
+    (dict(num_pages=10**12), r"num_pages=1000000000000 is invalid: its pool of "
+                             r"1,000,000,000,000 pages needs .* GiB per device, more than"),
+    (dict(cache_budget_bytes=2**50), r"cache_budget_bytes=1125899906842624 is invalid"),
+    (dict(page_size=10**9), r"page_size=1000000000 is invalid: must be at most "
+                            r"model.max_seq_len \(48\)"),
+])
+def test_sizes_that_cannot_work_are_refused_before_anything_is_allocated(options, message):
+  model, params = _params()
+  with pytest.raises(ValueError, match=message):
+    Engine(model, params, max_seqs=2, **options)
+
+
 def test_a_request_larger_than_the_pool_is_refused():
   engine = _engine(num_pages=3)
   with pytest.raises(ValueError, match="num_pages=3"):
@@ -274,6 +287,40 @@ def test_stream_yields_the_completion_and_stop_tokens_end_it():
   stop = want[2]
   got = engine.generate([[4, 5, 6]], SamplingParams(max_tokens=6, stop_token_ids=(stop,)))[0]
   assert got.tokens == want[:want.index(stop) + 1] and got.finish_reason == "stop"
+
+
+def test_streams_read_in_turn_and_requests_stepped_by_hand_each_get_all_their_tokens():
+  """Two streams read alternately, a request added by hand and collected with step(), and a
+  generate() in between: every request gets exactly its own tokens, none lost to another's
+  steps, and nothing spins once a stream's request has finished in another's step."""
+  model, params = _params()
+  prompts = {"a": [3, 1, 4], "b": [2, 7, 1, 8], "c": [9, 9, 2], "d": [5, 6]}
+  want = {k: generate(model, params, [p], max_new_tokens=6)[0, len(p):].tolist()
+          for k, p in prompts.items()}
+  engine = _engine()
+  first, second = (engine.stream(prompts[k], SamplingParams(max_tokens=6)) for k in "ab")
+  by_hand = engine.add_request(prompts["c"], SamplingParams(max_tokens=6))
+  got = {"a": [], "b": []}
+  for _ in range(3):  # alternate: each next() may run steps that produce the other's tokens
+    got["a"].append(next(first))
+    got["b"].append(next(second))
+  assert engine.generate([prompts["d"]], SamplingParams(max_tokens=6))[0].tokens == want["d"]
+  got["a"] += list(first)
+  got["b"] += list(second)
+  assert got == {"a": want["a"], "b": want["b"]}
+  collected = []
+  while engine.has_unfinished() or not collected or not collected[-1].finished:
+    collected += [out for out in engine.step() if out.request_id == by_hand]
+  assert [t for out in collected for t in out.new_tokens] == want["c"]
+  assert engine.stats["pages_free"] == engine.num_pages
+
+
+def test_closing_a_stream_early_cancels_its_request_and_frees_its_pages():
+  engine = _engine()
+  tokens = engine.stream([4, 5, 6], SamplingParams(max_tokens=20))
+  next(tokens)
+  tokens.close()
+  assert not engine.has_unfinished() and engine.stats["pages_free"] == engine.num_pages
 
 
 def test_an_nnx_model_serves_the_same_tokens():
