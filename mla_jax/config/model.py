@@ -144,6 +144,10 @@ class ModelConfig:
   # parameter layout differs (mla_jax.model.stack_layers / unstack_layers convert); a decode
   # step pays a copy of the cache per step under scan, so inference keeps it off.
   scan_layers: bool = False
+  # DeepSeek-V3's multi-token prediction (Hugging Face's num_nextn_predict_layers): D sequential
+  # modules after the last layer, depth k predicting the token k + 1 ahead (mla_jax/mtp.py),
+  # trained with train.mtp_loss_weight and used as the draft model of speculative decoding.
+  num_mtp_layers: int = 0
   # Decode cache: how its values are stored (null = dtype), and the flash-decoding block size in
   # cache slots (layers/flash_decode.py): a tuning knob whose best value depends on the device,
   # see docs/decode.md.
@@ -180,6 +184,9 @@ class ModelConfig:
       _fail("model.cache_dtype", self.cache_dtype,
             f"int4 packs two values per byte: needs an even kv_lora_rank, not {self.kv_lora_rank}")
     _positive("model.decode_block_size", self.decode_block_size)
+    if self.num_mtp_layers < 0:
+      _fail("model.num_mtp_layers", self.num_mtp_layers, "must be >= 0 (0: no multi-token "
+            "prediction modules)")
 
   def _check_moe(self) -> None:
     if self.moe_impl not in MOE_IMPLS:
@@ -271,7 +278,16 @@ class ModelConfig:
     return self.kv_heads * (self.qk_head_dim + self.v_head_dim)
 
   def to_dict(self) -> dict[str, Any]:
+    """The fields as plain values. Fields added after configs and checkpoints were first written
+    (_LATER_FIELDS) appear only when they differ from their default, so a config that does not
+    use them keeps its run id and its checkpoints' stored model."""
     out = dataclasses.asdict(self)
     if self.rope_scaling is not None:
       out["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+    for name, default in _LATER_FIELDS.items():
+      if out[name] == default:
+        del out[name]
     return out
+
+
+_LATER_FIELDS = {"num_mtp_layers": 0}  # field -> its default

@@ -41,6 +41,10 @@ class TrainConfig:
   # none keeps every activation; full keeps only each block's input; dots_saveable keeps the
   # matmul outputs and recomputes the rest.
   remat: str = "none"
+  # lambda of DeepSeek-V3's multi-token-prediction loss: loss = next-token CE + lambda / D x the
+  # sum of the D depths' CEs (model.num_mtp_layers = D; unused without MTP modules). The V3
+  # report trains with 0.3, then 0.1 for its last 4.8T tokens.
+  mtp_loss_weight: float = 0.3
 
   def __post_init__(self):
     _check_fields(self, "train.")
@@ -65,6 +69,9 @@ class TrainConfig:
       _fail("train.sample_temperature", self.sample_temperature, "must be >= 0 (0 = greedy)")
     if self.remat not in REMAT_POLICIES:
       _fail("train.remat", self.remat, f"allowed: {', '.join(REMAT_POLICIES)}")
+    if self.mtp_loss_weight < 0:
+      _fail("train.mtp_loss_weight", self.mtp_loss_weight, "must be >= 0 (0: the MTP modules "
+            "get no gradient)")
 
   @property
   def warmup(self) -> int:
@@ -146,10 +153,13 @@ class Config:
   def run_fields(self) -> dict[str, Any]:
     """The fields that define what a checkpoint of this run holds: the model (less how it is
     executed: moe_impl, cache_dtype, decode_block_size), the data, the seed and the optimisation
-    (warmup resolved). Logging, evaluation, checkpoint cadence, sampling,
-    the mesh and the workdir may change when a run resumes; these may not."""
+    (warmup resolved; mtp_loss_weight when the model has MTP modules). Logging, evaluation,
+    checkpoint cadence, sampling, the mesh and the workdir may change when a run resumes; these
+    may not."""
     train = {name: getattr(self.train, name) for name in _RUN_TRAIN_FIELDS}
     train["warmup_steps"] = self.train.warmup
+    if self.model.num_mtp_layers:  # only then does it change what is trained
+      train["mtp_loss_weight"] = self.train.mtp_loss_weight
     model = {k: v for k, v in self.model.to_dict().items() if k not in _EXECUTION_MODEL_FIELDS}
     return {"model": model, "train": train, "data": dataclasses.asdict(self.data),
             "seed": self.seed}
