@@ -41,10 +41,13 @@ from mla_jax.paged_cache import PagedCache
 
 def check_depth(config: ModelConfig, depth: int) -> None:
   """Raises ValueError unless depth (0-based) names one of the model's MTP modules."""
+  if not config.num_mtp_layers:
+    raise ValueError("the model has no multi-token-prediction module (model.num_mtp_layers=0), "
+                     "so it cannot draft: train one with model.num_mtp_layers=1 "
+                     "(configs/tiny_mtp.yaml), or load a DeepSeek-V3 checkpoint with its MTP layer")
   if not 0 <= depth < config.num_mtp_layers:
     raise ValueError(f"MTP depth {depth} does not exist: model.num_mtp_layers="
-                     f"{config.num_mtp_layers} (depths 0 .. {config.num_mtp_layers - 1}); a model "
-                     "without MTP modules cannot draft (train one with model.num_mtp_layers=1)")
+                     f"{config.num_mtp_layers} (depths 0 .. {config.num_mtp_layers - 1})")
 
 
 def mtp_step(config: ModelConfig, params: dict, depth: int, hidden: jax.Array,
