@@ -288,7 +288,7 @@ def _decode_loop(params, first, cache: Cache, mtp_cache: Cache, drafts, q, key, 
                  sampler: Sampler, max_new_tokens: int, eos_id: Optional[int], pad_id: int):
   """Rounds until every row has max_new_tokens or its EOS: (new tokens [B, max_new_tokens],
   pad_id after an EOS; tokens generated [B]; counts: rounds, row_rounds, reached [k],
-  accepted [k])."""
+  accepted [k]; the caches, returned so the donated buffers are updated in place)."""
   cfg = model.config
   (b, k), n_max = drafts.shape, max_new_tokens
   absorbed = absorbed_weights(cfg, params)
@@ -331,7 +331,8 @@ def _decode_loop(params, first, cache: Cache, mtp_cache: Cache, drafts, q, key, 
            "reached": jnp.zeros((k,), jnp.int32), "accepted": jnp.zeros((k,), jnp.int32)}
   state = jax.lax.while_loop(lambda s: jnp.any(live(s)), round_, state)
   counts = {name: state[name] for name in ("rounds", "row_rounds", "reached", "accepted")}
-  return state["out"][:, :n_max], state["generated"], counts
+  return (state["out"][:, :n_max], state["generated"], counts, state["cache"],
+          state["mtp_cache"])
 
 
 def speculative_decode(model, params, padded: np.ndarray, prompt_lengths: np.ndarray, *,
@@ -348,7 +349,7 @@ def speculative_decode(model, params, padded: np.ndarray, prompt_lengths: np.nda
   first, cache, mtp_cache, drafts, q = _prefill(
       params, jnp.asarray(padded), jnp.asarray(prompt_lengths), first_key, draft_key,
       model=model, max_len=max_len, sampler=sampler, k=k)
-  new, generated, counts = _decode_loop(
+  new, generated, counts, _, _ = _decode_loop(
       params, first, cache, mtp_cache, drafts, q, loop_key, model=model, sampler=sampler,
       max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
   counts = jax.device_get(counts)
