@@ -11,9 +11,9 @@ from mla_jax._lazy import lazy_exports
 _NAMES = {  # name -> the module that defines it
     **dict.fromkeys(("SUPPORTED_MODEL_TYPES", "model_config_from_hf", "mtp_layer_count"),
                     "mla_jax.hf.config"),
-    **dict.fromkeys(("Conversion", "Target", "fuse_expert_tensors", "mtp_tensor_shapes",
-                     "params_from_hf", "split_mtp_tensors", "tensor_map", "to_scan_layout"),
-                    "mla_jax.hf.tensors"),
+    **dict.fromkeys(("MTP_SHARED", "MTP_TENSORS", "Conversion", "Target", "fuse_expert_tensors",
+                     "mtp_entries", "params_from_hf", "shared_copies", "tensor_map",
+                     "to_scan_layout"), "mla_jax.hf.tensors"),
     **dict.fromkeys(("dequantize_fp8", "dtype_name", "read_json", "read_safetensors"),
                     "mla_jax.hf.safetensors"),
     **dict.fromkeys(("convert_hf", "load_hf"), "mla_jax.hf.load"),
