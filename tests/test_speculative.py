@@ -47,7 +47,8 @@ def models():
   return model, {"random": params, "echo": _echo_mtp(params)}
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("k", [pytest.param(1, marks=pytest.mark.slow), 2,
+                               pytest.param(4, marks=pytest.mark.slow)])
 def test_greedy_is_plain_greedy_token_for_token(models, k):
   model, variants = models
   for name, params in variants.items():
@@ -64,6 +65,7 @@ def test_greedy_is_plain_greedy_token_for_token(models, k):
       assert 0 < stats.accepted[0] < stats.reached[0], stats
 
 
+@pytest.mark.slow
 def test_greedy_with_an_int8_cache_and_rows_that_stop_mid_draft(models):
   model, variants = models
   params = variants["echo"]
@@ -83,6 +85,7 @@ def test_greedy_with_an_int8_cache_and_rows_that_stop_mid_draft(models):
     np.testing.assert_array_equal(lengths, expected_lengths)
 
 
+@pytest.mark.slow
 def test_one_compiled_loop_whatever_the_rounds(models):
   model, variants = models
   speculative._decode_loop.clear_cache()
@@ -127,7 +130,8 @@ def _chi_square_p(samples, probs, sequences):
   return scipy_stats.chi2.sf(chi2, len(observed) - 1)
 
 
-@pytest.mark.parametrize("options", [dict(temperature=1.0), dict(temperature=0.7, top_k=3)])
+@pytest.mark.parametrize("options", [pytest.param(dict(temperature=1.0), marks=pytest.mark.slow),
+                                     dict(temperature=0.7, top_k=3)])
 def test_sampling_follows_the_models_distribution(options):
   """4,000 rows of 3 new tokens: the frequencies of the 125 possible sequences against the
   model's own probabilities (with the sampler's temperature and top-k), for plain sampling and
@@ -147,6 +151,7 @@ def test_sampling_follows_the_models_distribution(options):
   assert 0.1 < stats.acceptance[0] < 0.95, stats  # both kinds of round happened
 
 
+@pytest.mark.slow
 def test_seeded_runs_repeat(models):
   model, variants = models
   options = dict(max_new_tokens=10, temperature=0.9, speculative=3)

@@ -357,15 +357,16 @@ def test_small_yaml_fits_the_16_gib_accelerator_its_comment_names():
   assert "one accelerator with 16 GiB" in (PRESETS_DIR / "small.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_an_mtp_run_logs_its_loss_parts_and_validates_the_next_token_loss(tmp_path):
   """model.num_mtp_layers=2: the progress line, metrics.jsonl (and so TensorBoard) carry the
   next-token loss, each depth's loss and accuracy; the validation loss stays the next-token one,
   the depths' figures beside it; the logged loss is CE + lambda / D x their sum."""
   lines = []
-  config = load_config(None, *overrides(tmp_path / "mtp", steps=4, log_every=2, eval_every=4,
-                                        sample_tokens=0, mtp_loss_weight=0.5),
+  config = load_config(None, *overrides(tmp_path / "mtp", steps=4, warmup_steps=1, log_every=2,
+                                        eval_every=4, sample_tokens=0, mtp_loss_weight=0.5),
                        "model.num_mtp_layers=2")
-  summary = train_module.train(config, log=lines.append, progress=False)
+  summary = train_module.train(config, log=lines.append, progress=True)
   assert summary["final_step"] == 4
   records = read_metrics(tmp_path / "mtp")
   step = next(r for r in records if r["step"] == 4)

@@ -44,6 +44,7 @@ def _engine(cache_dtype=None, **kwargs) -> Engine:
   return Engine(model, params, **options)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_dtype, options", [
     (None, {}), (None, dict(prefix_sharing=False, speculative=4)), ("int8", {}),
     (None, dict(num_pages=14))], ids=["float", "no_sharing_k4", "int8", "preemption"])
@@ -59,6 +60,7 @@ def test_greedy_completions_are_plain_greedy(cache_dtype, options):
     assert stats["preemptions"] > 0
 
 
+@pytest.mark.slow
 def test_a_shared_prefix_resumes_one_token_early():
   """The second prompt shares the header's pages; its MTP entry at their last position is
   recomputed (the token after it differs), copying that page first."""
@@ -78,6 +80,7 @@ def test_a_shared_prefix_resumes_one_token_early():
   assert got == want and engine.pool.num_used == 0
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_the_same_whatever_the_batch_mates():
   sampling = SamplingParams(max_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=42)
   prompt = [5, 6, 7]
