@@ -2,8 +2,9 @@
 
 Suites (one module each): memory (KV cache per token), decode (one decode step against the
 roofline), throughput (tokens/s at a fixed cache memory budget), compute (FLOPs per token from
-XLA's cost analysis), train (training tokens/s), quality (validation loss at equal parameters)
-and serve (the serving engine on a synthetic workload at a fixed cache budget).
+XLA's cost analysis), train (training tokens/s), quality (validation loss at equal parameters),
+serve (the serving engine on a synthetic workload at a fixed cache budget) and spec
+(self-speculative decoding with a model's MTP module, DeepSeek-V3's draft model).
 Each prints a Markdown table headed by the machine, device kind, JAX version, dtype and the full
 command that reproduces it, and writes SUITE.md, SUITE.json (raw rows) and SUITE.png into --out:
 bench_results/ by default, bench_results/quick/ with --quick (listed in .gitignore, so a quick
@@ -28,6 +29,7 @@ SUITES = {
     "train": "training step time and tokens/s at equal parameter count",
     "quality": "validation loss and perplexity at equal parameters, data and tokens",
     "serve": "the serving engine at a fixed cache budget: tokens/s, latency, sequences held",
+    "spec": "self-speculative decoding with the MTP module: drafts kept, tokens/s against plain",
 }
 
 OUT = Path("bench_results")  # relative to the working directory, as --out is
