@@ -164,6 +164,7 @@ def test_gradients_reach_the_mtp_modules_and_the_shared_head():
     assert float(jnp.abs(leaf).max()) == 0.0  # lambda = 0: nothing reaches them
 
 
+@pytest.mark.slow
 def test_scan_layers_and_remat_give_the_same_loss_and_gradients():
   model, params = _model(variant(DENSE, num_layers=3), 1)
   cfg = model.config
@@ -179,6 +180,7 @@ def test_scan_layers_and_remat_give_the_same_loss_and_gradients():
   assert rel_err(grads2["lm_head"], grads["lm_head"]) <= 1e-5
 
 
+@pytest.mark.slow
 def test_mtp_step_with_a_cache_equals_the_causal_forward():
   """Filling the module's own cache in pieces (ragged), as drafting does, gives the causal
   forward's hidden states and logits."""
@@ -205,6 +207,7 @@ def test_mtp_step_with_a_cache_equals_the_causal_forward():
   assert logits.shape == (2, 9, cfg.vocab_size) and expected == (2, 9)
 
 
+@pytest.mark.slow
 def test_mtp_parameters_are_sharded_by_the_library_rules():
   from jax.sharding import PartitionSpec as P
 
