@@ -107,13 +107,35 @@ def quantize(x: jax.Array, kind: str) -> tuple[jax.Array, jax.Array]:
 
 def dequantize(values: jax.Array, scale: jax.Array) -> jax.Array:
   """Inverse of quantize, float32 [..., C]; the kind follows values' dtype (int8 or uint8)."""
+  return interleave(dequantize_planes(values, scale))
+
+
+def dequantize_planes(values: jax.Array, scale: jax.Array) -> tuple[jax.Array, ...]:
+  """dequantize, with the latent left as its planes (see interleave): int8 [..., C] -> one
+  float32 plane [..., C]; packed int4 uint8 [..., C/2] -> two, the elements 0, 2, 4, ... (low
+  nibbles) and 1, 3, 5, ... (high nibbles). Plain elementwise integer and float operations, so
+  a kernel can decode a block with it where a lane interleave would not lower; the nibbles are
+  widened to int32 before any bit operation."""
   if values.dtype == jnp.int8:
-    return values.astype(jnp.float32) * scale
-  low = (values & 0xF).astype(jnp.int8)  # [..., C/2]
-  high = (values >> 4).astype(jnp.int8)
-  pairs = jnp.stack([low, high], axis=-1)  # [..., C/2, 2]
-  signed = jnp.where(pairs > 7, pairs - 16, pairs)  # nibble -> [-8, 7]
-  return signed.reshape(values.shape[:-1] + (-1,)).astype(jnp.float32) * scale
+    return (values.astype(jnp.float32) * scale,)
+  wide = values.astype(jnp.int32)  # [..., C/2]
+  nibbles = (wide & 0xF, wide >> 4)  # two's-complement nibbles of elements 2i and 2i+1
+  return tuple(((n ^ 8) - 8).astype(jnp.float32) * scale for n in nibbles)  # -> [-8, 7]
+
+
+def interleave(planes: tuple[jax.Array, ...]) -> jax.Array:
+  """Planes p = 0 .. P-1 of [..., C/P] -> [..., C], element j of plane p at j*P + p (one plane
+  is returned as it is)."""
+  if len(planes) == 1:
+    return planes[0]
+  stacked = jnp.stack(planes, axis=-1)  # [..., C/P, P]
+  return stacked.reshape(stacked.shape[:-2] + (-1,))
+
+
+def latent_planes(stored) -> int:
+  """How many planes dequantize_planes makes of a stored latent of dtype `stored` (2 for packed
+  int4, else 1)."""
+  return 2 if jnp.dtype(stored) == jnp.uint8 else 1
 
 
 # ---- the cache types -----------------------------------------------------------------------
@@ -264,8 +286,22 @@ def latent_operand(cache: LatentCache) -> tuple[Any, Optional[Callable[[Any], ja
   """
   if not cache.quantized:
     return cache.c_kv, None
-  return ({"values": cache.c_kv, "scale": cache.c_kv_scale},
-          lambda block: dequantize(block["values"], block["scale"]))
+  return {"values": cache.c_kv, "scale": cache.c_kv_scale}, dequantize_block
+
+
+def dequantize_block(block: dict) -> jax.Array:
+  """latent_operand's block decoder: {"values" [B,blk,C or C/2], "scale" [B,blk,1]} -> float32
+  [B,blk,C]."""
+  return dequantize(block["values"], block["scale"])
+
+
+def value_view(stored: jax.Array) -> jax.Array:
+  """A float cache array as its values without conversion: uint16 bfloat16 bits -> bfloat16
+  (a bitcast, which accelerators' compilers make free), float32 as it is. For a kernel that
+  reads the cache itself; flash_decode widens blocks with load_float instead."""
+  if stored.dtype == BF16_BITS:
+    return jax.lax.bitcast_convert_type(stored, jnp.bfloat16)
+  return stored
 
 
 def latent_values(cache: LatentCache) -> LatentCache:

@@ -267,7 +267,7 @@ _STREAM_PROMPT = ("stream takes one prompt, a flat list of token ids such as [5,
 def stream(model: Transformer, params=None, prompt: Optional[Sequence[int]] = None, *,
            max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
            top_p: Optional[float] = None, eos_id: Optional[int] = None,
-           seed: int = 0) -> Iterator[int]:
+           seed: int = 0, decode_kernel: Optional[str] = None) -> Iterator[int]:
   """Yields one prompt's new tokens as they are sampled (one host round trip per token: for
   interactive output; `generate` runs the whole loop on the device). Same keys, same tokens.
   Validation and compilation happen in this call; the returned iterator only runs.
@@ -275,8 +275,10 @@ def stream(model: Transformer, params=None, prompt: Optional[Sequence[int]] = No
 
   Raises ValueError, before any compute, for: a prompt that is not one flat sequence of token ids
   in [0, vocab_size), an invalid sampling option (check_sampling: NaN or inf temperature or top_p
-  included), a seed that is not an integer, or prompt + max_new_tokens past model.max_seq_len."""
+  included), a seed that is not an integer, or prompt + max_new_tokens past model.max_seq_len.
+  decode_kernel: as in generate."""
   model, params, prompt = as_linen(model, params, prompt, "stream")
+  model = with_decode_kernel(model, decode_kernel)
   cfg = model.config
   check_sampling(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, eos_id)
   check_seed(seed)
@@ -304,6 +306,14 @@ def stream(model: Transformer, params=None, prompt: Optional[Sequence[int]] = No
       token, cache = step(params, token, cache, keys[i + 1], absorbed)
 
   return tokens()
+
+
+def with_decode_kernel(model: Transformer, decode_kernel: Optional[str]) -> Transformer:
+  """model, or with decode_kernel ('auto', 'xla' or 'pallas') a copy of it whose
+  model.decode_kernel is that (checked by ModelConfig: ValueError naming the field)."""
+  if decode_kernel is None:
+    return model
+  return model.clone(config=dataclasses.replace(model.config, decode_kernel=decode_kernel))
 
 
 def as_linen(model, params, prompts, function: str):
@@ -341,7 +351,8 @@ def generate(model: Transformer, params=None, prompts=None, *, max_new_tokens: i
              temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_id: Optional[int] = None, seed: int = 0, pad_id: int = 0,
              return_lengths: bool = False, attention_mask=None, lengths=None,
-             speculative: int = 0, return_stats: bool = False):
+             speculative: int = 0, return_stats: bool = False,
+             decode_kernel: Optional[str] = None):
   """Continues each prompt by max_new_tokens tokens: generate(linen_model, params, prompts, ...)
   or generate(nnx_model, prompts, ...) (an mla_jax.nnx.Transformer holds its parameters).
 
@@ -367,8 +378,12 @@ def generate(model: Transformer, params=None, prompts=None, *, max_new_tokens: i
   side the input was padded on. With return_lengths, also each row's real length [B]; with
   return_stats (speculative only), last the run's SpeculativeStats (drafts kept per position,
   verify steps).
+  decode_kernel: 'auto', 'xla' or 'pallas' overrides model.decode_kernel for this call (MLA's
+  decode attention: the Pallas kernel or XLA's flash-decoding loop; same tokens up to float
+  rounding).
   """
   model, params, prompts = as_linen(model, params, prompts, "generate")
+  model = with_decode_kernel(model, decode_kernel)
   cfg = model.config
   check_sampling(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, eos_id)
   check_token_id("pad_id", pad_id, cfg.vocab_size)

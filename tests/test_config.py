@@ -120,6 +120,11 @@ INVALID = [
     ("model.rope_scaling.beta_fast", dict(rope_scaling={**YARN, "beta_fast": 0.5})),
     ("model.rope_scaling.mscale_all_dim", dict(rope_scaling={**YARN, "mscale_all_dim": -1})),
     ("model.rope_scaling.alpha", dict(rope_scaling={**YARN, "alpha": 1})),
+    ("model.decode_kernel", dict(decode_kernel="triton")),
+    ("model.decode_kernel", dict(decode_kernel="pallas", attention="mha")),
+    ("model.decode_kernel_block_size", dict(decode_kernel_block_size=12)),
+    ("model.decode_kernel_block_size", dict(decode_kernel_block_size=0)),
+    ("model.decode_kv_splits", dict(decode_kv_splits=0)),
 ]
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mla_jax.cache import QMAX, dequantize, quantize
+from mla_jax.cache import QMAX, dequantize, dequantize_planes, latent_planes, quantize
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -51,6 +51,11 @@ def test_int4_packs_element_pairs_into_nibbles():
   # (1, -7) -> 0x1 | 0x9 << 4; (7, 0) -> 0x07; (-1, 2) -> 0xF | 0x2 << 4
   np.testing.assert_array_equal(values[0], [0x91, 0x07, 0x2F])
   np.testing.assert_array_equal(dequantize(values, scale), x)
+  # As planes (what a kernel decodes without interleaving lanes): even and odd elements.
+  even, odd = dequantize_planes(values, scale)
+  np.testing.assert_array_equal(even[0], [1.0, 7.0, -1.0])
+  np.testing.assert_array_equal(odd[0], [-7.0, 0.0, 2.0])
+  assert latent_planes(values.dtype) == 2 and latent_planes(jnp.int8) == 1
 
 
 def test_bad_kinds_are_refused():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ import uvicorn
 from mla_jax.serving import Engine, SamplingParams
 from mla_jax.cli import main
 from mla_jax.serving.background import BackgroundEngine
-from mla_jax.serving.server import Detokenizer, RequestError, make_app, parse_completion_request
+from mla_jax.serving.server import make_app
 from mla_jax.tokenizers import ByteTokenizer
 from tests.helpers import SMALL_MODEL
 
@@ -283,42 +282,6 @@ def test_malformed_requests_name_the_field_and_the_server_keeps_serving(served):
   rejected = [l for l in served.log if l.startswith("mla-jax serve: rejected ")]
   assert len(rejected) == len(MALFORMED)
   assert "rejected 400 (param max_tokens): max_tokens=-1 is invalid" in "\n".join(rejected)
-
-
-def test_engine_value_errors_are_400s_naming_the_field():
-  """What the engine refuses (SamplingParams.check's ValueError) comes back naming the field."""
-  parse = lambda body: parse_completion_request(
-      json.dumps(body).encode(), model_name=MODEL, tokenizer=ByteTokenizer(), vocab_size=260,
-      max_seq_len=64, eos_id=EOS)
-  with pytest.raises(RequestError) as refused:
-    parse({"prompt": "x", "top_k": 261})
-  assert refused.value.param == "top_k" and refused.value.status == 400
-  parsed = parse({"prompt": "ab", "top_k": -1, "stop_token_ids": [10, EOS], "stop": "\n\n"})
-  assert parsed.prompt_tokens == [97, 98] and parsed.sampling.top_k is None
-  assert parsed.sampling.stop_token_ids == (10, EOS) and parsed.stop == ("\n\n",)
-  assert parsed.sampling.temperature == 1.0 and parsed.sampling.max_tokens == 16  # OpenAI's
-  assert parse({"prompt": "x", "ignore_eos": True}).sampling.stop_token_ids == ()
-  seeds = {parse({"prompt": "x"}).sampling.seed for _ in range(4)}
-  assert len(seeds) > 1  # no seed: a fresh one per request, as OpenAI samples
-
-
-# ---- text out ------------------------------------------------------------------------------
-
-def test_detokenizer_holds_back_partial_characters_and_stop_string_prefixes():
-  tokenizer = ByteTokenizer()
-  euro = list("€".encode())  # three bytes
-  detok = Detokenizer(tokenizer)
-  assert [detok.add([t]) for t in [97] + euro + [98]] == ["a", "", "", "€", "b"]
-  detok = Detokenizer(tokenizer, stop=["STOP"])
-  pieces = [detok.add(tokenizer.encode(c)) for c in "abcST"]
-  assert "".join(pieces) == "abc" and not detok.stopped  # "ST" may begin "STOP"
-  assert detok.add(tokenizer.encode("x")) == "STx"  # "STx" cannot any more
-  assert detok.add(tokenizer.encode("yS")) == "y" and detok.add(tokenizer.encode("TOPz")) == ""
-  assert detok.stopped and detok.text == "abcSTxy" and detok.add([97], final=True) == ""
-  detok = Detokenizer(tokenizer, stop=["zz"])
-  assert detok.add(tokenizer.encode("az")) == "a"
-  assert detok.add([EOS], final=True, drop_last=True) == "z"  # the stop token is no text
-  assert Detokenizer(None).add([1, 2], final=True) == ""  # no tokenizer: token ids only
 
 
 # ---- clients that go away ------------------------------------------------------------------

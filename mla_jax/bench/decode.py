@@ -14,6 +14,14 @@ bandwidth (the faster of a copy and a read), FLOPs / measured matmul FLOP/s); ac
 XLA's own "bytes accessed" is shown beside the ideal bytes: a ratio well above 1 means the
 compiled step copies or re-reads the cache (the measured reason when a variant falls short).
 
+--kernel chooses how the "MLA flash" rows attend (model.decode_kernel): XLA's flash-decoding loop
+or the Pallas kernel (mla_jax/kernels). A kernel is one custom call to XLA, so its rows take
+their FLOPs from the same step compiled with the XLA loop (the same arithmetic) and have no XLA
+byte count. On CPU the kernel can only run interpreted: those rows check that it runs, and the
+report says their times are no speed measurement. --block-sizes times the flash step per block
+size (decode_block_size, or with the kernel decode_kernel_block_size); 'tune' times this
+backend's candidates and names the fastest (decode_blocks.py).
+
 The cache's float dtype is --dtype; "MLA flash int8" / "MLA flash int4" store the latent quantized
 (`model.cache_dtype`: c_kv int8 or packed int4 + one float32 scale per token, k_rope bfloat16),
 and their bytes count exactly those arrays. Bytes count the filled part of the cache only (the
@@ -39,9 +47,10 @@ from mla_jax.bench.common import (Ceilings, Report, Table, Variant, base_config,
                                   default_dtype, filled_cache, header_lines, measure_ceilings,
                                   nbytes, parse_ints, select_variants, time_calls, variant_config)
 from mla_jax.bench.common import progress
-from mla_jax.config.model import ModelConfig
+from mla_jax.bench.decode_blocks import block_rows, block_table, parse_block_sizes
+from mla_jax.config.model import DECODE_KERNELS, ModelConfig
+from mla_jax.kernels.mla_decode import target_platform, uses_pallas
 from mla_jax.kinds import absorbed_weights
-from mla_jax.layers.flash_decode import DEFAULT_BLOCK_SIZE
 from mla_jax.layers.masking import ATTN_IMPLS
 from mla_jax.layers.precision import einsum_f32
 from mla_jax.model import Transformer
@@ -74,9 +83,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--variants", default=None,
                       help=f"comma-separated subset of: {', '.join(v.name for v in VARIANTS)} "
                            "(default: all)")
-  parser.add_argument("--block-sizes", default="none", metavar="N,N,...",
+  parser.add_argument("--kernel", default="auto", choices=DECODE_KERNELS,
+                      help="MLA's decode attention in the 'MLA flash' rows (model.decode_kernel): "
+                           "pallas = the Pallas kernel (on CPU interpreted: it runs, but its "
+                           "times are no speed measurement), xla = XLA's flash-decoding loop, "
+                           "auto = pallas on TPU/GPU, xla on CPU (default: %(default)s)")
+  parser.add_argument("--block-sizes", default="none", metavar="N,N,...|tune",
                       help="also time the MLA flash step (--dtype cache) at the longest context "
-                           "with each model.decode_block_size listed, e.g. 64,128,256,512,1024 "
+                           "with each block size listed (model.decode_block_size, or "
+                           "decode_kernel_block_size with the kernel), e.g. 64,128,256,512; "
+                           "'tune' times this backend's candidates and names the fastest "
                            "(default: %(default)s)")
   add_quick_option(parser, "--held-check", full=HELD_CHECK, quick=QUICK_HELD_CHECK,
                    metavar="T,S",
@@ -107,8 +123,9 @@ def whole_loop_cost(config: ModelConfig, params, token, cache, key, absorbed,
   once, whatever its trip count, so the step is compiled again with one block spanning the
   `held` tokens (decode_block_size = held: the loop runs once, over exactly the held slots) and
   that program's FLOPs and bytes are reported. Same code and per-slot work as the step timed;
-  only the block size differs."""
-  one_block = dataclasses.replace(config, decode_block_size=held)
+  only the block size differs (and for the kernel, which XLA cannot see into, the path: its
+  FLOPs are the XLA loop's)."""
+  one_block = dataclasses.replace(config, decode_block_size=held, decode_kernel="xla")
   return cost(decode_step.lower(params, token, cache, key, absorbed, model=Transformer(one_block),
                                 sampler=Sampler(), attn_impl="flash").compile())
 
@@ -134,6 +151,8 @@ def measure_step(config: ModelConfig, params, batch: int, context: int, attn_imp
                                sampler=Sampler(), attn_impl=attn_impl).compile()
   compile_s = time.perf_counter() - start
   analysis = cost(compiled)
+  kernel = attn_impl == "flash" and config.attention == "mla" and uses_pallas(
+      config.decode_kernel)
   if attn_impl == "flash":
     analysis = whole_loop_cost(config, params, token, cache, key, absorbed, context)
   state = {"token": token, "cache": cache}
@@ -149,14 +168,16 @@ def measure_step(config: ModelConfig, params, batch: int, context: int, attn_imp
   ideal = cache_bytes + weight_bytes
   flops = float(analysis.get("flops", 0.0))
   roofline, bound = ceilings.roofline_s(ideal, flops)
+  xla_bytes = None if kernel else float(analysis.get("bytes accessed", 0.0))
   del state
   return {"context": context, "slots": slots, "batch": batch, "path": attn_impl,
+          "kernel": "pallas" if kernel else "xla",
           "cache_dtype": config.kv_cache_dtype, "step_ms": timing.median_s * 1e3,
           "min_ms": timing.min_s * 1e3, "max_ms": timing.max_s * 1e3,
           "tokens_per_s": batch / timing.median_s, "cache_mb": cache_bytes / 1e6,
           "weights_mb": weight_bytes / 1e6, "bytes_per_step": ideal,
-          "xla_bytes_accessed": float(analysis.get("bytes accessed", 0.0)),
-          "xla_bytes_ratio": float(analysis.get("bytes accessed", 0.0)) / ideal,
+          "xla_bytes_accessed": xla_bytes,
+          "xla_bytes_ratio": None if kernel else xla_bytes / ideal,
           "gflops_per_step": flops / 1e9, "achieved_gb_s": ideal / timing.median_s / 1e9,
           "bandwidth_fraction": ideal / timing.median_s / ceilings.bandwidth,
           "roofline_ms": roofline * 1e3, "bound": bound,
@@ -188,8 +209,8 @@ def run(args: argparse.Namespace) -> Report:
     if getattr(args, name) < 1:
       raise ValueError(f"--{name} {getattr(args, name)} is invalid: must be >= 1")
   held_check = parse_held_check(args.held_check)
-  block_sizes = ([] if str(args.block_sizes).strip().lower() == "none"
-                 else sorted(set(parse_ints(args.block_sizes, "--block-sizes"))))
+  block_sizes = parse_block_sizes(args.block_sizes, uses_pallas(args.kernel), contexts[-1],
+                                  args.quick)
   calls = args.repeats + 2  # steps each point runs: the cache must hold more tokens than that
   for option, tokens in [("--contexts", c) for c in contexts] + [
       ("--held-check", t) for t in (held_check or ())[:1]]:
@@ -204,6 +225,8 @@ def run(args: argparse.Namespace) -> Report:
   rows, choices, probes, held, seen = [], {}, {}, [], {}
   for variant in (v for v in VARIANTS if v.name in chosen):
     name, config = variant_config(base, variant)
+    if is_flash_mla(variant):
+      config = dataclasses.replace(config, decode_kernel=args.kernel)
     if (config, variant.attn_impl) in seen:  # e.g. "MLA flash bf16" under --dtype bfloat16
       continue
     seen[(config, variant.attn_impl)] = name
@@ -234,8 +257,10 @@ def run(args: argparse.Namespace) -> Report:
           measure_step(config, params, args.batch, tokens, path, args.repeats, ceilings,
                        slots=n, option="--held-check") for n in (tokens, slots))))
     del params
-  blocks = block_rows(base, args.batch, contexts[-1], block_sizes, args.repeats, ceilings)
-  return Report("decode", header_lines(args.dtype, args.command) + ceilings.lines(),
+  blocks = block_rows(dataclasses.replace(base, decode_kernel=args.kernel), args.batch,
+                      contexts[-1], block_sizes, args.repeats, ceilings, measure_step)
+  return Report("decode", header_lines(args.dtype, args.command) + ceilings.lines()
+                + [kernel_line(args.kernel)],
                 [steps_table(rows), summary_table(rows, contexts[-1], choices, args.dtype)]
                 + ([layout_table(probes)] if probes else [])
                 + ([held_table(held)] if held else [])
@@ -243,29 +268,16 @@ def run(args: argparse.Namespace) -> Report:
                 plot=lambda png: plot(rows, ceilings, png))
 
 
-def block_rows(base: ModelConfig, batch: int, context: int, block_sizes: list[int],
-               repeats: int, ceilings: Ceilings) -> list[dict]:
-  """The MLA flash step at `context` for each decode_block_size (how the default was chosen)."""
-  rows = []
-  params = None
-  for block in block_sizes:
-    config = dataclasses.replace(base, decode_block_size=block)
-    if params is None:
-      params = Transformer(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-    progress(f"MLA flash, decode_block_size {block:,}, context {context:,}")
-    rows.append({"block": block, **measure_step(config, params, batch, context, "flash",
-                                                repeats, ceilings)})
-  return rows
-
-
-def block_table(rows: list[dict]) -> Table:
-  best = min(rows, key=lambda r: r["step_ms"])
-  columns = (("block", "decode_block_size"), ("context", "context"), ("batch", "batch"),
-             ("step_ms", "step ms (median)"), ("min_ms", "min"), ("max_ms", "max"),
-             ("roofline_fraction", "of roofline"), ("compile_s", "compile s"))
-  return Table("MLA flash step by block size", columns, rows, [
-      f"The fastest here: decode_block_size {best['block']:,} ({best['step_ms']:,.2f} ms); the "
-      f"library's default is {DEFAULT_BLOCK_SIZE}."])
+def kernel_line(decode_kernel: str) -> str:
+  """The header line saying how the MLA flash rows attend, and whether their times mean
+  anything."""
+  if not uses_pallas(decode_kernel):
+    return f"MLA flash rows: XLA's flash-decoding loop (--kernel {decode_kernel})"
+  line = f"MLA flash rows: the Pallas decode kernel (--kernel {decode_kernel})"
+  if target_platform() == "cpu":
+    line += (", run in TPU interpret mode on CPU: a check that it runs and agrees, NOT a speed "
+             "measurement (its times are the simulator's)")
+  return line
 
 
 def is_flash_mla(variant: Variant) -> bool:
@@ -287,7 +299,8 @@ def held_row(name: str, exact: dict, oversized: dict) -> dict:
           "exact_compile_s": exact["compile_s"], "oversized_compile_s": oversized["compile_s"]}
 
 
-STEP_COLUMNS = (("variant", "variant"), ("path", "attn_impl"), ("cache_dtype", "cache"),
+STEP_COLUMNS = (("variant", "variant"), ("path", "attn_impl"), ("kernel", "kernel"),
+                ("cache_dtype", "cache"),
                 ("context", "context"),
                 ("step_ms", "step ms (median)"), ("min_ms", "min"), ("max_ms", "max"),
                 ("tokens_per_s", "tokens/s"), ("bytes_per_step", "bytes/step (cache + weights)"),
@@ -299,12 +312,19 @@ STEP_COLUMNS = (("variant", "variant"), ("path", "attn_impl"), ("cache_dtype", "
 
 
 def steps_table(rows: list[dict]) -> Table:
-  return Table("Decode step against cached context", STEP_COLUMNS, rows, [
+  notes = [
       "bytes/step counts each cache and weight byte once; roofline = max(bytes / measured "
       "bandwidth, XLA FLOPs / matmul FLOP/s); 'of roofline' = roofline time / measured time; "
       "'of bandwidth' = achieved bytes/s / measured bandwidth. XLA counts a while loop's body "
       "once, so a flash row's FLOPs and XLA bytes come from the same step compiled with one "
-      "block spanning the cache (every block counted)."])
+      "block spanning the cache (every block counted)."]
+  title = "Decode step against cached context"
+  if any(r["kernel"] == "pallas" for r in rows):
+    notes.append("A 'pallas' row's FLOPs are those of the same step with XLA's loop (the same "
+                 "arithmetic); XLA cannot count a kernel's bytes ('-').")
+    if target_platform() == "cpu":
+      title += " (pallas rows: the kernel interpreted on CPU, NOT a speed measurement)"
+  return Table(title, STEP_COLUMNS, rows, notes)
 
 
 def summary_table(rows: list[dict], context: int, choices: dict, dtype: str) -> Table:
@@ -332,11 +352,13 @@ def summary_table(rows: list[dict], context: int, choices: dict, dtype: str) -> 
   for name in ("MLA flash bf16", "MLA flash int8", "MLA flash int4"):
     if mla is not None and name in at:
       quantized = at[name]
+      xla_bytes = ("" if quantized["xla_bytes_accessed"] is None else
+                   f", its XLA bytes accessed "
+                   f"{quantized['xla_bytes_accessed'] / mla['xla_bytes_accessed']:,.3f}x")
       notes.append(
           f"At {context:,} cached tokens the {quantized['cache_dtype']} cache's flash step takes "
           f"{quantized['step_ms'] / mla['step_ms']:,.2f}x the {dtype} cache's; its cache bytes "
-          f"are {quantized['cache_mb'] / mla['cache_mb']:,.3f}x, its XLA bytes accessed "
-          f"{quantized['xla_bytes_accessed'] / mla['xla_bytes_accessed']:,.3f}x.")
+          f"are {quantized['cache_mb'] / mla['cache_mb']:,.3f}x{xla_bytes}.")
   notes.append("Baselines: every attention path the layer accepts was timed at this context and "
                "the fastest kept (last column). Where a variant's share of the bandwidth is "
                "low, 'XLA bytes accessed / bytes' shows how many times its compiled step moves "

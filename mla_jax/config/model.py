@@ -18,6 +18,7 @@ ATTENTION_KINDS = ("mla", "mha", "gqa", "mqa")
 DTYPES = ("float32", "bfloat16", "float16")
 MOE_IMPLS = ("dispatch", "dense")
 CACHE_DTYPES = ("float32", "bfloat16", "int8", "int4")  # model.cache_dtype; null = model.dtype
+DECODE_KERNELS = ("auto", "xla", "pallas")  # model.decode_kernel
 
 
 def dtype_to_name(value: Any) -> Any:
@@ -153,6 +154,13 @@ class ModelConfig:
   # see docs/decode.md.
   cache_dtype: Optional[str] = None
   decode_block_size: int = 512
+  # MLA's decode attention (docs/decode.md): "pallas", the fused kernel (mla_jax/kernels; on CPU
+  # run interpreted, for tests), "xla", the flash-decoding loop above, or "auto": pallas on TPU
+  # and GPU, xla on CPU. The kernel's tokens per block (null: the platform's default) and
+  # its programs per sequence (split-KV, for long contexts and small batches).
+  decode_kernel: str = "auto"
+  decode_kernel_block_size: Optional[int] = None
+  decode_kv_splits: int = 1
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype", "cache_dtype"):  # before the type check wants a str
@@ -187,6 +195,17 @@ class ModelConfig:
     if self.num_mtp_layers < 0:
       _fail("model.num_mtp_layers", self.num_mtp_layers, "must be >= 0 (0: no multi-token "
             "prediction modules)")
+    if self.decode_kernel not in DECODE_KERNELS:
+      _fail("model.decode_kernel", self.decode_kernel, f"allowed: {', '.join(DECODE_KERNELS)}")
+    if self.decode_kernel == "pallas" and self.attention != "mla":
+      _fail("model.decode_kernel", self.decode_kernel, "the Pallas decode kernel computes MLA's "
+            f"latent attention; attention={self.attention} decodes with auto or xla")
+    _positive("model.decode_kernel_block_size", self.decode_kernel_block_size, optional=True)
+    if (self.decode_kernel_block_size or 8) % 8:
+      _fail("model.decode_kernel_block_size", self.decode_kernel_block_size,
+            "must be a multiple of 8 (the TPU kernel's sublane tile; the GPU kernel also wants a "
+            "power of 2 >= 16), or null for the platform's default")
+    _positive("model.decode_kv_splits", self.decode_kv_splits)
 
   def _check_moe(self) -> None:
     if self.moe_impl not in MOE_IMPLS:

@@ -152,7 +152,7 @@ class Config:
 
   def run_fields(self) -> dict[str, Any]:
     """The fields that define what a checkpoint of this run holds: the model (less how it is
-    executed: moe_impl, cache_dtype, decode_block_size), the data, the seed and the optimisation
+    executed: moe_impl, cache_dtype, the decode_* fields), the data, the seed and the optimisation
     (warmup resolved; mtp_loss_weight when the model has MTP modules). Logging, evaluation,
     checkpoint cadence, sampling, the mesh and the workdir may change when a run resumes; these
     may not."""
@@ -177,7 +177,8 @@ class Config:
 
 
 # How a model is executed, not what its parameters are: the same checkpoint serves any of these.
-_EXECUTION_MODEL_FIELDS = ("moe_impl", "cache_dtype", "decode_block_size")
+_EXECUTION_MODEL_FIELDS = ("moe_impl", "cache_dtype", "decode_block_size", "decode_kernel",
+                           "decode_kernel_block_size", "decode_kv_splits")
 _RUN_TRAIN_FIELDS = ("steps", "batch_size", "seq_len", "learning_rate", "min_learning_rate",
                      "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip")
 _SECTIONS = {"model": ModelConfig, "train": TrainConfig, "data": DataConfig, "mesh": MeshConfig}

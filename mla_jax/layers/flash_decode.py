@@ -141,12 +141,27 @@ def online_softmax_loop(scores_fn: Callable[[Any], jax.Array],
 
 def combine_partials(m: jax.Array, l: jax.Array, acc: jax.Array, axis_name: str) -> jax.Array:
   """Exact merge of per-shard partials over a mesh axis (inside shard_map): acc / l, float32."""
-  m_all = jax.lax.pmax(m, axis_name)
-  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
-  weight = jnp.exp(m - m_safe)  # 0 for a shard that saw nothing
-  l_all = jax.lax.psum(l * weight, axis_name)
-  acc_all = jax.lax.psum(acc * weight[..., None], axis_name)
+  _, l_all, acc_all = _merge(m, l, acc, lambda x: jax.lax.pmax(x, axis_name),
+                             lambda x: jax.lax.psum(x, axis_name))
   return normalize(l_all, acc_all)
+
+
+def merge_splits(m: jax.Array, l: jax.Array, acc: jax.Array, axis: int) -> Partials:
+  """combine_partials over an array axis instead of a mesh axis, before the division: partials
+  of disjoint parts of S stacked on `axis` of m, l [...] and acc [..., V] (e.g. a split-KV
+  kernel's [B,splits,...]) -> the partials of their union, that axis gone."""
+  m_all, l_all, acc_all = _merge(m, l, acc, lambda x: jnp.max(x, axis, keepdims=True),
+                                 lambda x: jnp.sum(x, axis, keepdims=True))
+  return m_all.squeeze(axis), l_all.squeeze(axis), acc_all.squeeze(axis)
+
+
+def _merge(m, l, acc, reduce_max, reduce_sum) -> Partials:
+  """The exact log-sum-exp merge of partials over whatever reduce_max / reduce_sum reduce (the
+  results broadcast against m): m_all = max m, l_all = sum l e^(m - m_all), acc likewise."""
+  m_all = reduce_max(m)
+  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+  weight = jnp.exp(m - m_safe)  # 0 for a part that saw nothing
+  return m_all, reduce_sum(l * weight), reduce_sum(acc * weight[..., None])
 
 
 def normalize(l: jax.Array, acc: jax.Array) -> jax.Array:

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 from mla_jax.cache import LatentCache, encode_latent, latent_operand, latent_values, write_cache
 from mla_jax.config.model import ModelConfig
 from mla_jax.paged_cache import PagedLayerCache, as_contiguous, write_paged
+from mla_jax.kernels import mla_decode as kernels
+from mla_jax.kernels.mla_decode import default_block_size, uses_pallas
 from mla_jax.layers.flash_decode import mla_decode_partials, normalize, split_over_sequence
 from mla_jax.layers.masking import (masked_softmax, query_positions, reference_context,
                                     resolve_attn_impl)
@@ -245,19 +247,28 @@ def _absorbed(cfg: ModelConfig, w_kv_b: jax.Array, absorbed: Optional[dict]
 def _flash(cfg: ModelConfig, q_lat, q_rope, keys: LatentCache, lengths, num_tokens,
            positions) -> jax.Array:
   """Flash-decoding over `keys` (the updated cache, or without one the new entries): out_lat
-  [B,T,H,C] float32. A cache split over the mesh's sequence axis is walked shard by shard; a
-  paged one page by page through its table."""
+  [B,T,H,C] float32, by XLA's loop or the Pallas kernel (model.decode_kernel). A cache split
+  over the mesh's sequence axis is walked shard by shard; a paged one page by page through its
+  table."""
   b, t = positions.shape
   kv_lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths + num_tokens
+  kernel = uses_pallas(cfg.decode_kernel)
+  block_size = cfg.decode_block_size
+  options = {}
+  if kernel:
+    block_size = cfg.decode_kernel_block_size or default_block_size()
+    options = {"num_splits": cfg.decode_kv_splits}
   if isinstance(keys, PagedLayerCache):
     latent, decode_block = latent_operand(keys.pool)
-    return normalize(*paged_mla_decode_partials(
+    paged = kernels.paged_mla_decode_partials if kernel else paged_mla_decode_partials
+    return normalize(*paged(
         q_lat, q_rope, latent, keys.pool.k_rope, keys.page_table, kv_lengths, positions,
         scale=cfg.softmax_scale, dequantize=decode_block,
-        pages_per_block=pages_per_block(cfg.decode_block_size, keys.page_size))[1:])
+        pages_per_block=pages_per_block(block_size, keys.page_size), **options)[1:])
   latent, decode_block = latent_operand(keys)  # a quantized latent is decoded per block
-  partials = functools.partial(mla_decode_partials, scale=cfg.softmax_scale,
-                               block_size=cfg.decode_block_size, dequantize=decode_block)
+  partials = functools.partial(kernels.mla_decode_partials if kernel else mla_decode_partials,
+                               scale=cfg.softmax_scale, block_size=block_size,
+                               dequantize=decode_block, **options)
   split = sequence_split() if lengths is not None else None
   if split is None:
     return normalize(*partials(q_lat, q_rope, latent, keys.k_rope, kv_lengths, positions)[1:])

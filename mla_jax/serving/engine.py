@@ -51,7 +51,7 @@ import numpy as np
 from mla_jax.model import Transformer
 from mla_jax.kinds import init_paged_cache
 from mla_jax.paged_cache import no_page, page_bytes
-from mla_jax.sampling import _is_integer, as_linen
+from mla_jax.sampling import _is_integer, as_linen, with_decode_kernel
 from mla_jax.serving.pages import OutOfPages, PagePool
 from mla_jax.serving.requests import Completion, InvalidRequest, RequestOutput, SamplingParams
 from mla_jax.serving.runner import ModelRunner
@@ -120,7 +120,8 @@ class Engine:
   for MLA); prefix_sharing: reuse cached full pages of identical prompt prefixes; tokenizer
   (encode/decode) for text prompts and Completion.text; mesh: parameters laid out by the
   library's rules, rows and pages split over its 'data' axis; speculative=k: the model's MTP
-  module drafts k tokens per sequence and decode step (the module docstring).
+  module drafts k tokens per sequence and decode step (the module docstring). decode_kernel:
+  overrides model.decode_kernel ('auto', 'xla' or 'pallas').
 
   Raises ValueError for sizes that are not positive integers, both or a too small
   num_pages / cache_budget_bytes, speculative on a model without an MTP module, and TypeError
@@ -132,8 +133,10 @@ class Engine:
                cache_budget_bytes: Optional[int] = None,
                prefill_chunk: Optional[int] = None,
                prefill_rows: int = DEFAULT_PREFILL_ROWS, cache_dtype: Optional[str] = None,
-               prefix_sharing: bool = True, tokenizer=None, mesh=None, speculative: int = 0):
+               prefix_sharing: bool = True, tokenizer=None, mesh=None, speculative: int = 0,
+               decode_kernel: Optional[str] = None):
     model, params = _linen_model(model, params)
+    model = with_decode_kernel(model, decode_kernel)
     self.model, self.config, self.tokenizer = model, model.config, tokenizer
     if speculative:
       check_speculative(self.config, speculative)

@@ -10,6 +10,8 @@ import pytest
 
 from mla_jax.bench.common import base_config, filled_cache
 from mla_jax.bench.decode import parse_held_check
+from mla_jax.bench.decode_blocks import parse_block_sizes
+from mla_jax.kernels.mla_decode import kernel_platform
 from mla_jax.cache import latent_values, load_float
 from mla_jax.kinds import init_cache
 from mla_jax.sampling import DECODE_ATTN_IMPL
@@ -126,7 +128,8 @@ def test_summary_names_the_kept_path_and_the_ratio(decode):
   assert (probe["variant"], probe["context"], probe["kv_bytes"]) == ("GQA-2", 32, 32 * 2 * 24 * 4)
   assert probe["speedup"] == pytest.approx(probe["token_major_ms"] / probe["library_ms"])
   assert "The baselines' cache is head-major, [B,G,S,K]" in decode["markdown"]
-  assert f"--variants '{VARIANTS}' --block-sizes none --held-check 16,64" in decode["header"][3]
+  assert (f"--variants '{VARIANTS}' --kernel auto --block-sizes none --held-check 16,64"
+          in decode["header"][3])
 
 
 def test_bf16_cache_row_and_block_sizes(tmp_path):
@@ -145,4 +148,36 @@ def test_bf16_cache_row_and_block_sizes(tmp_path):
   for row in blocks:
     assert row["gflops_per_step"] == pytest.approx(flash["gflops_per_step"], rel=0.01)
     assert row["compile_s"] > 0.01  # compiled afresh, not a cached program
-  assert "The fastest here: decode_block_size" in raw["markdown"]
+  assert "Tuned for cpu (xla path): decode_block_size=" in raw["markdown"]
+  assert sum(row["picked"] for row in blocks) == 1
+
+
+def test_pallas_kernel_rows_are_labelled_and_the_tuner_picks_a_block(tmp_path):
+  """--kernel pallas on CPU: the MLA flash rows run the kernel (interpreted), say so, and take
+  their FLOPs from the XLA loop's step; --block-sizes tune times the quick candidates."""
+  raw = run_suite("decode", tmp_path, "--kernel", "pallas", "--variants",
+                  "MLA flash int8,MLA absorbed", "--held-check", "none", "--block-sizes", "tune",
+                  "--repeats", "1", "--contexts", "24")
+  int8, absorbed = rows(raw)
+  assert (int8["kernel"], absorbed["kernel"]) == ("pallas", "xla")  # only the flash rows
+  assert int8["xla_bytes_accessed"] is None and absorbed["xla_bytes_accessed"] > 0
+  assert int8["gflops_per_step"] == pytest.approx(absorbed["gflops_per_step"], rel=0.05)
+  assert "NOT a speed measurement" in raw["header"][-1]
+  assert "NOT a speed measurement" in raw["tables"][0]["title"]
+  blocks = rows(raw, 2)
+  assert [(r["block"], r["field"], r["kernel"], r["picked"]) for r in blocks] == [
+      (16, "decode_kernel_block_size", "pallas", True)]  # the quick candidates up to 24 tokens
+  assert "Tuned for cpu (pallas path): decode_kernel_block_size=" in raw["markdown"]
+  assert "not a speed measurement" in raw["markdown"]
+
+
+def test_tune_candidates_follow_the_backend_and_the_path():
+  assert parse_block_sizes("tune", False, 32768, quick=False) == [64, 128, 256, 512, 1024]
+  assert parse_block_sizes("tune", False, 200, quick=False) == [64, 128]
+  assert parse_block_sizes("tune", True, 8, quick=False) == [8]
+  with kernel_platform("gpu"):
+    assert parse_block_sizes("tune", True, 4096, quick=False) == [16, 32, 64, 128, 256]
+  with kernel_platform("tpu"):
+    assert parse_block_sizes("tune", True, 100, quick=False) == [128]  # at least the smallest
+  assert parse_block_sizes("64,16,64", True, 32, quick=False) == [16, 64]
+  assert parse_block_sizes("none", True, 32, quick=True) == []

@@ -12,8 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import mla_jax
 from mla_jax.cache import load_float, store_float
-from mla_jax.layers.flash_decode import (grouped_decode_partials, mla_decode_attention,
-                                         normalize)
+from mla_jax.layers.flash_decode import (grouped_decode_partials, merge_splits,
+                                         mla_decode_attention, mla_decode_partials, normalize)
 from mla_jax.sharding import make_mesh, shard, sharded_cached_apply
 from tests.helpers import TINY_CONFIGS, rel_err, variant
 
@@ -55,6 +55,25 @@ def test_latent_attention_matches_the_definition_with_nan_in_empty_slots(block_s
   want = _reference_latent_attention(q_lat, q_rope, c_kv, k_rope, kv_lengths, positions, 0.3)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   assert not np.asarray(got[1]).any()  # a sequence with no token attends to nothing: zeros
+
+
+def test_partials_of_disjoint_slots_merge_into_the_whole():
+  """merge_splits over three parts of S (one of them empty for a row) gives the partials of
+  the whole, so a split-KV kernel's parts combine exactly."""
+  b, t, h, c, r, s = 2, 2, 3, 8, 4, 12
+  keys = jax.random.split(jax.random.key(1), 4)
+  q_lat, q_rope = jax.random.normal(keys[0], (b, t, h, c)), jax.random.normal(keys[1], (b, t, h, r))
+  c_kv, k_rope = jax.random.normal(keys[2], (b, s, c)), jax.random.normal(keys[3], (b, s, r))
+  lengths = jnp.array([12, 5], jnp.int32)
+  positions = jnp.array([[10, 11], [3, 4]], jnp.int32)
+  whole = mla_decode_partials(q_lat, q_rope, c_kv, k_rope, lengths, positions, scale=0.4)
+  parts = [mla_decode_partials(q_lat, q_rope, c_kv[:, lo:hi], k_rope[:, lo:hi],
+                               jnp.clip(lengths - lo, 0, hi - lo), positions - lo, scale=0.4)
+           for lo, hi in ((0, 4), (4, 8), (8, 12))]  # row 1 holds nothing in the last part
+  m, l, acc = (jnp.stack([p[i] for p in parts], axis=1) for i in range(3))
+  merged = merge_splits(m, l, acc, axis=1)
+  for got, want in zip(merged, whole):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("block_size", [3, 11])  # does not divide S=11, spans S

@@ -143,6 +143,20 @@ def test_preemption_by_a_tiny_pool_keeps_every_completion_exact():
   assert engine.stats["preemptions"] > 0
 
 
+@pytest.mark.slow  # about 45 s: the kernel is interpreted, and compiled in both step programs
+def test_the_pallas_decode_kernel_serves_the_same_tokens():
+  """Engine(decode_kernel='pallas'): the paged kernel (on CPU the TPU kernel, interpreted) in
+  both step programs, int8 pages; the same completions as generate alone."""
+  requests = _requests(2)
+  model, params = _params("int8")
+  model = model.clone(config=variant(model.config, decode_kernel_block_size=8))  # 2 pages
+  engine = Engine(model, params, max_seqs=2, page_size=4, prefill_chunk=8, prefill_rows=1,
+                  decode_kernel="pallas")
+  assert engine.runner.model.config.decode_kernel == "pallas"
+  got = _run(engine, requests, range(len(requests)))
+  assert [got[i] for i in range(len(requests))] == list(_expected("int8", 2))
+
+
 def test_int8_pages_equal_generate_with_an_int8_cache():
   requests = _requests()
   engine = _engine("int8")
@@ -243,6 +257,12 @@ def test_add_request_refuses_bad_input_before_queueing(prompt, sampling, message
     engine.add_request(prompt, sampling)
   assert caught.value.param == param
   assert not engine.has_unfinished()
+
+
+def test_an_unknown_decode_kernel_is_refused_before_compiling():
+  model, params = _params()
+  with pytest.raises(ValueError, match="model.decode_kernel='fused' is invalid: allowed: auto"):
+    Engine(model, params, decode_kernel="fused")
 
 
 def test_a_request_larger_than_the_pool_is_refused():
