@@ -76,7 +76,9 @@ def describe(config: ModelConfig) -> list[str]:
   return [
       f"attention: {config.attention}  ({config.num_layers} layers, {config.num_heads} heads, "
       f"hidden {config.hidden_size}, dtype {config.dtype})",
-      f"parameters: {count:,}",
+      f"parameters: {count:,}" + ("" if not config.num_mtp_layers else
+                                  f" (of which {_mtp_count(params):,} in {config.num_mtp_layers} "
+                                  "multi-token-prediction module(s))"),
       f"parameter memory ({config.param_dtype}): {_size(one)} on one device; "
       f"{_size(fsdp8)} per device with mesh.fsdp=8",
       f"kv cache per token per layer: {per_layer:,} elements ({shape}) = "
@@ -88,6 +90,14 @@ def describe(config: ModelConfig) -> list[str]:
       f"vs MHA with the same heads ({mha_per_layer:,} elements per token per layer): "
       f"{per_layer / mha_per_layer:.2%} of its cache",
   ]
+
+
+def _mtp_count(params) -> int:
+  """Parameters of the MTP modules (mtp_layers_*) in a parameter tree of shapes."""
+  import jax
+
+  return sum(int(x.size) for name, tree in params.items() if name.startswith("mtp_layers_")
+             for x in jax.tree_util.tree_leaves(tree))
 
 
 def cache_width_warning(config: ModelConfig) -> Optional[str]:
@@ -246,6 +256,13 @@ def _generate(args: argparse.Namespace) -> int:
   options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                  top_k=args.top_k, top_p=args.top_p, eos_id=eos)
   check_sampling(model_config.vocab_size, **options)
+  if args.speculative:
+    from mla_jax.speculative import check_speculative
+
+    try:
+      check_speculative(model_config, args.speculative)
+    except ValueError as err:
+      raise ValueError(f"--speculative {args.speculative}: {err}") from None
   cache_length(max(len(p) for p in prompts), args.max_new_tokens, model_config.max_seq_len)
   if args.cache_dtype is not None:  # checked (e.g. int8 with a baseline) before loading weights
     model_config = dataclasses.replace(model_config, cache_dtype=args.cache_dtype)
@@ -253,11 +270,11 @@ def _generate(args: argparse.Namespace) -> int:
   print(f"loaded step {run.step} of {args.checkpoint}", file=sys.stderr)
   model = Transformer(dataclasses.replace(run.config.model, cache_dtype=model_config.cache_dtype))
   pad_id = run.tokenizer.PAD if run.tokenizer is not None else (0 if eos is None else eos)
-  if texts is not None and len(prompts) == 1:
+  if texts is not None and len(prompts) == 1 and not args.speculative:
     _stream_one(model, run.params, run.tokenizer, texts[0], prompts[0], options, args.seed)
   else:
     _generate_batch(model, run.params, run.tokenizer, prompts, options, args.seed, pad_id,
-                    show_ids=texts is None)
+                    show_ids=texts is None, speculative=args.speculative)
   return 0
 
 
@@ -341,19 +358,21 @@ def _stream_one(model, params, tokenizer, text: str, prompt: list[int], options:
 
 
 def _generate_batch(model, params, tokenizer, prompts: list[list[int]], options: dict,
-                    seed: int, pad_id: int, show_ids: bool = False) -> None:
+                    seed: int, pad_id: int, show_ids: bool = False, speculative: int = 0) -> None:
   """One compiled loop for the whole batch; prints each row when all are done: its text, or with
   show_ids its ids as 'ids: PROMPT + NEW' (comma-separated) and then its text when the model has
   a tokenizer. Compilation (tracing, lowering, XLA) is timed from JAX's own compile events and
-  reported apart."""
+  reported apart. With speculative=K the MTP module drafts K tokens per verify step, and a line
+  gives the share of drafts kept per position."""
   import time
 
   from mla_jax.compile_clock import compile_seconds
   from mla_jax.sampling import generate
 
   start, compile_s = time.perf_counter(), compile_seconds()
-  out, lengths = generate(model, params, prompts, seed=seed, pad_id=pad_id,
-                          return_lengths=True, **options)
+  out, lengths, *stats = generate(model, params, prompts, seed=seed, pad_id=pad_id,
+                                  return_lengths=True, speculative=speculative,
+                                  return_stats=bool(speculative), **options)
   elapsed = time.perf_counter() - start
   compile_s = compile_seconds() - compile_s
   for prompt, row, length in zip(prompts, out, lengths):
@@ -367,6 +386,12 @@ def _generate_batch(model, params, tokenizer, prompts: list[list[int]], options:
   new = int(lengths.sum()) - prompt_tokens
   print(_rate_line(compile_s, prompt_tokens, new, elapsed - compile_s)
         + f"; {len(prompts)} prompts ({prompt_tokens} tokens)", file=sys.stderr)
+  if stats:
+    (stats,) = stats
+    kept = ", ".join(f"{rate:.1%}" for rate in stats.acceptance)
+    print(f"speculative: {speculative} drafts per verify step; kept per draft position: {kept}; "
+          f"{stats.tokens_per_round:.2f} tokens per verify step ({stats.rounds} steps)",
+          file=sys.stderr)
 
 
 def checkpoint_dtype(directory: str | Path) -> tuple[str, str]:
@@ -535,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
   gen.add_argument("--top-p", type=float, default=None,
                    help="sample among the most likely tokens holding this probability mass")
   gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+  gen.add_argument("--speculative", type=int, default=0, metavar="K",
+                   help="self-speculative decoding: the model's MTP module drafts K tokens, the "
+                        "model verifies them in one step (needs model.num_mtp_layers >= 1; the "
+                        "output is printed when done, not streamed; default: 0, off)")
   gen.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=None,
                    help="decode cache storage (default: model.cache_dtype, else model.dtype); "
                         "int8/int4 quantize MLA's latent")

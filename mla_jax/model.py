@@ -20,6 +20,12 @@ The cache stays a tuple of per-layer caches in both layouts. Under scan its per-
 are stacked on entry and split on exit (tree_map, whatever the per-layer cache's fields):
 measured, that copies the cache a few times per call, where the unrolled loop updates it in
 place, so decoding is best done with the unrolled layout (docs/moe.md, "Scan over layers").
+
+Multi-token prediction. With model.num_mtp_layers = D, DeepSeek-V3's D MTP modules follow the
+layers as `mtp_layers_0` .. `mtp_layers_{D-1}` (mtp_layer_specs; their math is mla_jax/mtp.py).
+They share embed_tokens and lm_head with the model and stay unrolled under scan_layers; the
+forward pass here computes the next-token logits only, and transformer_hidden gives the final
+hidden states the MTP modules start from.
 """
 
 from __future__ import annotations
@@ -100,9 +106,24 @@ def block_specs(config: ModelConfig, layer: int = 0) -> ParamSpecs:
           "mlp": moe_specs(config) if config.is_moe_layer(layer) else swiglu_specs(config)}
 
 
+def mtp_layer_specs(config: ModelConfig, depth: int) -> ParamSpecs:
+  """MTP module `depth` (0-based), named as DeepSeek-V3's checkpoints name its tensors: enorm
+  and hnorm (the RMSNorms of the token embedding and of the previous depth's hidden state),
+  eh_proj [2D,D] (their concatenation, embedding first, projected back to D), the Transformer
+  block's own input_layernorm, self_attn, post_attention_layernorm and mlp (DeepSeekMoE when
+  layer num_layers + depth would be an MoE layer), and shared_head.norm. The embedding and the
+  output head are the model's own (embed_tokens, lm_head)."""
+  d, dtype = config.hidden_size, config.param_dtype
+  return {"enorm": norm_specs(d, dtype), "hnorm": norm_specs(d, dtype),
+          "eh_proj": projection(config, (2 * d, d), ("embed", None)),
+          **block_specs(config, config.num_layers + depth),
+          "shared_head": {"norm": norm_specs(d, dtype)}}
+
+
 def transformer_specs(config: ModelConfig) -> ParamSpecs:
   """The whole model's parameters: embed_tokens [V,D], layers_0 .. layers_{L-1} (or, with
-  model.scan_layers, the repeated blocks stacked under 'layers' [L',...]), norm, lm_head [D,V]."""
+  model.scan_layers, the repeated blocks stacked under 'layers' [L',...]), norm, lm_head [D,V],
+  and with model.num_mtp_layers = D the MTP modules mtp_layers_0 .. mtp_layers_{D-1}."""
   cfg = config
   specs: ParamSpecs = {"embed_tokens": projection(cfg, (cfg.vocab_size, cfg.hidden_size),
                                                   ("vocab", "embed"))}
@@ -113,6 +134,8 @@ def transformer_specs(config: ModelConfig) -> ParamSpecs:
     specs["layers"] = stacked(block_specs(cfg, scan_from), cfg.num_layers - scan_from)
   specs["norm"] = norm_specs(cfg.hidden_size, cfg.param_dtype)
   specs["lm_head"] = projection(cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
+  for depth in range(cfg.num_mtp_layers):
+    specs[f"mtp_layers_{depth}"] = mtp_layer_specs(cfg, depth)
   return specs
 
 
@@ -139,7 +162,7 @@ def decoder_block(config: ModelConfig, layer: int, params: dict, x: jax.Array,
   return x + out, cache, aux
 
 
-def _remat(block: Callable, config: ModelConfig, remat: str) -> Callable:
+def remat_block(block: Callable, config: ModelConfig, remat: str) -> Callable:
   """The block under jax.checkpoint with train.remat's policy ('none': as it is)."""
   if remat == "none":
     return block
@@ -169,10 +192,40 @@ def transformer_forward(config: ModelConfig, params: dict, tokens: jax.Array,
   return _forward(config, unbox(params), tokens, cache, attn_impl, num_tokens, remat, absorbed)
 
 
+def transformer_hidden(config: ModelConfig, params: dict, tokens: jax.Array,
+                       cache: Optional[Cache] = None, *, attn_impl: str = "auto",
+                       num_tokens: Optional[jax.Array] = None, remat: str = "none",
+                       absorbed: Optional[dict] = None
+                       ) -> tuple[jax.Array, Optional[Cache], jax.Array]:
+  """transformer_forward without the output head: (the final hidden states [B,T,D] in
+  model.dtype, after the final norm: what lm_head reads and what the first MTP module starts
+  from; the updated Cache or None; the expert-balance loss). output_logits(config, params,
+  hidden) gives the logits. Same arguments and errors as transformer_forward."""
+  check_inputs(config, tokens, cache, num_tokens)
+  return _hidden(config, unbox(params), tokens, cache, attn_impl, num_tokens, remat, absorbed)
+
+
+def output_logits(config: ModelConfig, params: dict, hidden: jax.Array,
+                  decoding: bool = False) -> jax.Array:
+  """lm_head over hidden states [B,T,D] -> logits [B,T,V] float32 ("BTD,DV->BTV"), batch laid
+  out as the training batch, or as the decode cache's batch with decoding=True."""
+  batch_axis = "cache_batch" if decoding else "batch"
+  return constrain(einsum_f32("BTD,DV->BTV", hidden, params["lm_head"].astype(hidden.dtype)),
+                   (batch_axis, None, "vocab"))
+
+
 def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: Optional[Cache],
              attn_impl: str, num_tokens: Optional[jax.Array], remat: str,
              absorbed: Optional[dict]) -> tuple[jax.Array, Optional[Cache], jax.Array]:
   """transformer_forward after its input checks, on plain arrays."""
+  x, cache, aux = _hidden(cfg, params, tokens, cache, attn_impl, num_tokens, remat, absorbed)
+  return output_logits(cfg, params, x, decoding=cache is not None), cache, aux
+
+
+def _hidden(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: Optional[Cache],
+            attn_impl: str, num_tokens: Optional[jax.Array], remat: str,
+            absorbed: Optional[dict]) -> tuple[jax.Array, Optional[Cache], jax.Array]:
+  """transformer_hidden after its input checks, on plain arrays."""
   b, t = tokens.shape
   if cache is not None and num_tokens is None:
     num_tokens = jnp.full((b,), t, jnp.int32)
@@ -184,7 +237,7 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: Optional[
   def run(layer: int) -> Callable:  # (params, x, cache, absorbed) -> (x, cache, aux)
     def block(p, x, c, a):
       return decoder_block(cfg, layer, p, x, c, lengths, num_tokens, attn_impl, a)
-    return _remat(block, cfg, remat)
+    return remat_block(block, cfg, remat)
 
   def attn_absorbed(name: str) -> Optional[dict]:
     return absorbed.get(name, {}).get("self_attn")
@@ -217,14 +270,11 @@ def _forward(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: Optional[
                    [jax.tree_util.tree_map(lambda c, j=j: c[j], stacked_cache)
                     for j in range(count)])
   x = rms_norm(params["norm"], x, cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
-  batch_axis = "batch" if cache is None else "cache_batch"  # decode batches follow the cache
-  logits = constrain(einsum_f32("BTD,DV->BTV", x, params["lm_head"].astype(x.dtype)),
-                     (batch_axis, None, "vocab"))
   if cache is None:
-    return logits, None, aux
+    return x, None, aux
   if paged:
-    return logits, cache.updated(new_layers, num_tokens), aux
-  return logits, Cache(layers=tuple(new_layers), lengths=cache.lengths + num_tokens), aux
+    return x, cache.updated(new_layers, num_tokens), aux
+  return x, Cache(layers=tuple(new_layers), lengths=cache.lengths + num_tokens), aux
 
 
 class DecoderBlock(nn.Module):

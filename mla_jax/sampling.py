@@ -355,6 +355,7 @@ def generate(model: Transformer, params=None, prompts=None, *, max_new_tokens: i
              temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_id: Optional[int] = None, seed: int = 0, pad_id: int = 0,
              return_lengths: bool = False, attention_mask=None, lengths=None,
+             speculative: int = 0, return_stats: bool = False,
              decode_kernel: Optional[str] = None):
   """Continues each prompt by max_new_tokens tokens: generate(linen_model, params, prompts, ...)
   or generate(nnx_model, prompts, ...) (an mla_jax.nnx.Transformer holds its parameters).
@@ -370,9 +371,17 @@ def generate(model: Transformer, params=None, prompts=None, *, max_new_tokens: i
   sampling option (check_sampling), a pad_id outside [0, vocab_size) and a seed that is not an
   integer.
 
+  speculative=k (k >= 1): self-speculative decoding (mla_jax/speculative.py): the model's
+  first MTP module (model.num_mtp_layers >= 1) drafts k tokens, the model verifies them in one
+  step; greedy gives exactly the tokens it gives without, sampling the same distribution (other
+  draws for the same seed). A model without MTP modules, or a k that is not a positive integer,
+  raises ValueError.
+
   Returns int32 [B, L] with L = longest prompt + max_new_tokens: row b is prompt b's real
   tokens, then its new tokens, then pad_id (after an EOS, and for shorter prompts), whatever
-  side the input was padded on. With return_lengths, also each row's real length [B].
+  side the input was padded on. With return_lengths, also each row's real length [B]; with
+  return_stats (speculative only), last the run's SpeculativeStats (drafts kept per position,
+  verify steps).
   decode_kernel: 'auto', 'xla' or 'pallas' overrides model.decode_kernel for this call (MLA's
   decode attention: the Pallas kernel or XLA's flash-decoding loop; same tokens up to float
   rounding).
@@ -383,6 +392,12 @@ def generate(model: Transformer, params=None, prompts=None, *, max_new_tokens: i
   check_sampling(cfg.vocab_size, max_new_tokens, temperature, top_k, top_p, eos_id)
   check_token_id("pad_id", pad_id, cfg.vocab_size)
   check_seed(seed)
+  if return_stats and not speculative:
+    raise ValueError("return_stats=True needs speculative=k: plain decoding keeps no statistics")
+  if speculative:
+    from mla_jax.speculative import check_speculative
+
+    check_speculative(cfg, speculative)
   rows = _prompt_rows(prompts, cfg.vocab_size, attention_mask, lengths)
   prompt_lengths = np.array([len(r) for r in rows], np.int32)
   longest = int(prompt_lengths.max())
@@ -392,11 +407,19 @@ def generate(model: Transformer, params=None, prompts=None, *, max_new_tokens: i
     padded[b, :len(row)] = row
 
   sampler = Sampler(float(temperature), top_k, None if top_p is None else float(top_p))
-  keys = jax.random.split(jax.random.key(seed), max_new_tokens)
-  first, cache = _prefill(params, jnp.asarray(padded), jnp.asarray(prompt_lengths), keys[0],
-                          model=model, max_len=max_len, sampler=sampler)
-  new, _ = _decode_loop(params, first, cache, keys[1:], model=model, sampler=sampler,
-                        eos_id=eos_id, pad_id=pad_id)
+  stats = None
+  if speculative:
+    from mla_jax.speculative import speculative_decode
+
+    new, stats = speculative_decode(model, params, padded, prompt_lengths, max_len=max_len,
+                                    max_new_tokens=max_new_tokens, sampler=sampler,
+                                    k=speculative, eos_id=eos_id, pad_id=pad_id, seed=seed)
+  else:
+    keys = jax.random.split(jax.random.key(seed), max_new_tokens)
+    first, cache = _prefill(params, jnp.asarray(padded), jnp.asarray(prompt_lengths), keys[0],
+                            model=model, max_len=max_len, sampler=sampler)
+    new, _ = _decode_loop(params, first, cache, keys[1:], model=model, sampler=sampler,
+                          eos_id=eos_id, pad_id=pad_id)
   new = np.asarray(new)  # [B,N]
 
   generated = np.full((len(rows),), max_new_tokens, np.int32)
@@ -407,6 +430,6 @@ def generate(model: Transformer, params=None, prompts=None, *, max_new_tokens: i
   for b, row in enumerate(rows):
     out[b, :len(row)] = row
     out[b, len(row):len(row) + generated[b]] = new[b, :generated[b]]
-  if return_lengths:
-    return out, prompt_lengths + generated
-  return out
+  results = (out,) + ((prompt_lengths + generated,) if return_lengths else ()) + (
+      (stats,) if return_stats else ())
+  return results if len(results) > 1 else out

@@ -80,6 +80,7 @@ PARAM_AXES: dict[str, tuple[Optional[str], ...]] = {
     "experts_gate_proj": ("expert", "embed", "moe_mlp"),
     "experts_up_proj": ("expert", "embed", "moe_mlp"),
     "experts_down_proj": ("expert", "moe_mlp", "embed"),
+    "eh_proj": ("embed", None),  # an MTP module's [embedding; hidden] 2D -> D projection
 }
 
 CACHE_AXES: dict[str, tuple[Optional[str], ...]] = {

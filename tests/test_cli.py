@@ -57,6 +57,17 @@ def test_info_shows_the_train_steps_attention_memory_per_path(capsys):
   assert "batch 16 on one device: naive (train.attn_impl=naive)" in out
   assert "for the backward pass: 1 x 4.0 MiB; 4.0 MiB in all" in out
 
+
+def test_info_counts_the_mtp_module_apart(capsys):
+  """configs/tiny_mtp.yaml: tiny's 862,720 parameters and one MTP module, a block of tiny's
+  (199,008: its total less embeddings, head and norm, over 4 layers) plus eh_proj [256,128] and
+  three norms."""
+  assert main(["info", str(CONFIGS / "tiny_mtp.yaml")]) == 0
+  module = (862_720 - 2 * 260 * 128 - 128) // 4 + 2 * 128 * 128 + 3 * 128
+  assert (f"parameters: {862_720 + module:,} (of which {module:,} in 1 multi-token-prediction "
+          "module(s))") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("cache_dtype, per_layer", [
     ("bfloat16", 48 * 2),  # c_kv 32 + k_rope 16, two bytes each
     ("int8", 32 + 4 + 16 * 2),  # int8 latent, its float32 scale, bfloat16 k_rope

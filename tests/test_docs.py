@@ -49,6 +49,9 @@ BASH_BLOCKS = {
     "installation.md": {},
     "layer.md": {},
     "moe.md": {},
+    "mtp.md": {"train": "test_mtp_blocks_as_written (slow)",
+               "generate": "test_mtp_blocks_as_written (slow)",
+               "bench": "test_mtp_blocks_as_written (slow)"},
     "nnx.md": {},
     "quantized-cache.md": {},
     "results.md": {},
@@ -135,6 +138,7 @@ PYTHON_CHECKS = {
         ns["engine"].stats["pages_free"] == 32),
     "nnx.md": lambda ns: ns["out"].shape == (2, 3 + 8) and ns["losses"][-1] < ns["losses"][0],
     "conversion.md": lambda ns: ns["text"].startswith("def parse(") and len(ns["theirs"]) > 4,
+    "mtp.md": lambda ns: ns["drafted"].shape == (2, 3 + 10) and ns["stats"].reached.shape == (2,),
 }
 SLOW_PYTHON_PAGES = {"conversion.md"}  # its block reads the recipe's workdirs: made by a slow fixture
 
@@ -259,12 +263,15 @@ def test_readme_links_every_page_and_notebook():
 
 def test_no_tracker_numbers_or_hashes_in_docs():
   """Facts in the docs come with their command, not with a tracker number or commit hash (the
-  quick start's run id, a hash of its config, is the one hex word allowed)."""
+  run ids of the quick start's and of configs/tiny_mtp.yaml's workdirs, hashes of their configs,
+  are the hex words allowed)."""
   from mla_jax.config import load_config
 
-  run_id = load_config(None).workdir.rsplit("-", 1)[1]
+  run_ids = [load_config(None).workdir.rsplit("-", 1)[1],
+             load_config(str(ROOT / "configs" / "tiny_mtp.yaml")).with_default_workdir(
+                 "tiny_mtp").workdir.rsplit("-", 1)[1]]
   for page in ["README.md"] + [f"docs/{p}" for p in PAGES]:
-    text = (ROOT / page).read_text().replace(run_id, "")
+    text = (ROOT / page).read_text().replace(run_ids[0], "").replace(run_ids[1], "")
     assert not re.search(r"[Ii]ssue [0-9]+", text), page
     assert not re.search(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", text), page
 
@@ -285,6 +292,37 @@ def test_training_examples_run(tmp_path):
     assert result.returncode == 0, (command, result.stderr)
     assert "final: step 4" in result.stdout, command
   assert (tmp_path / "runs" / "long" / "checkpoints" / "4").is_dir()
+
+
+@pytest.mark.slow
+def test_mtp_blocks_as_written(tmp_path):
+  """mtp.md's lines: the training line with `train.steps=4 ...` on the library's own sources
+  into a workdir made here (as written it trains for many minutes); the generate line on that
+  workdir in place of the one the training line writes (checked to be that one) and fewer new
+  tokens; bench spec on it with --quick (as written: minutes of timed runs)."""
+  from mla_jax.config import load_config
+  from tests.helpers import DATA
+
+  run = lambda line, *extra: subprocess.run(  # noqa: E731
+      shlex.split(line.replace("mla-jax", MLA_JAX, 1)) + list(extra), cwd=ROOT,
+      capture_output=True, text=True, timeout=1800)
+  workdir = tmp_path / "tiny_mtp"
+  trained = run(bash("mtp.md", "train").strip(), f"workdir={workdir}", f"data.path={DATA}",
+                "train.steps=4", "train.eval_every=2", "train.sample_tokens=0",
+                "train.batch_size=8")
+  assert trained.returncode == 0 and "final: step 4" in trained.stdout, trained.stderr
+  line = bash("mtp.md", "generate").strip()
+  default = load_config(str(ROOT / "configs" / "tiny_mtp.yaml")).with_default_workdir(
+      "tiny_mtp").workdir
+  assert f"--checkpoint {default} " in line
+  generated = run(line.replace(default, str(workdir)).replace("80", "20"))
+  assert generated.returncode == 0, generated.stderr
+  assert generated.stdout.startswith("def __init__(self, name):") and "---" in generated.stdout
+  assert "speculative: 2 drafts per verify step" in generated.stderr
+  bench = run(bash("mtp.md", "bench").strip(), "--quick", "--checkpoint", str(workdir), "--out",
+              str(tmp_path / "bench"))
+  assert bench.returncode == 0, bench.stderr
+  assert (tmp_path / "bench" / "spec.md").is_file()
 
 
 def test_serve_and_curl_blocks_as_written(trained_workdir):

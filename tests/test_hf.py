@@ -11,7 +11,7 @@ import pytest
 
 import mla_jax
 from mla_jax.hf import (dequantize_fp8, dtype_name, fuse_expert_tensors, load_hf,
-                        model_config_from_hf, params_from_hf, split_mtp_tensors)
+                        model_config_from_hf, params_from_hf)
 from tests.helpers import rel_err
 from tests.hf_parity import PARITY_INSTALL, assert_same_greedy_tokens, case_model, saved_case
 
@@ -152,9 +152,11 @@ def test_latent_norms_keep_the_reference_epsilon():
     assert (error <= 1e-4) == agrees, (eps, error)
 
 
-MTP_HEAD = {"embed_tokens.weight": (97, 64), "enorm.weight": (64,), "hnorm.weight": (64,),
-            "eh_proj.weight": (64, 128), "shared_head.norm.weight": (64,),
-            "shared_head.head.weight": (97, 64)}  # DeepSeek-V3's released names, hidden 64
+# An MTP layer's own tensors besides its decoder layer (DeepSeek-V3's released names, hidden 64);
+# it also holds copies of model.embed_tokens.weight and lm_head.weight (embed_tokens.weight,
+# shared_head.head.weight).
+MTP_HEAD = {"enorm.weight": (64,), "hnorm.weight": (64,), "eh_proj.weight": (64, 128),
+            "shared_head.norm.weight": (64,)}
 
 
 BLOCK = 16  # FP8 scale blocks (DeepSeek-V3 uses 128); 16 gives several blocks per tiny matrix
@@ -184,18 +186,26 @@ def _quantized(name, value):
 @pytest.fixture(scope="module")
 def v3_with_mtp(tmp_path_factory):
   """The V3 case as DeepSeek releases it: FP8 weights with block scales (quantization_config),
-  per-expert tensors, and a multi-token-prediction layer model.layers.2.* (an MoE decoder layer
-  plus MTP_HEAD), announced by num_nextn_predict_layers. The transformers model gets the
-  dequantized weights, so both sides compute with the same numbers."""
+  per-expert tensors, and a multi-token-prediction layer model.layers.2.* (an MoE decoder layer,
+  MTP_HEAD, and copies of the embedding and the head), announced by num_nextn_predict_layers.
+  The transformers model gets the dequantized weights, so both sides compute with the same
+  numbers. Returns (the transformers model, the directory, the MTP layer's dequantized tensors
+  in transformers' fused expert layout)."""
   from safetensors.torch import save_file
 
   hf_model = _hf_model("v3_sigmoid_bias_yarn")
   fused = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
   rng = np.random.default_rng(4)
-  mtp = {k.replace("model.layers.1.", "model.layers.2."): rng.normal(size=v.shape).astype(v.dtype)
+
+  def draw(name, shape):  # as _hf_model draws: norms near 1, weights of 0.15
+    return ((1.0 + 0.2 * rng.normal(size=shape)) if "norm" in name
+            else 0.15 * rng.normal(size=shape)).astype(np.float32)
+
+  mtp = {k.replace("model.layers.1.", "model.layers.2."): draw(k, v.shape)
          for k, v in fused.items() if k.startswith("model.layers.1.")}
-  mtp.update({f"model.layers.2.{k}": rng.normal(size=shape).astype(np.float32)
-              for k, shape in MTP_HEAD.items()})
+  mtp.update({f"model.layers.2.{k}": draw(k, shape) for k, shape in MTP_HEAD.items()})
+  mtp["model.layers.2.embed_tokens.weight"] = fused["model.embed_tokens.weight"]  # copies
+  mtp["model.layers.2.shared_head.head.weight"] = fused["lm_head.weight"]
   released, dequantized = {}, {}
   for name, value in _per_expert({**fused, **mtp}).items():
     if _quantized(name, value):
@@ -219,25 +229,70 @@ def v3_with_mtp(tmp_path_factory):
       "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
       "weight_block_size": [BLOCK, BLOCK]}}
   (directory / "config.json").write_text(json.dumps(config))
-  return hf_model, directory, _per_expert(mtp)
+  return hf_model, directory, fuse_expert_tensors(
+      {k: v for k, v in dequantized.items() if k.startswith("model.layers.2.")})
 
 
-def test_v3_checkpoint_as_released_loads_fp8_and_skips_the_mtp_layer(v3_with_mtp):
+def _reference_mtp_logits(hf_model, mtp, tokens):
+  """DeepSeek's MTP layer (as vLLM and SGLang run it) in float64: the main model's final hidden
+  states from transformers, [enorm(Emb(t_{i+1})); hnorm(h_i)] @ eh_proj^T in NumPy, then the MTP
+  decoder layer, shared_head.norm and the shared head as a one-layer transformers DeepseekV3
+  (that layer MoE, its final norm shared_head.norm, its lm_head the model's) fed those inputs."""
+  import copy
+
+  main = copy.deepcopy(hf_model).double()
+  main.config._experts_implementation = "eager"  # torch's grouped matmul has no float64
+  with torch.no_grad():
+    h = main.model(torch.as_tensor(tokens)).last_hidden_state.numpy()  # [B,T,D], after the norm
+  eps = hf_model.config.rms_norm_eps
+  rms = lambda x, w: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w  # noqa: E731
+  get = lambda name: np.asarray(mtp[f"model.layers.2.{name}"], np.float64)  # noqa: E731
+  embedded = get("embed_tokens.weight")[tokens[:, 1:]]
+  x = np.concatenate([rms(embedded, get("enorm.weight")), rms(h[:, :-1], get("hnorm.weight"))],
+                     axis=-1) @ get("eh_proj.weight").T  # [B,T-1,D]
+  config = copy.deepcopy(hf_model.config)
+  config.num_hidden_layers, config.first_k_dense_replace = 1, 0
+  config._experts_implementation = "eager"
+  block = transformers.DeepseekV3ForCausalLM(config).double().eval()
+  state = {k.replace("model.layers.2.", "model.layers.0."): torch.from_numpy(np.asarray(v))
+           for k, v in mtp.items() if not k.split("model.layers.2.")[1].startswith(
+               tuple(MTP_HEAD) + ("embed_tokens", "shared_head"))}
+  state.update({"model.norm.weight": torch.from_numpy(get("shared_head.norm.weight")),
+                "lm_head.weight": torch.from_numpy(get("shared_head.head.weight")),
+                "model.embed_tokens.weight": torch.from_numpy(get("embed_tokens.weight"))})
+  block.load_state_dict({k: v.double() for k, v in state.items()})
+  with torch.no_grad():
+    return block(inputs_embeds=torch.from_numpy(x)).logits.numpy()
+
+
+def test_v3_checkpoint_as_released_loads_fp8_and_its_mtp_layer(v3_with_mtp):
+  from mla_jax.model import transformer_hidden
+  from mla_jax.mtp import mtp_forward
+
   hf_model, directory, mtp = v3_with_mtp
-  assert len(mtp) == 44  # 22 in the fused layout (the fault's count), 8 experts x 3 here
+  assert len(mtp) == 22  # the decoder layer (experts fused) + MTP_HEAD + the two copies
   notes = []
   model, params = load_hf(directory, log=notes.append)
-  assert notes == ["skipped the multi-token-prediction layer model.layers.2.* (44 tensors: a "
-                   "decoder layer plus embed_tokens.weight, enorm.weight, hnorm.weight, "
-                   "eh_proj.weight, shared_head.norm.weight, shared_head.head.weight): mla-jax "
-                   "predicts one token per step and does not use it"]
-  assert model.config.num_layers == 2 and "layers_2" not in params
+  cfg = model.config
+  assert notes == [] and cfg.num_layers == 2 and cfg.num_mtp_layers == 1
+  assert "layers_2" not in params and cfg.is_moe_layer(2)
+  assert params["mtp_layers_0"]["mlp"]["experts_down_proj"].shape == (8, 32, 64)
   tokens = np.random.default_rng(5).integers(0, 97, (2, 20))
   with torch.no_grad():
     expected = hf_model(torch.as_tensor(tokens)).logits.numpy()
   for impl in ("naive", "absorbed"):
     logits, _ = model.apply({"params": params}, jnp.asarray(tokens), attn_impl=impl)
     assert np.abs(np.asarray(logits) - expected).max() <= 1e-4, impl
+  hidden, _, _ = transformer_hidden(cfg, params, jnp.asarray(tokens))
+  (mtp_logits,), _ = mtp_forward(cfg, params, hidden, jnp.asarray(tokens))
+  assert rel_err(mtp_logits, _reference_mtp_logits(hf_model, mtp, tokens)) <= 1e-5
+  # Other MTP weights change the MTP logits and leave the main logits as they are.
+  other = dict(params, mtp_layers_0=jax.tree_util.tree_map(lambda a: a[::-1],
+                                                           params["mtp_layers_0"]))
+  main_again, _ = model.apply({"params": other}, jnp.asarray(tokens))
+  np.testing.assert_array_equal(main_again, model.apply({"params": params}, jnp.asarray(tokens))[0])
+  (moved,), _ = mtp_forward(cfg, other, hidden, jnp.asarray(tokens))
+  assert rel_err(moved, mtp_logits) > 0.1
 
 
 def test_fp8_weights_are_dequantized_block_by_block():
@@ -262,31 +317,67 @@ def test_fp8_weights_are_dequantized_block_by_block():
     dequantize_fp8({"c.weight": np.ones((2, 2), np.float32), "c.weight_scale_inv": scale})
 
 
-def test_mtp_tensors_outside_deepseeks_layout_are_errors(v3_with_mtp):
-  hf_model, _, mtp = v3_with_mtp
-  cfg = model_config_from_hf(hf_model.config.to_dict())
+def test_mtp_tensors_outside_deepseeks_layout_are_errors(v3_with_mtp, tmp_path):
+  hf_model, directory, mtp = v3_with_mtp
+  cfg = model_config_from_hf({**hf_model.config.to_dict(), "num_nextn_predict_layers": 1})
   main = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-  kept, skipped = split_mtp_tensors(cfg, {**main, **mtp}, mtp_layers=1)
-  assert set(kept) == set(main) and skipped == sorted(mtp)
-  assert split_mtp_tensors(cfg, main, mtp_layers=1) == (main, [])  # MTP layer dropped: fine
-  with pytest.raises(ValueError, match=r"unexpected tensors in the multi-token-prediction layer: "
+  params = params_from_hf(cfg, {**main, **mtp})
+  assert sorted(params["mtp_layers_0"]) == ["eh_proj", "enorm", "hnorm", "input_layernorm", "mlp",
+                                            "post_attention_layernorm", "self_attn", "shared_head"]
+  copies = ("model.layers.2.embed_tokens.weight", "model.layers.2.shared_head.head.weight")
+  without_copies = params_from_hf(cfg, {**main, **{k: v for k, v in mtp.items()
+                                                   if k not in copies}})
+  jax.tree_util.tree_map(np.testing.assert_array_equal, without_copies, params)
+  with pytest.raises(ValueError, match=r"unexpected tensors in checkpoint: "
                                        r"\['model\.layers\.2\.mlp\.foo\.weight'\]"):
-    split_mtp_tensors(cfg, {**main, **mtp, "model.layers.2.mlp.foo.weight": np.ones(2)}, 1)
+    params_from_hf(cfg, {**main, **mtp, "model.layers.2.mlp.foo.weight": np.ones(2)})
   bad = {**mtp, "model.layers.2.eh_proj.weight": np.ones((64, 64), np.float32)}
-  with pytest.raises(ValueError, match=r"tensor model\.layers\.2\.eh_proj\.weight of the "
-                                       r"multi-token-prediction layer has shape \(64, 64\), "
-                                       r"expected \(64, 128\)"):
-    split_mtp_tensors(cfg, {**main, **bad}, 1)
-  # Not announced by num_nextn_predict_layers, or past the announced layers: still unexpected.
+  with pytest.raises(ValueError, match=r"tensor model\.layers\.2\.eh_proj\.weight has shape "
+                                       r"\(64, 64\), expected \(64, 128\)"):
+    params_from_hf(cfg, {**main, **bad})
+  partial = {k: v for k, v in mtp.items() if "enorm" not in k}
+  with pytest.raises(ValueError, match=r"missing tensors in checkpoint: "
+                                       r"\['model\.layers\.2\.enorm\.weight'\] \(1 in all\)"):
+    params_from_hf(cfg, {**main, **partial})
+  # A copy that is no copy: named, and the model's own tensor is used for both.
+  changed = {**mtp, copies[1]: mtp[copies[1]] + 0.5}
+  with pytest.raises(ValueError, match=r"model\.layers\.2\.shared_head\.head\.weight differs from "
+                                       r"lm_head\.weight \(by up to 0\.5\): the MTP layer shares"):
+    params_from_hf(cfg, {**main, **changed})
+  notes = []
+  shared = params_from_hf(cfg, {**main, **changed}, log=notes.append)
+  assert len(notes) == 1 and notes[0].startswith("model.layers.2.shared_head.head.weight differs")
+  jax.tree_util.tree_map(np.testing.assert_array_equal, shared, params)
+  # Not announced by num_nextn_predict_layers, or past the announced layers: unexpected.
+  no_mtp = model_config_from_hf({**hf_model.config.to_dict(), "num_nextn_predict_layers": 0})
+  assert no_mtp.num_mtp_layers == 0
   with pytest.raises(ValueError, match=r"unexpected tensors in checkpoint: \['model\.layers\.2\."
                                        r".*\(22 in all\); model\.layers\.2\.\* follows the last "
                                        r"decoder layer: a multi-token-prediction layer, which "
                                        r"config.json must announce with num_nextn_predict_layers"):
-    params_from_hf(cfg, split_mtp_tensors(cfg, {**main, **mtp}, mtp_layers=0)[0])
+    params_from_hf(no_mtp, {**main, **mtp})
   extra = {"model.layers.3.enorm.weight": np.ones(64, np.float32)}
   with pytest.raises(ValueError, match=r"unexpected tensors in checkpoint: "
-                                       r"\['model\.layers\.3\.enorm\.weight'\] \(1 in all\)$"):
-    params_from_hf(cfg, split_mtp_tensors(cfg, {**main, **mtp, **extra}, mtp_layers=1)[0])
+                                       r"\['model\.layers\.3\.enorm\.weight'\] \(1 in all\); "
+                                       r"model\.layers\.3\.\* follows"):
+    params_from_hf(cfg, {**main, **mtp, **extra})
+  # Announced, but dropped from the files (some redistributions do): loaded without, said so.
+  from safetensors.torch import load_file, save_file
+
+  dropped = tmp_path / "dropped"
+  dropped.mkdir()
+  kept = {}
+  for f in directory.glob("*.safetensors"):
+    kept.update({k: v for k, v in load_file(str(f)).items() if not k.startswith("model.layers.2.")})
+  save_file(kept, str(dropped / "model.safetensors"))
+  (dropped / "config.json").write_text((directory / "config.json").read_text())
+  notes = []
+  model, params = load_hf(dropped, log=notes.append)
+  assert model.config.num_mtp_layers == 0 and "mtp_layers_0" not in params
+  assert notes == ["config.json announces 1 multi-token-prediction layer(s) "
+                   "(num_nextn_predict_layers) but the checkpoint holds no model.layers.2.* "
+                   "tensor: loaded without them, so the model cannot draft for speculative "
+                   "decoding"]
 
 
 def test_dtype_aliases_and_refusals(v3_checkpoint):
@@ -341,7 +432,7 @@ def test_broken_checkpoints_are_named(v3_checkpoint, tmp_path):
 
 def test_convert_then_generate_with_the_checkpoints_tokenizer(v3_with_mtp, tmp_path):
   """`mla-jax convert` output runs in `mla-jax generate`, tokenizing text with tokenizer.json;
-  the source is laid out as DeepSeek releases V3, so convert notes the MTP layer it skips."""
+  the source is laid out as DeepSeek releases V3, and its MTP layer drafts for --speculative."""
   import subprocess
   import sys
 
@@ -361,10 +452,6 @@ def test_convert_then_generate_with_the_checkpoints_tokenizer(v3_with_mtp, tmp_p
   converted = run("convert", "--from-hf", str(source), "--out", str(out))
   assert converted.returncode == 0, converted.stderr
   assert converted.stderr.splitlines() == [
-      "note: skipped the multi-token-prediction layer model.layers.2.* (44 tensors: a decoder "
-      "layer plus embed_tokens.weight, enorm.weight, hnorm.weight, eh_proj.weight, "
-      "shared_head.norm.weight, shared_head.head.weight): mla-jax predicts one token per step "
-      "and does not use it",
       "dtype: float32 (config.json names no torch_dtype)"]  # --dtype auto says what it chose
   again = run("convert", "--from-hf", str(source), "--out", str(out))
   assert again.returncode == 2 and "already holds checkpoints" in again.stderr
@@ -372,11 +459,18 @@ def test_convert_then_generate_with_the_checkpoints_tokenizer(v3_with_mtp, tmp_p
                "--temperature", "0")
   assert result.returncode == 0, result.stderr
   assert "prefill: 3 tokens" in result.stderr and "decode: 11 tokens" in result.stderr
+  speculative = run("generate", "--checkpoint", str(out), "--prompt", "abc", "--max-new-tokens",
+                    "12", "--temperature", "0", "--speculative", "2")
+  assert speculative.returncode == 0, speculative.stderr
+  assert "speculative: 2 drafts per verify step; kept per draft position: " in speculative.stderr
 
   model, params = load_hf(source)  # the same greedy tokens, decoded by the same tokenizer
   ids = mla_jax.generate(model, params, [[0, 1, 2]], max_new_tokens=12)[0, 3:]
   expected = tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
   assert result.stdout == "abc" + expected + "\n"
+  # --speculative prints when done, the whole row decoded at once: the same greedy tokens.
+  whole = tokenizer.decode([0, 1, 2] + [int(i) for i in ids], skip_special_tokens=True)
+  assert speculative.stdout == whole + "\n---\n"
 
 
 def test_loading_onto_a_mesh_places_each_tensor_sharded(v3_checkpoint):

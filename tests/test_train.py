@@ -311,7 +311,8 @@ def _trainer_and_state():
 def test_nan_gradient_is_skipped_and_counted():
   config, trainer, state = _trainer_and_state()
   inputs = jnp.zeros((8, 32), jnp.int32)
-  loss, grads = train_module.compute_grads(trainer.model, state.params, inputs, inputs)
+  loss, grads, terms = train_module.compute_grads(trainer.model, state.params, inputs, inputs)
+  assert terms == {}  # no MTP modules: no loss parts
   poisoned = jax.tree_util.tree_map(lambda g: g, grads)
   poisoned["layers_0"]["self_attn"]["kv_b_proj"] = grads["layers_0"]["self_attn"][
       "kv_b_proj"].at[0, 0, 0].set(jnp.nan)
@@ -333,9 +334,9 @@ def test_nan_gradient_is_skipped_and_counted():
 def test_non_finite_updates_in_a_row_stop_training(tmp_path, monkeypatch):
   real = train_module.compute_grads
 
-  def always_nan(model, params, inputs, targets, attn_impl="auto"):
-    loss, grads = real(model, params, inputs, targets, attn_impl)
-    return loss, jax.tree_util.tree_map(lambda g: g * jnp.nan, grads)
+  def always_nan(*args):
+    loss, grads, terms = real(*args)
+    return loss, jax.tree_util.tree_map(lambda g: g * jnp.nan, grads), terms
 
   config = load_config(None, *overrides(tmp_path / "nan", steps=50, checkpoint_every=2,
                                         max_nonfinite_steps=3, sample_tokens=0))
@@ -396,3 +397,29 @@ def test_small_yaml_fits_the_16_gib_accelerator_its_comment_names():
   from mla_jax.config import PRESETS_DIR
 
   assert "one accelerator with 16 GiB" in (PRESETS_DIR / "small.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_an_mtp_run_logs_its_loss_parts_and_validates_the_next_token_loss(tmp_path):
+  """model.num_mtp_layers=2: the progress line, metrics.jsonl (and so TensorBoard) carry the
+  next-token loss, each depth's loss and accuracy; the validation loss stays the next-token one,
+  the depths' figures beside it; the logged loss is CE + lambda / D x their sum."""
+  lines = []
+  config = load_config(None, *overrides(tmp_path / "mtp", steps=4, warmup_steps=1, log_every=2,
+                                        eval_every=4, sample_tokens=0, mtp_loss_weight=0.5),
+                       "model.num_mtp_layers=2")
+  summary = train_module.train(config, log=lines.append, progress=True)
+  assert summary["final_step"] == 4
+  records = read_metrics(tmp_path / "mtp")
+  step = next(r for r in records if r["step"] == 4)
+  for key in ("main_loss", "mtp_loss_1", "mtp_loss_2", "mtp_accuracy_1", "mtp_accuracy_2",
+              "val_loss", "val_mtp_loss_1", "val_mtp_loss_2", "val_mtp_accuracy_1"):
+    assert key in step, key
+  assert step["loss"] == pytest.approx(
+      step["main_loss"] + 0.5 / 2 * (step["mtp_loss_1"] + step["mtp_loss_2"]), rel=1e-5)
+  assert 0 <= step["mtp_accuracy_2"] <= 1 and "val_main_loss" not in step
+  logged = [line for line in lines if line.startswith("step 2: loss")]
+  assert len(logged) == 1 and "next-token" in logged[0] and "; MTP " in logged[0]
+  assert logged[0].count("%") == 2  # one accuracy per depth
+  tensorboard = list((tmp_path / "mtp" / "tensorboard").glob("events.*"))
+  assert tensorboard and b"mtp_accuracy_1" in tensorboard[0].read_bytes()

@@ -2,9 +2,10 @@
 
 Suites (one module each): memory (KV cache per token), decode (one decode step against the
 roofline), throughput (tokens/s at a fixed cache memory budget), compute (FLOPs per token from
-XLA's cost analysis), train (training tokens/s), quality (validation loss at equal parameters)
-serve (the serving engine on a synthetic workload at a fixed cache budget) and peers
-(mla-jax against transformers' DeepseekV2 on one checkpoint).
+XLA's cost analysis), train (training tokens/s), quality (validation loss at equal parameters),
+serve (the serving engine on a synthetic workload at a fixed cache budget), peers (mla-jax
+against transformers' DeepseekV2 on one checkpoint) and spec (self-speculative decoding with a
+model's MTP module, DeepSeek-V3's draft model).
 Each prints a Markdown table headed by the machine, device kind, JAX version, dtype and the full
 command that reproduces it, and writes SUITE.md, SUITE.json (raw rows) and SUITE.png into --out:
 bench_results/ by default, bench_results/quick/ with --quick (listed in .gitignore, so a quick
@@ -30,6 +31,7 @@ SUITES = {
     "quality": "validation loss and perplexity at equal parameters, data and tokens",
     "serve": "the serving engine at a fixed cache budget: tokens/s, latency, sequences held",
     "peers": "prefill and a training step against transformers' DeepseekV2 on one checkpoint",
+    "spec": "self-speculative decoding with the MTP module: drafts kept, tokens/s against plain",
 }
 
 OUT = Path("bench_results")  # relative to the working directory, as --out is

@@ -12,6 +12,10 @@ sparse MoE, not from attention, so attention alone is not expected to reproduce 
 table is the mechanism at small scale: an MLA + DeepSeekMoE model (V2's recipe) against a dense
 MHA model of the same total parameters and one of the same active parameters, trained by the
 same Trainer, with FLOPs per token from XLA's cost analysis of each compiled train step.
+
+A third table (--mtp on) is the cost of DeepSeek-V3's multi-token prediction: the MLA model with 0,
+1 and 2 MTP modules (model.num_mtp_layers), the step time and the FLOPs per token (loss
+gradient) of each, relative to the model without.
 """
 
 from __future__ import annotations
@@ -78,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also train a small MLA + DeepSeekMoE model against dense MHA models "
                            "of its total and of its active parameters (default: %(default)s)")
   train_attention.add_arguments(parser)
+  parser.add_argument("--mtp", default="off", choices=["on", "off"],
+                      help="also train the MLA model with 1 and 2 multi-token-prediction "
+                           "modules: their cost in step time and FLOPs (default: %(default)s)")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -114,6 +121,42 @@ def measure(name: str, model: ModelConfig, batch: int, seq_len: int, repeats: in
           "min_ms": timing.min_s * 1e3, "max_ms": timing.max_s * 1e3,
           "tokens_per_s": batch * seq_len / timing.median_s, "compile_s": compile_s,
           "devices": jax.device_count()}
+
+
+MTP_DEPTHS = (0, 1, 2)
+
+
+def mtp_rows(model: ModelConfig, batch: int, seq_len: int, repeats: int) -> list[dict]:
+  """The MLA model with 0, 1 and 2 MTP modules: `measure` and FLOPs per token each, and both
+  relative to the model without (train.mtp_loss_weight at its default)."""
+  rows = []
+  for depths in MTP_DEPTHS:
+    config = dataclasses.replace(model, num_mtp_layers=depths)
+    row = measure(f"{depths} MTP module{'s' * (depths != 1)}", config, batch, seq_len, repeats)
+    row["mtp_layers"] = depths
+    row["flops_per_token"] = training_flops_per_token(config, batch, seq_len)
+    rows.append(row)
+  for row in rows:
+    row["time_vs_plain"] = row["step_ms"] / rows[0]["step_ms"]
+    row["flops_vs_plain"] = row["flops_per_token"] / rows[0]["flops_per_token"]
+  return rows
+
+
+def mtp_table(rows: list[dict], num_layers: int) -> Table:
+  one = next(r for r in rows if r["mtp_layers"] == 1)
+  columns = (("variant", "model"), ("params", "parameters"),
+             ("flops_per_token", "fwd + bwd FLOPs/token (XLA)"), ("flops_vs_plain", "x FLOPs"),
+             ("step_ms", "step ms (median)"), ("min_ms", "min"), ("max_ms", "max"),
+             ("tokens_per_s", "tokens/s"), ("time_vs_plain", "x step time"),
+             ("compile_s", "compile s"))
+  return Table("Multi-token prediction: the cost of the MTP modules in training", columns, rows, [
+      f"One MTP module (an eh_proj, one Transformer block and the shared output head over the "
+      f"{num_layers}-layer model) costs {one['flops_vs_plain'] - 1:.1%} more FLOPs per token "
+      f"and {one['time_vs_plain'] - 1:.1%} more step time here (median steps); DeepSeek-V3 adds "
+      "one block to 61, so its share is far smaller there.",
+      "FLOPs: XLA's count of the loss gradient compiled for one device (the optimizer update not "
+      "counted); loss = next-token CE + train.mtp_loss_weight / D x the D depths' CEs."],
+      formats={"flops_vs_plain": "{:.3f}x", "time_vs_plain": "{:.3f}x"})
 
 
 def training_flops_per_token(model: ModelConfig, batch: int, seq_len: int) -> float:
@@ -212,6 +255,9 @@ def run(args: argparse.Namespace) -> Report:
   tables += attention
   lengths = next((t.rows for t in attention if t.title.startswith("Training step against T")),
                  [])
+  if args.mtp == "on":
+    tables.append(mtp_table(mtp_rows(model, args.batch, args.seq_len, args.repeats),
+                            model.num_layers))
   dtype = f"{model.dtype} (parameters {model.param_dtype})"
   return Report("train", header_lines(dtype, args.command), tables,
                 plot=lambda png: plot(rows, png, lengths))

@@ -153,6 +153,10 @@ class ModelConfig:
   # parameter layout differs (mla_jax.model.stack_layers / unstack_layers convert); a decode
   # step pays a copy of the cache per step under scan, so inference keeps it off.
   scan_layers: bool = False
+  # DeepSeek-V3's multi-token prediction (Hugging Face's num_nextn_predict_layers): D sequential
+  # modules after the last layer, depth k predicting the token k + 1 ahead (mla_jax/mtp.py),
+  # trained with train.mtp_loss_weight and used as the draft model of speculative decoding.
+  num_mtp_layers: int = 0
   # Decode cache: how its values are stored (null = dtype), and the flash-decoding block size in
   # cache slots (layers/flash_decode.py): a tuning knob whose best value depends on the device,
   # see docs/decode.md.
@@ -204,6 +208,9 @@ class ModelConfig:
             f"int4 packs two values per byte: needs an even kv_lora_rank, not {self.kv_lora_rank}")
     for name in ("decode_block_size", "flash_block_q", "flash_block_k"):
       _positive(f"model.{name}", getattr(self, name))
+    if self.num_mtp_layers < 0:
+      _fail("model.num_mtp_layers", self.num_mtp_layers, "must be >= 0 (0: no multi-token "
+            "prediction modules)")
     if self.decode_kernel not in DECODE_KERNELS:
       _fail("model.decode_kernel", self.decode_kernel, f"allowed: {', '.join(DECODE_KERNELS)}")
     if self.decode_kernel == "pallas" and self.attention != "mla":
@@ -328,4 +335,5 @@ class ModelConfig:
     return out
 
 
-_LATER_FIELDS = {"qkv_bias": False, "qk_rope_groups": 1}  # field -> its default
+# field -> its default
+_LATER_FIELDS = {"qkv_bias": False, "qk_rope_groups": 1, "num_mtp_layers": 0}

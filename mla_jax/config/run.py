@@ -50,6 +50,10 @@ class TrainConfig:
   # memory linear in seq_len) from FLASH_ATTENTION_MIN_TOKENS tokens on and the naive path
   # (the [B,H,T,T] scores kept for the backward pass) below; flash_attention or naive force one.
   attn_impl: str = "auto"
+  # lambda of DeepSeek-V3's multi-token-prediction loss: loss = next-token CE + lambda / D x the
+  # sum of the D depths' CEs (model.num_mtp_layers = D; unused without MTP modules). The V3
+  # report trains with 0.3, then 0.1 for its last 4.8T tokens.
+  mtp_loss_weight: float = 0.3
 
   def __post_init__(self):
     _check_fields(self, "train.")
@@ -78,6 +82,9 @@ class TrainConfig:
       _fail("train.init_from", self.init_from, "must be a workdir path, or null")
     if self.attn_impl not in TRAIN_ATTN_IMPLS:
       _fail("train.attn_impl", self.attn_impl, f"allowed: {', '.join(TRAIN_ATTN_IMPLS)}")
+    if self.mtp_loss_weight < 0:
+      _fail("train.mtp_loss_weight", self.mtp_loss_weight, "must be >= 0 (0: the MTP modules "
+            "get no gradient)")
 
   @property
   def warmup(self) -> int:
@@ -159,13 +166,15 @@ class Config:
   def run_fields(self) -> dict[str, Any]:
     """The fields that define what a checkpoint of this run holds: the model (less how it is
     executed: moe_impl, cache_dtype, the decode_* and flash_block_* fields), the data, the seed
-    and the optimisation (warmup resolved; the starting workdir, train.init_from, when set).
-    Logging, evaluation, checkpoint cadence, sampling,
-    the mesh and the workdir may change when a run resumes; these may not."""
+    and the optimisation (warmup resolved; the starting workdir, train.init_from, when set;
+    mtp_loss_weight when the model has MTP modules). Logging, evaluation, checkpoint cadence,
+    sampling, the mesh and the workdir may change when a run resumes; these may not."""
     train = {name: getattr(self.train, name) for name in _RUN_TRAIN_FIELDS}
     train["warmup_steps"] = self.train.warmup
     if self.train.init_from is not None:  # only when set: runs from a random init keep their ids
       train["init_from"] = self.train.init_from
+    if self.model.num_mtp_layers:  # only then does it change what is trained
+      train["mtp_loss_weight"] = self.train.mtp_loss_weight
     model = {k: v for k, v in self.model.to_dict().items() if k not in _EXECUTION_MODEL_FIELDS}
     return {"model": model, "train": train, "data": dataclasses.asdict(self.data),
             "seed": self.seed}

@@ -12,9 +12,9 @@ from mla_jax._lazy import lazy_exports
 _NAMES = {  # name -> the module that defines it
     **dict.fromkeys(("SUPPORTED_MODEL_TYPES", "model_config_from_hf", "mtp_layer_count"),
                     "mla_jax.hf.config"),
-    **dict.fromkeys(("Conversion", "Target", "fuse_expert_tensors", "hf_tensors_from_params",
-                     "mtp_tensor_shapes", "params_from_hf", "split_mtp_tensors", "tensor_map",
-                     "to_scan_layout"), "mla_jax.hf.tensors"),
+    **dict.fromkeys(("MTP_SHARED", "MTP_TENSORS", "Conversion", "Target", "fuse_expert_tensors",
+                     "hf_tensors_from_params", "mtp_entries", "params_from_hf", "shared_copies",
+                     "tensor_map", "to_scan_layout"), "mla_jax.hf.tensors"),
     **dict.fromkeys(("LLAMA_MODEL_TYPES", "llama_config_from_hf", "llama_tensor_map"),
                     "mla_jax.hf.llama"),
     **dict.fromkeys(("dequantize_fp8", "dtype_name", "read_json", "read_safetensors",

@@ -36,7 +36,8 @@ def mtp_layer_count(hf: Mapping[str, Any], source: str = "config.json") -> int:
 
 def model_config_from_hf(hf: Mapping[str, Any], source: str = "config.json",
                          **overrides: Any) -> ModelConfig:
-  """Translates a DeepseekV2/V3 config.json mapping into a ModelConfig.
+  """Translates a DeepseekV2/V3 config.json mapping into a ModelConfig (num_nextn_predict_layers
+becoming num_mtp_layers).
 
   The latent norms keep DeepSeek's epsilon of 1e-6 (ModelConfig.latent_norm_eps), whatever
   rms_norm_eps says. Raises ValueError naming `source` (the file) and the field for a missing
@@ -100,8 +101,8 @@ def model_config_from_hf(hf: Mapping[str, Any], source: str = "config.json",
         norm_topk_prob=bool(opt("norm_topk_prob", False, bool)),
         routed_scaling_factor=opt("routed_scaling_factor", 1.0, float),
         aux_loss_alpha=opt("aux_loss_alpha", 0.0, float))
+  values["num_mtp_layers"] = mtp_layer_count(hf, source)
   values.update(overrides)
-  mtp_layer_count(hf, source)  # checked here too, so a bad value is refused before any tensor
   try:
     return ModelConfig(**values)
   except ValueError as err:  # e.g. "model.n_group=8 is invalid: ...": say which file it came from

@@ -12,8 +12,9 @@ interleaved pairs, so a half-rotation model's RoPE features are permuted into th
 the way out (the same function; loading it back gives the permuted arrays). Models no DeepSeek
 config expresses are refused before anything is written: the MHA/GQA/MQA baselines, k_rope in
 several groups (model.qk_rope_groups > 1), latent norms with another epsilon than DeepSeek's 1e-6.
-A multi-token-prediction layer has no place in mla-jax's model yet: num_nextn_predict_layers is
-0, and MTP tensors would be further entries of the tensor map.
+A model's multi-token-prediction modules (model.num_mtp_layers) are written as DeepSeek-V3 does:
+num_nextn_predict_layers, and `model.layers.{num_layers + k}.*` with its copies of the embedding
+and the output head (entries of the same tensor map).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def hf_config(config: ModelConfig, dtype: str, bos_token_id: Optional[int] = Non
       "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False,
       "use_cache": True, "bos_token_id": bos_token_id, "eos_token_id": eos_token_id,
       "pad_token_id": pad_token_id, "torch_dtype": dtype, "dtype": dtype,
-      "num_nextn_predict_layers": 0, "moe_layer_freq": 1, "ep_size": 1,
+      "num_nextn_predict_layers": c.num_mtp_layers, "moe_layer_freq": 1, "ep_size": 1,
   }
   rope: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
   if c.rope_scaling is not None:

@@ -4,18 +4,18 @@ generate` runs). Neither imports training code or an optimizer."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from mla_jax.hf.config import SUPPORTED_MODEL_TYPES, model_config_from_hf, mtp_layer_count
+from mla_jax.hf.config import SUPPORTED_MODEL_TYPES, model_config_from_hf
 from mla_jax.hf.llama import LLAMA_MODEL_TYPES, llama_config_from_hf, untie_embeddings
 from mla_jax.hf.safetensors import (_fp8_block, _safetensors_files, dequantize_fp8, dtype_name,
                                     read_json, read_safetensors)
-from mla_jax.hf.tensors import _MTP_HEAD, params_from_hf, split_mtp_tensors
+from mla_jax.hf.tensors import params_from_hf
 
 if TYPE_CHECKING:
   from mla_jax.model import Transformer
@@ -34,8 +34,11 @@ def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None,
 
   With a mesh, each tensor is converted and placed on its devices (sharded as the tables in
   mla_jax.sharding say) as soon as it is read, so the whole model never sits on one device.
-  DeepSeek-V3's multi-token-prediction layers are checked and skipped, with a one-line note to
-  `log` (default: stderr) naming them. Errors: ValueError naming the file, field or tensor.
+  DeepSeek-V3's multi-token-prediction layers (num_nextn_predict_layers) load as the model's
+  MTP modules (model.num_mtp_layers; mla_jax/mtp.py), the drafts of speculative decoding; when
+  config.json announces them and the files hold none of their tensors (some redistributions drop
+  them), the model loads without them and a one-line note to `log` (default: stderr) says so.
+  Errors: ValueError naming the file, field or tensor.
   """
   import jax
   import jax.numpy as jnp
@@ -61,17 +64,14 @@ def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None,
   for file in _safetensors_files(directory):
     tensors.update(_float_tensors(file, read_safetensors(file)))
   tensors = dequantize_fp8(tensors, _fp8_block(hf_config, str(config_file)), str(directory))
-  mtp = []
   if llama:
     tensors = untie_embeddings(hf_config, tensors)
-  else:
-    tensors, mtp = split_mtp_tensors(config, tensors,
-                                     mtp_layer_count(hf_config, str(config_file)))
-  if mtp:
-    layers = sorted({int(n.split(".")[2]) for n in mtp})
-    names = ", ".join(f"model.layers.{i}.*" for i in layers)
-    log(f"skipped the multi-token-prediction layer {names} ({len(mtp)} tensors: a decoder layer "
-        f"plus {', '.join(_MTP_HEAD)}): mla-jax predicts one token per step and does not use it")
+  first_mtp = f"model.layers.{config.num_layers}."
+  if config.num_mtp_layers and not any(name.startswith(first_mtp) for name in tensors):
+    log(f"config.json announces {config.num_mtp_layers} multi-token-prediction layer(s) "
+        f"(num_nextn_predict_layers) but the checkpoint holds no {first_mtp}* tensor: loaded "
+        "without them, so the model cannot draft for speculative decoding")
+    config = dataclasses.replace(config, num_mtp_layers=0)
 
   def place(param_path: tuple[str, ...], array: np.ndarray):
     router = param_path[-1] in ("gate", "e_score_correction_bias")  # float32, as DeepSeek keeps it
@@ -84,7 +84,7 @@ def load_hf(path: str | Path, dtype: Any = np.float32, mesh: Any = None,
     sharding = jax.tree_util.tree_leaves(tree_shardings(nested, mesh))[0]  # checks divisibility
     return jax.device_put(array, sharding)
 
-  params = params_from_hf(config, tensors, place=place)
+  params = params_from_hf(config, tensors, place=place, log=log)
   return Transformer(config), params
 
 

@@ -6,10 +6,12 @@ stores input axes first with heads split out, so each mapping is a transpose and
 Both expert layouts load: DeepSeek's released per-expert tensors and transformers' fused ones.
 
 DeepSeek-V3/R1 checkpoints also hold `num_nextn_predict_layers` multi-token-prediction (MTP)
-layers after the last decoder layer (`model.layers.{num_hidden_layers + i}.*`: a decoder layer
-plus embed_tokens, enorm, hnorm, eh_proj, shared_head.norm and shared_head.head). mla-jax decodes
-one token per step and has no use for them: split_mtp_tensors checks their names and shapes so
-load_hf can skip them. Any other tensor the model does not have is still an error.
+layers after the last decoder layer: `model.layers.{num_hidden_layers + k}.*` is MTP module k
+(model.num_mtp_layers; params mtp_layers_{k}), a decoder layer's tensors plus MTP_TENSORS, and
+copies of the model's embedding and output head (MTP_SHARED), which the modules share with the
+model (mla_jax/mtp.py): those copies map to embed_tokens and lm_head themselves. All of them are
+entries of tensor_map, the one table both loading and its inverse read. Any other tensor the
+model does not have is an error.
 """
 
 from __future__ import annotations
@@ -98,12 +100,13 @@ def _one(path: tuple[str, ...], shape: tuple[int, ...], convert: Conversion
   return shape, [(path, convert)]
 
 
-def _layer_entries(c: ModelConfig, layer: int
+def _layer_entries(c: ModelConfig, layer: int, ours: Optional[str] = None
                    ) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
-  """One decoder layer's tensors, named after `model.layers.{layer}.`, and their params."""
+  """One decoder layer's tensors, named after `model.layers.{layer}.`, and their params (under
+  `ours`, default layers_{layer})."""
   d, h = c.hidden_size, c.num_heads
   k, n, r, v = c.qk_head_dim, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-  ours = f"layers_{layer}"
+  ours = ours or f"layers_{layer}"
   attn = (ours, "self_attn")
   c_kv = c.kv_lora_rank
   entries = {
@@ -156,7 +159,8 @@ def _layer_entries(c: ModelConfig, layer: int
 def tensor_map(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
   """HF tensor name -> (its expected shape, the params it becomes): DeepSeek's names for MLA,
   the Llama family's for the baselines (mla_jax/hf/llama.py). Experts use transformers' fused
-  layout (gate_up_proj [E,2I,D], down_proj [E,D,I]); see fuse_expert_tensors."""
+  layout (gate_up_proj [E,2I,D], down_proj [E,D,I]); see fuse_expert_tensors. With
+  model.num_mtp_layers, the MTP layers' entries too (mtp_entries)."""
   if config.attention != "mla":
     from mla_jax.hf.llama import llama_tensor_map
 
@@ -171,26 +175,38 @@ def tensor_map(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], list[Tar
   for layer in range(c.num_layers):
     out.update({f"model.layers.{layer}.{name}": entry
                 for name, entry in _layer_entries(c, layer).items()})
+  for depth in range(c.num_mtp_layers):
+    out.update(mtp_entries(c, depth, shared=out))
   return out
 
 
-# The tensors of a multi-token-prediction layer besides its decoder layer (DeepSeek-V3's
-# released layout; eh_proj maps [normed embedding, normed hidden state] 2D -> D).
-_MTP_HEAD = ("embed_tokens.weight", "enorm.weight", "hnorm.weight", "eh_proj.weight",
-             "shared_head.norm.weight", "shared_head.head.weight")
+# An MTP layer's own tensors besides its decoder layer: name -> param path below mtp_layers_{k}.
+MTP_TENSORS = {"enorm.weight": ("enorm", "scale"), "hnorm.weight": ("hnorm", "scale"),
+               "eh_proj.weight": ("eh_proj",),
+               "shared_head.norm.weight": ("shared_head", "norm", "scale")}
+# The copies an MTP layer holds of the model's own tensors (the report shares them): name -> the
+# model's tensor it copies, whose parameter it loads into.
+MTP_SHARED = {"embed_tokens.weight": "model.embed_tokens.weight",
+              "shared_head.head.weight": "lm_head.weight"}
 
 
-def mtp_tensor_shapes(config: ModelConfig, mtp_layers: int) -> dict[str, tuple[int, ...]]:
-  """HF name -> shape of every tensor of the `mtp_layers` multi-token-prediction layers, which
-  follow the last decoder layer (`model.layers.{num_layers + i}.*`); experts in the fused layout."""
-  d, vocab = config.hidden_size, config.vocab_size
-  head = dict(zip(_MTP_HEAD, [(vocab, d), (d,), (d,), (d, 2 * d), (d,), (vocab, d)]))
-  out = {}
-  for layer in range(config.num_layers, config.num_layers + mtp_layers):
-    entries = {**{name: shape for name, (shape, _) in _layer_entries(config, layer).items()},
-               **head}
-    out.update({f"model.layers.{layer}.{name}": shape for name, shape in entries.items()})
-  return out
+def mtp_entries(config: ModelConfig, depth: int,
+                shared: Mapping[str, tuple[tuple[int, ...], list[Target]]]
+                ) -> dict[str, tuple[tuple[int, ...], list[Target]]]:
+  """MTP module `depth` as `model.layers.{num_layers + depth}.*` -> mtp_layers_{depth}: its
+  decoder layer (DeepSeekMoE when that layer index is an MoE layer), MTP_TENSORS, and MTP_SHARED
+  mapped to the entries of the tensors they copy (looked up in `shared`, the model's map)."""
+  c, d = config, config.hidden_size
+  layer, ours = c.num_layers + depth, f"mtp_layers_{depth}"
+  entries = _layer_entries(c, layer, ours)
+  for name, path in MTP_TENSORS.items():
+    if name == "eh_proj.weight":  # nn.Linear(2D, D): [D, 2D] -> [2D, D]
+      entries[name] = _one((ours,) + path, (d, 2 * d), _linear((2 * d, d)))
+    else:
+      entries[name] = _one((ours,) + path, (d,), _same)
+  for name, copied in MTP_SHARED.items():
+    entries[name] = shared[copied]
+  return {f"model.layers.{layer}.{name}": entry for name, entry in entries.items()}
 
 
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
@@ -220,71 +236,59 @@ def fuse_expert_tensors(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarr
   return out
 
 
-def split_mtp_tensors(config: ModelConfig, tensors: Mapping[str, np.ndarray], mtp_layers: int
-                      ) -> tuple[dict[str, np.ndarray], list[str]]:
-  """(the main model's tensors, the sorted names of the multi-token-prediction tensors).
-
-  The MTP tensors are checked against DeepSeek's layout (mtp_tensor_shapes, either expert layout):
-  a name that is not part of it, or a wrong shape, is a ValueError naming the tensor. A checkpoint
-  may hold all, some or none of them (some redistributions drop the MTP layer).
-  """
-  prefixes = tuple(f"model.layers.{layer}." for layer in
-                   range(config.num_layers, config.num_layers + mtp_layers))
-  main = {name: t for name, t in tensors.items() if not name.startswith(prefixes)}
-  mtp = {name: t for name, t in tensors.items() if name not in main}
-  expected = mtp_tensor_shapes(config, mtp_layers)
-  for name, (prefix, index, kind) in ((n, m.groups()) for n in mtp
-                                      if (m := _PER_EXPERT.match(n)) is not None):
-    # One expert of the released layout: checked on its own, never stacked (nor read) here.
-    fused = expected.get(f"{prefix}.{'down_proj' if kind == 'down' else 'gate_up_proj'}")
-    if fused is not None and int(index) < fused[0]:
-      expected[name] = fused[1:] if kind == "down" else (fused[1] // 2, fused[2])
-  unknown = sorted(name for name in mtp if name not in expected)
-  if unknown:
-    raise ValueError(f"unexpected tensors in the multi-token-prediction layer: {unknown[:5]}"
-                     f"{' ...' if len(unknown) > 5 else ''} ({len(unknown)} in all): not part of "
-                     "DeepSeek's layout (a decoder layer plus " + ", ".join(_MTP_HEAD) + ")")
-  for name, array in mtp.items():
-    if tuple(np.shape(array)) != expected[name]:
-      raise ValueError(f"tensor {name} of the multi-token-prediction layer has shape "
-                       f"{tuple(np.shape(array))}, expected {expected[name]}")
-  return main, sorted(mtp)
+def shared_copies(config: ModelConfig) -> dict[str, str]:
+  """HF name of each MTP layer's copy of a model tensor (MTP_SHARED) -> the tensor it copies."""
+  return {f"model.layers.{config.num_layers + depth}.{name}": copied
+          for depth in range(config.num_mtp_layers) for name, copied in MTP_SHARED.items()}
 
 
 def params_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray],
-                   place: Optional[Callable[[tuple[str, ...], np.ndarray], Any]] = None
-                   ) -> dict[str, Any]:
+                   place: Optional[Callable[[tuple[str, ...], np.ndarray], Any]] = None,
+                   log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
   """Builds the Transformer's params pytree from HF-named tensors (either expert layout), in
   the scan layout when config.scan_layers.
 
   Non-parameter buffers a checkpoint may carry (rotary inv_freq) are ignored; anything else
-  unexpected (MTP layers included: see split_mtp_tensors), missing or mis-shaped is a ValueError
-  naming the tensor, raised before any is converted; the empty shared-expert tensors of a model
-  without shared experts may be there or not. `place(path, array)` puts each converted
-  array where it goes (default: NumPy).
+  unexpected (an MTP layer config.num_mtp_layers does not announce included), missing or
+  mis-shaped is a ValueError naming the tensor, raised before any is converted; the empty
+  shared-expert tensors of a model without shared experts may be there or not. An MTP layer's
+  copies of the embedding and the output head (shared_copies) may be left out; the model's own
+  are loaded, and a copy that differs from them is named to `log` (without one: a ValueError).
+  `place(path, array)` puts each converted array where it goes (default: NumPy).
   """
   tensors = fuse_expert_tensors(tensors)
   expected = tensor_map(config)
+  copies = shared_copies(config)
   unexpected = sorted(name for name in tensors
                       if name not in expected and not name.endswith("rotary_emb.inv_freq"))
   if unexpected:
-    after_last = f"model.layers.{config.num_layers}."
+    after_last = f"model.layers.{config.num_layers + config.num_mtp_layers}."
     hint = (f"; {after_last}* follows the last decoder layer: a multi-token-prediction layer, "
             "which config.json must announce with num_nextn_predict_layers"
             if any(name.startswith(after_last) for name in unexpected) else "")
     raise ValueError(f"unexpected tensors in checkpoint: {unexpected[:5]}"
                      f"{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)} in all){hint}")
   missing = sorted(name for name, (_, targets) in expected.items()
-                   if name not in tensors and targets)  # an empty tensor may be left out
+                   if name not in tensors and name not in copies
+                   and targets)  # an empty tensor may be left out
   if missing:
     raise ValueError(f"missing tensors in checkpoint: {missing[:5]}"
                      f"{' ...' if len(missing) > 5 else ''} ({len(missing)} in all)")
   for name, (shape, _) in expected.items():
     if name in tensors and tuple(np.shape(tensors[name])) != shape:
       raise ValueError(f"tensor {name} has shape {tuple(np.shape(tensors[name]))}, expected {shape}")
+  for name, copied in copies.items():
+    if name in tensors and not np.array_equal(np.asarray(tensors[name]), np.asarray(tensors[copied])):
+      difference = float(np.max(np.abs(np.asarray(tensors[name], np.float32)
+                                       - np.asarray(tensors[copied], np.float32))))
+      message = (f"{name} differs from {copied} (by up to {difference:.3g}): the MTP layer shares "
+                 f"the model's embedding and output head, so {copied} is used for both")
+      if log is None:
+        raise ValueError(message)
+      log(message)
   params: dict[str, Any] = {}
   for name, (_, targets) in expected.items():
-    if not targets:
+    if name in copies or not targets:  # a copy: the model's own tensor is loaded under its name
       continue
     array = np.asarray(tensors[name])
     for path, convert in targets:

@@ -25,6 +25,14 @@ Admission: a waiting request joins while a row is free and the free pages cover 
 what the prompts already admitted still need, so a burst of requests is not admitted only to be
 preempted at once; the queue is served in arrival order (the first waiting request that does not
 fit stops admission until pages free up).
+
+Speculative decoding (speculative=k, a model with an MTP module; mla_jax/speculative.py): each
+decode step is one round per sequence, verifying the k tokens its MTP module drafted and
+committing the kept ones plus one, 1 to k + 1 tokens a step; the module's cache is one more
+pool under the same page table. A sequence reserves pages for the positions the round writes
+(its drafts' too, up to its own end). With prefix sharing, a prompt resumes one token before the
+end of its shared pages: the module's entry at a position depends on the token after it, which
+the sharing prompt may not have.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from mla_jax.sampling import _is_integer, as_linen, with_decode_kernel
 from mla_jax.serving.pages import OutOfPages, PagePool
 from mla_jax.serving.requests import Completion, InvalidRequest, RequestOutput, SamplingParams
 from mla_jax.serving.runner import ModelRunner
+from mla_jax.speculative import check_speculative
 
 # Defaults, measured with `mla-jax bench serve --page-sizes` (docs/serving.md).
 DEFAULT_PAGE_SIZE = 16
@@ -82,6 +91,8 @@ class _Sequence:
   cached: int = 0  # tokens whose entries are in the cache
   first_token_s: Optional[float] = None
   preemptions: int = 0
+  drafts: Optional[np.ndarray] = None  # speculative: the MTP module's k drafts [k] ...
+  draft_probs: Optional[np.ndarray] = None  # ... and the distributions they came from [k,V]
 
   @property
   def tokens(self) -> list[int]:
@@ -109,13 +120,14 @@ class Engine:
   DEFAULT_PREFILL_CHUNK, or max_seq_len if shorter) and rows per step; cache_dtype: the pools' dtype (model.cache_dtype or model.dtype by default; int8/int4
   for MLA); prefix_sharing: reuse cached full pages of identical prompt prefixes; tokenizer
   (encode/decode) for text prompts and Completion.text; mesh: parameters laid out by the
-  library's rules, rows and pages split over its 'data' axis. decode_kernel: overrides
-  model.decode_kernel ('auto', 'xla' or 'pallas').
+  library's rules, rows and pages split over its 'data' axis; speculative=k: the model's MTP
+  module drafts k tokens per sequence and decode step (the module docstring). decode_kernel:
+  overrides model.decode_kernel ('auto', 'xla' or 'pallas').
 
   Raises ValueError, before anything is compiled or allocated, for sizes that are not positive
   integers, a page_size above model.max_seq_len, both or a too small num_pages /
-  cache_budget_bytes, and a pool larger than a device's memory; TypeError for a model it
-  cannot run.
+  cache_budget_bytes, a pool larger than a device's memory, and speculative on a model without
+  an MTP module; TypeError for a model it cannot run.
   """
 
   def __init__(self, model, params=None, *, max_seqs: int = DEFAULT_MAX_SEQS,
@@ -123,11 +135,14 @@ class Engine:
                cache_budget_bytes: Optional[int] = None,
                prefill_chunk: Optional[int] = None,
                prefill_rows: int = DEFAULT_PREFILL_ROWS, cache_dtype: Optional[str] = None,
-               prefix_sharing: bool = True, tokenizer=None, mesh=None,
+               prefix_sharing: bool = True, tokenizer=None, mesh=None, speculative: int = 0,
                decode_kernel: Optional[str] = None):
     model, params = _linen_model(model, params)
     model = with_decode_kernel(model, decode_kernel)
     self.model, self.config, self.tokenizer = model, model.config, tokenizer
+    if speculative:
+      check_speculative(self.config, speculative)
+    self.speculative = int(speculative)
     self.max_seqs = _positive_int("max_seqs", max_seqs)
     self.page_size = _positive_int("page_size", page_size)
     if prefill_chunk is None:  # no longer than the longest sequence
@@ -141,23 +156,24 @@ class Engine:
       raise ValueError(f"page_size={page_size} is invalid: must be at most model.max_seq_len "
                        f"({self.config.max_seq_len}), the longest sequence a page can hold")
     self.pages_per_sequence = -(-self.config.max_seq_len // self.page_size)
-    self.bytes_per_page = bytes_per_page(self.config, self.page_size, cache_dtype)
+    self.bytes_per_page = bytes_per_page(self.config, self.page_size, cache_dtype,
+                                         bool(self.speculative))
     self.bytes_per_token = self.bytes_per_page // self.page_size
     self.num_pages = self._pool_size(num_pages, cache_budget_bytes)
     self._check_pool_fits(num_pages, cache_budget_bytes, mesh)
     self.pool = PagePool(self.num_pages, self.page_size, prefix_sharing=bool(prefix_sharing))
     self.runner = ModelRunner(model, params, num_pages=self.num_pages, page_size=self.page_size,
                               pages_per_sequence=self.pages_per_sequence,
-                              cache_dtype=cache_dtype, mesh=mesh)
+                              cache_dtype=cache_dtype, mesh=mesh, speculative=self.speculative)
     self.decode_buckets = shape_buckets(self.max_seqs, SMALLEST_DECODE_BUCKET)
     self.prefill_row_buckets = shape_buckets(self.prefill_rows, 1)
     self.prefill_width_buckets = shape_buckets(self.prefill_chunk, SMALLEST_PREFILL_WIDTH)
-    shapes = [(rows, 1) for rows in self.decode_buckets]
-    shapes += [(rows, width) for rows in self.prefill_row_buckets
-               for width in self.prefill_width_buckets if (rows, width) not in shapes]
     # Every step program and the page copy, compiled now: serving never waits for a compile.
-    self.num_programs = len(shapes) + 1
-    self.compile_s = self.runner.compile(shapes, copy_width=self.prefill_rows)
+    self.compile_s = self.runner.compile(
+        [(rows, self.speculative + 1) for rows in self.decode_buckets],
+        [(rows, width) for rows in self.prefill_row_buckets
+         for width in self.prefill_width_buckets], copy_width=self.prefill_rows)
+    self.num_programs = self.runner.num_programs
     self._lock = threading.Lock()
     self._inbox: collections.deque = collections.deque()  # ("add", seq) / ("cancel", id)
     self._ids: set[str] = set()  # every id ever added
@@ -285,14 +301,17 @@ class Engine:
   def stats(self) -> dict[str, int]:
     """running, waiting, pages_free, pages_total, peak_running (most sequences held at once),
     preemptions, steps, prefill_tokens and decode_tokens (computed by the model), and
-    decode_runs / prefill_runs (step programs run) so far."""
+    decode_runs / prefill_runs (step programs run) so far; with speculation also drafts_verified
+    and drafts_kept (drafts of the rounds run, and the ones kept)."""
     return {"running": len(self._running), "waiting": len(self._waiting),
             "pages_free": self.pool.num_free, "pages_total": self.num_pages,
             "peak_running": self._peak_running, "preemptions": self._stats["preemptions"],
             "steps": self._stats["steps"], "prefill_tokens": self._stats["prefill_tokens"],
             "decode_tokens": self._stats["decode_tokens"],
             "decode_runs": self._stats["decode_runs"],
-            "prefill_runs": self._stats["prefill_runs"]}
+            "prefill_runs": self._stats["prefill_runs"],
+            **({"drafts_verified": self._stats["drafts_verified"],
+                "drafts_kept": self._stats["drafts_kept"]} if self.speculative else {})}
 
   def reset_prefix_cache(self) -> None:
     """Forgets the cached prompt prefixes (PagePool.reset_prefix_cache); the running requests
@@ -410,11 +429,14 @@ class Engine:
     copies: list[tuple[int, int]] = []
     for seq in ready:
       if seq in self._running:  # not preempted by an older one's page
-        copies += self._reserve(seq, seq.cached + 1)[1]
+        copies += self._reserve(seq, self._decode_end(seq))[1]
     ready = [s for s in ready if s in self._running]
     if not ready:
       return
     self.runner.copy(copies)
+    if self.speculative:
+      self._decode_speculative(ready, outputs)
+      return
     rows = self._row_arrays(_bucket(self.decode_buckets, len(ready)), 1)
     for r, seq in enumerate(ready):
       self._fill_row(rows, r, seq, [seq.tokens[-1]])
@@ -428,6 +450,43 @@ class Engine:
       self._register(seq, seq.cached - 1)
       self._accept(seq, int(sampled[r]), outputs)
 
+  def _decode_end(self, seq: _Sequence) -> int:
+    """Positions a decode step writes for seq: the next token's; with speculation the round's
+    verified inputs and the MTP module's drafts after them, up to the request's own end."""
+    if not self.speculative:
+      return seq.cached + 1
+    return min(seq.cached + 2 * self.speculative, len(seq.prompt) + seq.sampling.max_tokens)
+
+  def _decode_speculative(self, ready: list[_Sequence], outputs) -> None:
+    """One speculative round for every ready sequence: each commits 1 to k + 1 tokens."""
+    k = self.speculative
+    rows = self._row_arrays(_bucket(self.decode_buckets, len(ready)), k + 1)
+    rows["q"] = np.zeros((len(rows["lengths"]), k, self.config.vocab_size), np.float32)
+    rows["verified"] = np.zeros_like(rows["lengths"])
+    for r, seq in enumerate(ready):
+      self._fill_row(rows, r, seq, [seq.tokens[-1]] + list(seq.drafts))
+      rows["q"][r] = seq.draft_probs
+      rows["verified"][r] = min(k + 1, seq.sampling.max_tokens - len(seq.generated))
+    del rows["num_tokens"]
+    result = self._run(rows, ready, outputs, self.runner.decode)
+    if result is None:
+      return
+    kept, committed, drafts, probs = result
+    self._stats["decode_runs"] += 1
+    for r, seq in enumerate(ready):
+      count = int(kept[r]) + 1
+      self._stats["decode_tokens"] += int(rows["verified"][r])
+      self._stats["drafts_verified"] += int(rows["verified"][r]) - 1
+      self._stats["drafts_kept"] += count - 1
+      before, seq.cached = seq.cached, seq.cached + count
+      seq.drafts, seq.draft_probs = drafts[r], probs[r]
+      if seq.cached // self.page_size > before // self.page_size:  # pages that became full
+        self.pool.register(seq.pages, seq.tokens + committed[r, :count - 1].tolist())
+      for token in committed[r, :count]:
+        self._accept(seq, int(token), outputs)
+        if seq not in self._running:  # finished: a stop token or max_tokens
+          break
+
   def _admit(self) -> None:
     """Moves waiting requests to running, in arrival order, while a row is free and the free
     pages cover the next one's uncached tokens beyond what admitted prompts still need."""
@@ -440,7 +499,10 @@ class Engine:
       self._waiting.pop(0)
       self._running.append(seq)
       seq.pages = self.pool.match_prefix(seq.tokens)
-      seq.cached = min(len(seq.pages) * self.page_size, len(seq.tokens) - 1)
+      shared = len(seq.pages) * self.page_size
+      if self.speculative and 0 < shared <= len(seq.tokens) - 1:
+        shared -= 1  # the MTP entry of the shared pages' last position read the token after it
+      seq.cached = min(shared, len(seq.tokens) - 1)
       owed += self.pool.pages_for(len(seq.tokens)) - len(seq.pages)
 
   def _prefill(self, outputs) -> None:
@@ -464,7 +526,15 @@ class Engine:
                             _bucket(self.prefill_width_buckets, width))
     for r, (seq, end) in enumerate(batch):
       self._fill_row(rows, r, seq, seq.tokens[seq.cached:end])
-    sampled = self._run(rows, [s for s, _ in batch], outputs)
+    drafts = None
+    if self.speculative:  # the token after each chunk, -1 after a prompt's last: the sampled one
+      rows["following"] = np.array([seq.tokens[end] if end < len(seq.tokens) else -1
+                                    for seq, end in batch]
+                                   + [-1] * (len(rows["lengths"]) - len(batch)), np.int32)
+      result = self._run(rows, [s for s, _ in batch], outputs, self.runner.prefill)
+      sampled, drafts, probs = (None,) * 3 if result is None else result
+    else:
+      sampled = self._run(rows, [s for s, _ in batch], outputs)
     if sampled is None:
       return
     self._stats["prefill_runs"] += 1
@@ -473,6 +543,8 @@ class Engine:
       before, seq.cached = seq.cached, end
       self._register(seq, before)
       if end == len(seq.tokens):  # the prompt (and any recomputed tokens) is in: a new token
+        if drafts is not None:
+          seq.drafts, seq.draft_probs = drafts[r], probs[r]
         self._accept(seq, int(sampled[r]), outputs)
 
   def _row_arrays(self, num_rows: int, width: int) -> dict[str, np.ndarray]:
@@ -499,10 +571,11 @@ class Engine:
     rows["seeds"][r] = s.seed % 2**32
     rows["token_index"][r] = len(seq.generated)
 
-  def _run(self, rows, batch: list[_Sequence], outputs) -> Optional[np.ndarray]:
-    """The step program over rows; if it fails, every sequence in it ends with 'error'."""
+  def _run(self, rows, batch: list[_Sequence], outputs, program=None):
+    """A step program (runner.step by default) over rows; if it fails, every sequence in it
+    ends with 'error' and None comes back."""
     try:
-      return self.runner.step(**rows)
+      return (program or self.runner.step)(**rows)
     except Exception as exc:  # a device or compile failure: the batch's requests end, not all
       message = f"{type(exc).__name__}: {exc}"
       print(f"mla-jax serve: step failed for {len(batch)} requests: {message}", file=sys.stderr)
@@ -582,12 +655,13 @@ class Engine:
     return tokens()
 
 
-def bytes_per_page(config, page_size: int, cache_dtype: Optional[str] = None) -> int:
+def bytes_per_page(config, page_size: int, cache_dtype: Optional[str] = None,
+                   mtp: bool = False) -> int:
   """Bytes of one page of page_size token slots, all layers (the pools' storage: latent, scales
-  and RoPE key for MLA; K and V for the baselines): an engine with cache_budget_bytes B has
-  B // bytes_per_page pages."""
+  and RoPE key for MLA; K and V for the baselines), and the MTP module's with mtp (speculative
+  decoding): an engine with cache_budget_bytes B has B // bytes_per_page pages."""
   one_page = jax.eval_shape(lambda: init_paged_cache(config, 1, page_size, 1, 1, cache_dtype))
-  return page_bytes(one_page)
+  return page_bytes(one_page) * (config.num_layers + mtp) // config.num_layers
 
 
 def _bucket(buckets: tuple[int, ...], size: int) -> int:

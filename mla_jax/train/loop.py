@@ -67,18 +67,22 @@ class _Progress:
               "grad_norm": float(values["grad_norm"]),
               "tokens_per_sec": tokens / (now - self.last_time),
               "skipped_updates": int(values["skipped_updates"])}
+    record.update({name: float(values[name]) for name in sorted(values)  # MTP runs: the parts
+                   if name == "main_loss" or name.startswith(("mtp_loss_", "mtp_accuracy_"))})
     self.last_time, self.last_step = now, step
     self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_sec']:,.0f}")
     if self.enabled and not self.interactive:
-      self.log(f"step {step}: loss {record['loss']:.4f}, lr {record['learning_rate']:.2e}, "
-               f"{record['tokens_per_sec']:,.0f} tokens/s")
+      self.log(f"step {step}: loss {record['loss']:.4f}{_mtp_parts(record)}, lr "
+               f"{record['learning_rate']:.2e}, {record['tokens_per_sec']:,.0f} tokens/s")
     return record
 
-  def validation(self, step: int, val_loss: float) -> dict[str, Any]:
+  def validation(self, step: int, val_loss: float, terms: dict[str, float]) -> dict[str, Any]:
+    record = {"step": step, "val_loss": val_loss, "val_perplexity": math.exp(val_loss),
+              **{f"val_{name}": value for name, value in terms.items()}}
     if self.enabled:
       self.bar.write(f"step {step}: validation loss {val_loss:.4f} (perplexity "
-                     f"{math.exp(val_loss):.2f})")
-    return {"step": step, "val_loss": val_loss, "val_perplexity": math.exp(val_loss)}
+                     f"{math.exp(val_loss):.2f}){_mtp_parts(record, 'val_')}")
+    return record
 
   def write(self, record: dict[str, Any]) -> None:
     if record:
@@ -90,6 +94,20 @@ class _Progress:
     self.bar.close()
     if self.metrics_log is not None:
       self.metrics_log.close()
+
+
+def _mtp_parts(record: dict[str, Any], prefix: str = "") -> str:
+  """', next-token 1.2345; MTP 1.9876 (accuracy 41.2%)' for a record with MTP terms (one
+  figure per depth, '/'-separated), '' without; prefix 'val_' reads the validation ones."""
+  depths = sorted(int(name[len(prefix) + 9:]) for name in record
+                  if name.startswith(prefix + "mtp_loss_"))
+  if not depths:
+    return ""
+  main = record.get(prefix + "main_loss")
+  losses = "/".join(f"{record[f'{prefix}mtp_loss_{k}']:.4f}" for k in depths)
+  accuracy = "/".join(f"{record[f'{prefix}mtp_accuracy_{k}']:.1%}" for k in depths)
+  return (("" if main is None else f", next-token {main:.4f}")
+          + f"; MTP {losses} (accuracy {accuracy})")
 
 
 def _print(line: str) -> None:
@@ -206,7 +224,7 @@ def _loop(config: Config, trainer: Trainer, corpus: Corpus, checkpoints: Checkpo
         previous = (step, metrics)
         record = report.train_step(step, metrics)
         if step % tc.eval_every == 0 or step == tc.steps:
-          record.update(report.validation(step, trainer.evaluate(state.params, corpus)))
+          record.update(report.validation(step, *trainer.evaluate_terms(state.params, corpus)))
         report.write(record)
         if stop.requested is not None:
           stop_if_diverged(previous)

@@ -19,7 +19,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from mla_jax.config.run import Config, TrainConfig
-from mla_jax.model import Transformer
+from mla_jax.layers.params import unbox
+from mla_jax.model import Transformer, output_logits, transformer_hidden
+from mla_jax.mtp import mtp_forward
 from mla_jax.sharding import batch_sharding, make_mesh, tree_shardings
 from mla_jax.train.data import VAL_STREAM, Corpus, batch_at
 
@@ -51,37 +53,77 @@ def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax
   return optax.apply_if_finite(inner, max_consecutive_errors=NEVER_APPLY_NONFINITE), schedule
 
 
+DEFAULT_MTP_LOSS_WEIGHT = TrainConfig.mtp_loss_weight
+
+
+def loss_terms(model: Transformer, params, inputs: jax.Array, targets: jax.Array,
+               with_aux: bool = True, mtp_loss_weight: float = DEFAULT_MTP_LOSS_WEIGHT,
+               attn_impl: str = "auto") -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(loss, its parts) for inputs, targets [B,T]: the mean next-token cross-entropy in nats; with
+  model.num_mtp_layers = D > 0, plus mtp_loss_weight / D x the sum of the D MTP depths' mean
+  cross-entropies (DeepSeek-V3 report, eq. 25; depth k scored on targets[:, k:], mla_jax/mtp.py);
+  plus DeepSeekMoE's expert-balance loss when with_aux and model.aux_loss_alpha > 0.
+
+  The parts (float32 scalars) are empty without MTP modules; with them: main_loss (the
+  next-token cross-entropy), and per depth k = 1..D mtp_loss_k and mtp_accuracy_k (the share of
+  positions whose most likely token is the target). attn_impl: the attention path
+  (train.attn_impl)."""
+  cfg = model.config
+  params = unbox(params)
+  hidden, _, aux = transformer_hidden(cfg, params, inputs, remat=model.remat,
+                                      attn_impl=attn_impl)  # [B,T,D]
+  logits = output_logits(cfg, params, hidden)  # [B,T,V]
+  main = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  loss, terms = main, {}
+  if cfg.num_mtp_layers:
+    depths, mtp_aux = mtp_forward(cfg, params, hidden, inputs, remat=model.remat,
+                                  attn_impl=attn_impl)
+    aux = aux + mtp_aux
+    for k, depth_logits in enumerate(depths, start=1):  # [B,T-k,V] for targets[:, k:]
+      terms[f"mtp_loss_{k}"] = optax.softmax_cross_entropy_with_integer_labels(
+          depth_logits, targets[:, k:]).mean()
+      terms[f"mtp_accuracy_{k}"] = jnp.mean(jnp.argmax(depth_logits, axis=-1) == targets[:, k:])
+    loss = main + mtp_loss_weight / cfg.num_mtp_layers * sum(
+        terms[f"mtp_loss_{k}"] for k in range(1, cfg.num_mtp_layers + 1))
+    terms["main_loss"] = main
+  if with_aux and cfg.aux_loss_alpha > 0 and cfg.n_routed_experts is not None:
+    loss = loss + aux
+  return loss, terms
+
+
 def loss_fn(model: Transformer, params, inputs: jax.Array, targets: jax.Array,
-            with_aux: bool = True, attn_impl: str = "auto") -> jax.Array:
-  """Mean next-token cross-entropy in nats (inputs, targets [B,T]), plus DeepSeekMoE's expert
-  balance loss when with_aux and model.aux_loss_alpha > 0 (evaluation reports the plain one).
-  attn_impl: the attention path (train.attn_impl)."""
-  (logits, _), extra = model.apply({"params": params}, inputs, attn_impl=attn_impl,
-                                   mutable=["losses"])  # [B,T,V]
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-  if with_aux:
-    # One value per MoE layer; under scan_layers one array of them per scanned group.
-    loss = loss + sum((jnp.sum(v) for v in jax.tree_util.tree_leaves(extra.get("losses", {}))),
-                      jnp.float32(0))
-  return loss
+            with_aux: bool = True, mtp_loss_weight: float = DEFAULT_MTP_LOSS_WEIGHT,
+            attn_impl: str = "auto") -> jax.Array:
+  """The training loss alone (loss_terms' first value): mean next-token cross-entropy in nats
+  (inputs, targets [B,T]), the MTP depths' weighted cross-entropies with MTP modules, and
+  DeepSeekMoE's expert balance loss when with_aux and model.aux_loss_alpha > 0 (evaluation
+  reports the plain one). attn_impl: the attention path (train.attn_impl)."""
+  return loss_terms(model, params, inputs, targets, with_aux, mtp_loss_weight, attn_impl)[0]
 
 
-def compute_grads(model: Transformer, params, inputs, targets,
-                  attn_impl: str = "auto") -> tuple[jax.Array, Any]:
-  return jax.value_and_grad(
-      lambda p: loss_fn(model, p, inputs, targets, attn_impl=attn_impl))(params)
+def compute_grads(model: Transformer, params, inputs, targets, attn_impl: str = "auto",
+                  mtp_loss_weight: float = DEFAULT_MTP_LOSS_WEIGHT
+                  ) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+  """(loss, gradients of params, loss_terms' parts); attn_impl: train.attn_impl."""
+  (loss, terms), grads = jax.value_and_grad(
+      lambda p: loss_terms(model, p, inputs, targets, mtp_loss_weight=mtp_loss_weight,
+                           attn_impl=attn_impl),
+      has_aux=True)(params)
+  return loss, grads, terms
 
 
 def apply_gradients(optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    state: TrainState, loss: jax.Array, grads) -> tuple[TrainState, dict]:
-  """One optimizer update; a non-finite gradient leaves params and moments unchanged."""
+                    state: TrainState, loss: jax.Array, grads,
+                    terms: Optional[dict] = None) -> tuple[TrainState, dict]:
+  """One optimizer update; a non-finite gradient leaves params and moments unchanged. The
+  metrics hold the loss, its parts (`terms`, from compute_grads) and the update's figures."""
   applied_before = state.step - state.opt_state.total_notfinite  # the schedule's own count
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(applied_before),
              "nonfinite_in_a_row": opt_state.notfinite_count,
-             "skipped_updates": opt_state.total_notfinite}
+             "skipped_updates": opt_state.total_notfinite, **(terms or {})}
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -150,9 +192,10 @@ class Trainer:
   @functools.cached_property
   def _train_step(self) -> Callable:
     def step(state, inputs, targets):
-      loss, grads = compute_grads(self.model, state.params, inputs, targets,
-                                  self.config.train.attn_impl)
-      return apply_gradients(self.optimizer, self.schedule, state, loss, grads)
+      loss, grads, terms = compute_grads(self.model, state.params, inputs, targets,
+                                         self.config.train.attn_impl,
+                                         self.config.train.mtp_loss_weight)
+      return apply_gradients(self.optimizer, self.schedule, state, loss, grads, terms)
 
     batch = batch_sharding(self.mesh)
     return jax.jit(step, in_shardings=(self.state_shardings, batch, batch),
@@ -177,9 +220,13 @@ class Trainer:
   @functools.cached_property
   def _eval_step(self) -> Callable:
     batch = batch_sharding(self.mesh)
-    return jax.jit(lambda params, x, y: loss_fn(self.model, params, x, y, with_aux=False,
-                                                 attn_impl=self.config.train.attn_impl),
-                   in_shardings=(self.state_shardings.params, batch, batch),
+
+    def eval_step(params, x, y):  # (the next-token cross-entropy, the MTP depths' parts)
+      loss, terms = loss_terms(self.model, params, x, y, with_aux=False,
+                               attn_impl=self.config.train.attn_impl)
+      return terms.pop("main_loss", loss), terms
+
+    return jax.jit(eval_step, in_shardings=(self.state_shardings.params, batch, batch),
                    out_shardings=self.replicated)
 
   def put_batch(self, inputs: np.ndarray, targets: np.ndarray) -> tuple[jax.Array, jax.Array]:
@@ -189,9 +236,18 @@ class Trainer:
                  for x in (inputs, targets))
 
   def evaluate(self, params, corpus: Corpus) -> float:
+    """The mean next-token cross-entropy over train.eval_batches validation batches."""
+    return self.evaluate_terms(params, corpus)[0]
+
+  def evaluate_terms(self, params, corpus: Corpus) -> tuple[float, dict[str, float]]:
+    """(evaluate's loss, the means of loss_terms' parts over the same batches: the MTP depths'
+    cross-entropies and accuracies; empty without MTP modules). The loss is the next-token
+    cross-entropy alone, never weighted with the MTP terms: runs with and without MTP compare."""
     tc = self.config.train
     with jax.set_mesh(self.mesh):
-      losses = [self._eval_step(params, *self.put_batch(*batch_at(
+      results = [self._eval_step(params, *self.put_batch(*batch_at(
           corpus.val, self.config.seed, VAL_STREAM, i, tc.batch_size, tc.seq_len)))
-                for i in range(tc.eval_batches)]
-    return float(np.mean(jax.device_get(losses)))
+                 for i in range(tc.eval_batches)]
+    results = jax.device_get(results)
+    terms = {name: float(np.mean([r[1][name] for r in results])) for name in results[0][1]}
+    return float(np.mean([r[0] for r in results])), terms

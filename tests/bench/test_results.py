@@ -12,8 +12,9 @@ from mla_jax.bench import SUITES
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results.md"
-# Every committed run: a suite's default --out, and a second decode run written elsewhere.
-RUNS = [f"{suite}" for suite in SUITES] + ["decode_batch8/decode"]
+# Every committed run: a suite's default --out, and second decode and train runs written
+# elsewhere.
+RUNS = [f"{suite}" for suite in SUITES] + ["decode_batch8/decode", "train_mtp/train"]
 
 
 def _command(table):

@@ -79,3 +79,27 @@ def test_attention_options_are_checked(tmp_path, capsys, option, value, message)
   assert main(["bench", "train", "--quick", "--out", str(tmp_path), "--variants", "MLA",
                "--moe", "off", option, value]) == 2
   assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_mtp_rows_price_the_mtp_modules(tmp_path):
+  """The MTP table: the MLA model with 0, 1 and 2 MTP modules; each module adds parameters (an
+  eh_proj, a block and three norms) and FLOPs, and the ratios are taken in the same run."""
+  from mla_jax.bench import parse_suite_args
+  from mla_jax.bench.common import count_params
+  from mla_jax.bench.train import model_config
+
+  raw = run_suite("train", tmp_path, "--variants", "MLA", "--moe", "off", "--mtp", "on",
+                  "--attention-lengths", "none", "--block-sizes", "none")
+  plain, one, two = rows(raw, 1)
+  assert [r["mtp_layers"] for r in (plain, one, two)] == [0, 1, 2]
+  base = model_config(parse_suite_args("train", ["--quick"]))
+  d = base.hidden_size
+  block = (count_params(base) - 2 * base.vocab_size * d - d) // base.num_layers
+  assert one["params"] - plain["params"] == block + 2 * d * d + 3 * d
+  assert two["params"] - one["params"] == one["params"] - plain["params"]
+  assert plain["flops_per_token"] < one["flops_per_token"] < two["flops_per_token"]
+  for row in (plain, one, two):
+    assert row["flops_vs_plain"] == pytest.approx(row["flops_per_token"] / plain["flops_per_token"])
+    assert row["time_vs_plain"] == pytest.approx(row["step_ms"] / plain["step_ms"])
+  assert "more FLOPs per token" in raw["markdown"]

@@ -112,7 +112,7 @@ def _train_step_text(config, platform: str, dtype: str) -> str:
                                               opt_state=optimizer.init(p)), params)
 
   def step(state, inputs, targets):
-    loss, grads = compute_grads(model, state.params, inputs, targets, "flash_attention")
+    loss, grads, _ = compute_grads(model, state.params, inputs, targets, "flash_attention")
     return apply_gradients(optimizer, schedule, state, loss, grads)
 
   exported = jax.export.export(

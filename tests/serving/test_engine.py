@@ -47,9 +47,12 @@ def _expected(cache_dtype=None, n: int = 52) -> tuple:
                for p, m in _requests(n))
 
 
-def _run(engine: Engine, requests, order, steps_between: int = 0) -> dict:
+def _run(engine: Engine, requests, order, steps_between: int = 0, exact_pages: bool = True
+         ) -> dict:
   """Adds the requests in `order`, stepping `steps_between` times after each; runs to the end.
-  Checks after every step that each running sequence holds exactly the pages its tokens need."""
+  Checks after every step that each running sequence holds exactly the pages its tokens need
+  (with exact_pages=False at least those: a speculative round reserves its drafts' too), and
+  that the pool counts every holder of a page."""
   done, ids = {}, {}
 
   def step():
@@ -58,8 +61,10 @@ def _run(engine: Engine, requests, order, steps_between: int = 0) -> dict:
         done[out.request_id] = out.completion
     shared = {}
     for seq in engine._running:
+      needed = -(-seq.cached // engine.page_size)
       if seq.cached:
-        assert len(seq.pages) == -(-seq.cached // engine.page_size), (seq.cached, seq.pages)
+        assert len(seq.pages) == needed or (not exact_pages and len(seq.pages) > needed), (
+            seq.cached, seq.pages)
       for page in seq.pages:
         shared[page] = shared.get(page, 0) + 1
     for page, users in shared.items():
