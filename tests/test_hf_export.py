@@ -35,7 +35,8 @@ V3_MOE = dict(n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
 CASES = {
     # family, config: every option the tensor map has a branch for
     "v3_dense_half_rotation": ("DeepseekV3", dict(rope_interleave=False)),
-    "v3_moe_q_lora_yarn": ("DeepseekV3", dict(q_lora_rank=32, rope_scaling=YARN, **V3_MOE)),
+    "v3_moe_q_lora_yarn_mtp": ("DeepseekV3", dict(q_lora_rank=32, rope_scaling=YARN,
+                                                  num_mtp_layers=1, **V3_MOE)),
     "v3_moe_scan_layers": ("DeepseekV3", dict(scan_layers=True, **V3_MOE)),
     "v2_moe_group_limited": ("DeepseekV2", dict(
         q_lora_rank=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
@@ -64,15 +65,29 @@ def _model(name, dtype="float32"):
 
 
 def _hf(directory):
+  """transformers' model of an exported directory. Nothing may be missing or mismatched, and
+  nothing unexpected but the MTP layers (model.layers.{num_hidden_layers + k}.*), which
+  transformers' DeepseekV3 does not build (it names only DeepSeek-V3's own layer 61 as one to
+  ignore)."""
   model, info = transformers.AutoModelForCausalLM.from_pretrained(
       directory, attn_implementation="eager", output_loading_info=True)
-  assert not any(info.values()), info  # no missing, unexpected or mismatched tensor
+  hf = json.loads((directory / "config.json").read_text())
+  mtp = tuple(f"model.layers.{hf['num_hidden_layers'] + k}."
+              for k in range(hf["num_nextn_predict_layers"]))
+  unexpected = [k for k in info.pop("unexpected_keys") if not k.startswith(mtp)]
+  assert not unexpected and not any(info.values()), (unexpected, info)
+  if mtp:  # the MTP layer is there, with its copies of the embedding and the head
+    names = set(json.loads((directory / "model.safetensors.index.json").read_text())
+                ["weight_map"])
+    assert {mtp[0] + n for n in ("enorm.weight", "hnorm.weight", "eh_proj.weight",
+                                 "embed_tokens.weight", "shared_head.head.weight",
+                                 "shared_head.norm.weight")} <= names
   return model.eval()
 
 
-# Two cases run by default (V3 with MoE, q-LoRA and YaRN; V2 with the RoPE permutation), the
+# Two cases run by default (V3 with MoE, q-LoRA, YaRN and an MTP module; V2 with the RoPE permutation), the
 # others with -m slow: each case builds, exports and runs a model in transformers.
-DEFAULT_CASES = {"v3_moe_q_lora_yarn", "v2_moe_half_rotation"}
+DEFAULT_CASES = {"v3_moe_q_lora_yarn_mtp", "v2_moe_half_rotation"}
 
 
 @pytest.fixture(scope="module", params=[
@@ -139,7 +154,7 @@ def test_shards_are_bounded_by_size_and_indexed(exported):
 
 @pytest.mark.slow
 def test_bfloat16_weights_export_as_bfloat16(tmp_path):
-  model, params = _model("v3_moe_q_lora_yarn", dtype="bfloat16")
+  model, params = _model("v3_moe_q_lora_yarn_mtp", dtype="bfloat16")
   directory = save_hf(model, params, tmp_path / "bf16")
   tensors = read_safetensors(directory / "model.safetensors")  # one file under 5GB: no index
   assert not (directory / "model.safetensors.index.json").exists()
@@ -197,8 +212,9 @@ def test_byte_tokenizer_json_encodes_and_decodes_as_the_byte_tokenizer():
   assert hf.decode([0xC3]) == ours.decode([0xC3]) == "\ufffd"  # half a character
 
 
-TRAINED = {  # mla-jax train runs of a few seconds: dense MLA, and MLA + DeepSeekMoE (V2 routing)
-    "dense": [],
+TRAINED = {  # mla-jax train runs of a few seconds: dense MLA with an MTP module, and MLA +
+           # DeepSeekMoE (V2 routing)
+    "dense_mtp": ["model.num_mtp_layers=1"],
     "moe": ["model.n_routed_experts=4", "model.num_experts_per_tok=2",
             "model.n_shared_experts=1", "model.moe_intermediate_size=16",
             "model.first_k_dense_replace=1"],
@@ -232,6 +248,7 @@ def test_trained_model_loads_in_transformers_with_the_same_logits_and_text(train
   hf_model = _hf(directory)
   assert type(hf_model).__name__ == ("DeepseekV2ForCausalLM" if name == "moe"
                                      else "DeepseekV3ForCausalLM")
+  assert run.model.config.num_mtp_layers == (name == "dense_mtp")
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
   prompt = "def main(argv):\n    "
   ids = tokenizer(prompt)["input_ids"]
