@@ -56,7 +56,9 @@ from mla_jax.layers.precision import einsum_f32
 from mla_jax.model import Transformer
 from mla_jax.sampling import DECODE_ATTN_IMPL, Sampler, decode_step
 
-_ALL_PATHS = tuple(i for i in ATTN_IMPLS if i != "auto")
+# The decode paths: flash_attention is the training and prefill path (blocks of many queries),
+# not a decode step's.
+_ALL_PATHS = tuple(i for i in ATTN_IMPLS if i not in ("auto", "flash_attention"))
 VARIANTS = (
     Variant("MLA flash"),  # generate's path: flash-decoding over the latent (--dtype cache)
     Variant("MLA flash bf16", (("cache_dtype", "bfloat16"),)),  # --dtype weights, bf16 cache

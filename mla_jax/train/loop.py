@@ -213,7 +213,7 @@ def _loop(config: Config, trainer: Trainer, corpus: Corpus, checkpoints: Checkpo
     report = _Progress(config, start, metrics_log, log, progress)
     try:
       if start == 0 and tc.init_from is not None:  # the starting model, before any update
-        report.write(report.validation(0, trainer.evaluate(state.params, corpus)))
+        report.write(report.validation(0, *trainer.evaluate_terms(state.params, corpus)))
       for step in range(start + 1, tc.steps + 1):
         batch = batch_at(corpus.train, config.seed, TRAIN_STREAM, step - 1, tc.batch_size,
                          tc.seq_len)
