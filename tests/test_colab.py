@@ -62,7 +62,9 @@ def _outputs_text(notebook) -> str:
   return "\n".join(parts)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", [  # the quickstart runs by default, the others with -m slow
+    pytest.param(p, marks=() if p.stem.startswith("01_") else pytest.mark.slow) for p in NOTEBOOKS],
+    ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_on_cpu_as_committed(path, kernel_spec, tmp_path):
   notebook = nbformat.read(path, as_version=4)
   workdir = tmp_path / "cwd"

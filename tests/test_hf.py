@@ -430,6 +430,7 @@ def test_broken_checkpoints_are_named(v3_checkpoint, tmp_path):
     load_hf(tmp_path)
 
 
+@pytest.mark.slow  # the V3-with-MTP load test covers the layer; this adds the CLI round
 def test_convert_then_generate_with_the_checkpoints_tokenizer(v3_with_mtp, tmp_path):
   """`mla-jax convert` output runs in `mla-jax generate`, tokenizing text with tokenizer.json;
   the source is laid out as DeepSeek releases V3, and its MTP layer drafts for --speculative."""

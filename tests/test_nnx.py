@@ -78,6 +78,7 @@ def test_absorbed_weights_give_the_same_decode():
   np.testing.assert_allclose(absorbed, plain, atol=1e-6)
 
 
+@pytest.mark.slow  # the NNX forward, cache and engine tests stay in the default suite
 def test_nnx_jit_training_steps_match_linen_gradients():
   """nnx.jit + optax: the NNX gradients are the Linen model's, and the loss falls."""
   config = CONFIGS["moe_v3"]

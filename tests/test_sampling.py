@@ -298,6 +298,7 @@ def _cli(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # trains a workdir first; stream() is tested in-process by default
 def test_cli_streams_one_prompt_and_reports_tokens_per_second(trained_workdir):
   result = _cli("--checkpoint", str(trained_workdir), "--prompt", "def ", "--max-new-tokens", "30",
                 "--temperature", "0")

@@ -86,6 +86,7 @@ def test_unbroken_run_writes_metrics_plots_and_a_sample(unbroken_run):
   assert "final: step 300" in result.stdout and "sample (temperature 0.8, seed 0):" in result.stdout
 
 
+@pytest.mark.slow  # SIGTERM-and-resume stays in the default suite
 def test_resume_after_sigkill_is_bit_exact(unbroken_run, tmp_path):
   reference, _ = unbroken_run
   workdir = tmp_path / "killed"
@@ -331,6 +332,7 @@ def test_nan_gradient_is_skipped_and_counted():
   assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(updated.params))
 
 
+@pytest.mark.slow  # a skipped NaN update stays in the default suite
 def test_non_finite_updates_in_a_row_stop_training(tmp_path, monkeypatch):
   real = train_module.compute_grads
 

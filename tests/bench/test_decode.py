@@ -132,6 +132,7 @@ def test_summary_names_the_kept_path_and_the_ratio(decode):
           in decode["header"][3])
 
 
+@pytest.mark.slow  # the decode bench runs by default through its other tests
 def test_bf16_cache_row_and_block_sizes(tmp_path):
   """'MLA flash bf16': float32 weights, bfloat16 cache (2 bytes a value). --block-sizes times the
   flash step per decode_block_size; every block's FLOPs are counted (XLA counts a loop body

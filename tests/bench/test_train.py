@@ -23,6 +23,7 @@ def test_train_rows(tmp_path):
   check_header(raw, "train")
 
 
+@pytest.mark.slow  # the MoE FLOPs are counted in tests/bench/test_compute.py too
 def test_moe_rows_count_the_active_parameters(tmp_path):
   """The MoE table: a DeepSeekMoE model (quick: 8 routed experts, top-2, 1 shared) against dense
   MHA models of its total and of its active parameters; FLOPs from XLA's count of each train

@@ -102,8 +102,8 @@ def test_write_paged_puts_tokens_at_their_page_slot_and_drops_padding():
   np.testing.assert_array_equal(contiguous.c_kv[0, 3:6], new.c_kv[0])
 
 
-@pytest.mark.parametrize("attention,cache_dtype", [("mla", None), ("mla", "int8"),
-                                                   ("gqa", None)])
+@pytest.mark.parametrize("attention,cache_dtype", [  # MLA's float pool also runs in the engine
+    pytest.param("mla", None, marks=pytest.mark.slow), ("mla", "int8"), ("gqa", None)])
 def test_model_over_pages_equals_contiguous_cache(attention, cache_dtype):
   """Chunked prefill then decode steps, paged vs contiguous: same logits (float32)."""
   cfg = variant(TINY_CONFIGS["q_lora"], decode_block_size=8, cache_dtype=cache_dtype,

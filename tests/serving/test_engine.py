@@ -189,7 +189,7 @@ def test_seeded_sampling_is_the_same_whatever_the_batch_mates():
   assert other_seed != alone
 
 
-@pytest.mark.parametrize("num_requests", [20, 200])
+@pytest.mark.parametrize("num_requests", [pytest.param(20, marks=pytest.mark.slow), 200])
 def test_a_serving_run_compiles_a_fixed_number_of_programs(num_requests):
   rng = np.random.default_rng(9)
   before = dict(runner_module.TRACES)
