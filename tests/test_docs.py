@@ -359,8 +359,11 @@ def test_serve_and_curl_blocks_as_written(trained_workdir):
     assert json.loads(first)["usage"]["completion_tokens"] == 40
     events = [e for e in streamed.split("\n\n") if e.strip()]
     assert events[-1] == "data: [DONE]" and len(events) > 2
-    assert json.loads(ids)["usage"] == {"prompt_tokens": 3, "completion_tokens": 5,
-                                        "total_tokens": 8}
+    by_ids = json.loads(ids)  # sampled at temperature 1 with a fresh seed: EOS may end it early
+    usage, finish = by_ids["usage"], by_ids["choices"][0]["finish_reason"]
+    assert usage["prompt_tokens"] == 3 and 1 <= usage["completion_tokens"] <= 5
+    assert usage["total_tokens"] == 3 + usage["completion_tokens"]
+    assert finish == "stop" or (finish == "length" and usage["completion_tokens"] == 5)
     assert json.loads(models)["data"][0]["id"] == trained_workdir
     assert json.loads(health) == {"status": "ok"}
   finally:

@@ -196,8 +196,9 @@ def _source_model_config(src: Path) -> tuple[ModelConfig, bool]:
     return llama_config_from_hf(hf, str(config_file)), True
   if model_type in ("deepseek_v2", "deepseek_v3"):
     return model_config_from_hf(hf, str(config_file)), True
+  convertible = [t for t in LLAMA_MODEL_TYPES if t != "qwen2"]  # Qwen2's q/k/v biases: refused
   raise ValueError(f"{config_file}: model_type={model_type!r} is not supported: convert-to-mla "
-                   f"takes {', '.join(LLAMA_MODEL_TYPES)} directories and mla-jax MHA/GQA/MQA "
+                   f"takes {', '.join(convertible)} directories and mla-jax MHA/GQA/MQA "
                    "workdirs")
 
 

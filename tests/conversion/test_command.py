@@ -107,7 +107,7 @@ def test_bad_input_is_refused_on_one_line(gqa_workdir, tmp_path):
   cases = [
       ([str(deepseek), "o"] + base,
        f"{deepseek / 'config.json'}: model_type='gpt2' is not supported: convert-to-mla takes "
-       "llama, qwen2, mistral directories and mla-jax MHA/GQA/MQA workdirs"),
+       "llama, mistral directories and mla-jax MHA/GQA/MQA workdirs"),
       ([str(tmp_path / "empty"), "o"] + base,
        f"{tmp_path / 'empty'} is neither an mla-jax workdir (config.yaml) nor a Hugging Face "
        "model directory (config.json)"),
