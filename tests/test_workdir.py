@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mla_jax.checkpoint import CheckpointError, Checkpoints
-from mla_jax.config import load_config
+from mla_jax.config import ModelConfig, load_config
 from mla_jax.workdir import load_checkpoint, read_workdir_config
 from tests.helpers import DATA, SMALL_MODEL
 
@@ -49,6 +49,37 @@ def test_train_checkpoint_restores_the_parameters_alone(trained):
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, state.params)
   jax.tree_util.tree_map(np.testing.assert_array_equal, params, summary["params"])
   assert all(len(x.devices()) == 1 for x in jax.tree_util.tree_leaves(params))
+
+
+def test_checkpoint_written_before_newer_model_fields_loads(trained, tmp_path):
+  """A workdir from an older mla-jax (its config.yaml and checkpoint record lack fields added to
+  ModelConfig since, such as decode_kernel and flash_block_q) loads with those fields at their
+  defaults; a recorded field that differs is still refused."""
+  import yaml
+
+  workdir, _ = trained
+  copy = tmp_path / "w"
+  shutil.copytree(workdir, copy)
+  newer = ("decode_kernel", "flash_block_q", "flash_block_k")
+  meta_file = copy / "checkpoints" / "2" / "meta" / "metadata"
+  meta = json.loads(meta_file.read_text())
+  for name in newer:
+    del meta["model"][name]
+  meta_file.write_text(json.dumps(meta))
+  config_file = copy / "config.yaml"
+  written = yaml.safe_load(config_file.read_text())
+  for name in newer:
+    del written["model"][name]
+  config_file.write_text(yaml.safe_dump(written))
+  config, params, step = load_checkpoint(copy)
+  assert step == 2 and config.model.flash_block_q == ModelConfig.flash_block_q
+  assert config.model.decode_kernel == "auto"
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, load_checkpoint(workdir)[1])
+  meta["model"]["hidden_size"] += 8
+  meta_file.write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"is of another model than its config.yaml; differing "
+                                       r"fields: model.hidden_size"):
+    load_checkpoint(copy)
 
 
 def test_damaged_train_checkpoint_is_named(trained, tmp_path):
