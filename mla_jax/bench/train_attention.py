@@ -15,6 +15,11 @@ the same run, and which ceiling binds. Both paths are judged against it ('of roo
 time / median step). The flash program's own count is not used: XLA's cost analysis counts a
 while loop's body once, and its key-block loops are while loops, so it would undercount.
 
+Beside each training step, the prefill of the same T tokens into an empty latent cache (a
+jitted forward, generate's prefill; logits of every position) is timed on both paths, its
+roofline again the naive program's: the threshold FLASH_ATTENTION_MIN_TOKENS, from which 'auto'
+runs flash attention in training and prefill, is read off these two ratios.
+
 The block-size table times the flash step at one T for each (flash_block_q, flash_block_k)
 listed: how the defaults (model.flash_block_q / flash_block_k) are chosen.
 """
@@ -100,6 +105,24 @@ def _runner(trainer: Trainer, batch: int, seq_len: int, vocab: int):
   return call
 
 
+def _prefill_runner(trainer: Trainer, batch: int, seq_len: int, attn_impl: str):
+  """(a call that prefills batch x seq_len random tokens into an empty latent cache on
+  `attn_impl`, XLA's cost analysis of that compiled program)."""
+  from mla_jax.kinds import init_cache
+
+  model = trainer.model
+  params = trainer.init_state().params
+  tokens = np.random.default_rng(1).integers(0, model.config.vocab_size, (batch, seq_len),
+                                             dtype=np.int32)  # [B,T]
+
+  def prefill(params, tokens):
+    cache = init_cache(model.config, batch, seq_len)
+    return model.apply({"params": params}, tokens, cache=cache, attn_impl=attn_impl)  # [B,T,V]
+
+  compiled = jax.jit(prefill).lower(params, tokens).compile()
+  return (lambda: compiled(params, tokens)[0]), cost(compiled)
+
+
 def paths_against_length(model: ModelConfig, lengths: list[int], batch: int,
                          repeats: int, ceilings: Ceilings) -> Table:
   """The naive and the flash training step at each T: median/min/max ms, compile seconds and
@@ -122,12 +145,20 @@ def paths_against_length(model: ModelConfig, lengths: list[int], batch: int,
         row[f"{path}_ms"] = f"does not fit ({memory / 2**30:,.1f} GiB)"
         continue
       calls[path] = _runner(trainer, batch, t, model.vocab_size)
+      progress(f"{path} attention, prefill of {batch} x {t:,} tokens")
+      calls[f"prefill_{path}"], prefill_analysis = _prefill_runner(trainer, batch, t, path)
+      if path == "naive":
+        roofline_s, row["prefill_bound"] = ceilings.roofline_s(
+            prefill_analysis.get("bytes accessed", 0.0), prefill_analysis.get("flops", 0.0))
+        row["prefill_roofline_ms"] = roofline_s * 1e3
     for path, timing in time_interleaved(calls, repeats).items():
+      roofline = row["prefill_roofline_ms" if path.startswith("prefill_") else "roofline_ms"]
       row.update({f"{path}_ms": timing.median_s * 1e3, f"{path}_min": timing.min_s * 1e3,
                   f"{path}_max": timing.max_s * 1e3,
-                  f"{path}_of_roofline": row["roofline_ms"] / (timing.median_s * 1e3)})
-    if len(calls) == 2:
+                  f"{path}_of_roofline": roofline / (timing.median_s * 1e3)})
+    if "naive" in calls and "flash_attention" in calls:
       row["time_ratio"] = row["flash_attention_ms"] / row["naive_ms"]
+      row["prefill_ratio"] = row["prefill_flash_attention_ms"] / row["prefill_naive_ms"]
     row["memory_ratio"] = row["naive_mib"] / row["flash_attention_mib"]
     rows.append(row)
   columns = (("seq_len", "T"), ("naive_ms", "naive ms (median)"), ("naive_min", "min"),
@@ -138,7 +169,14 @@ def paths_against_length(model: ModelConfig, lengths: list[int], batch: int,
              ("time_ratio", "flash / naive time"), ("memory_ratio", "naive / flash memory"),
              ("roofline_ms", "roofline ms"), ("bound", "bound"),
              ("naive_of_roofline", "naive of roofline"),
-             ("flash_attention_of_roofline", "flash of roofline"))
+             ("flash_attention_of_roofline", "flash of roofline"),
+             ("prefill_naive_ms", "prefill naive ms (median)"), ("prefill_naive_min", "min"),
+             ("prefill_naive_max", "max"), ("prefill_flash_attention_ms", "prefill flash ms"),
+             ("prefill_flash_attention_min", "min"), ("prefill_flash_attention_max", "max"),
+             ("prefill_ratio", "prefill flash / naive time"),
+             ("prefill_roofline_ms", "prefill roofline ms"), ("prefill_bound", "prefill bound"),
+             ("prefill_naive_of_roofline", "prefill naive of roofline"),
+             ("prefill_flash_attention_of_roofline", "prefill flash of roofline"))
   notes = [
       "roofline ms: the naive step's XLA FLOPs and bytes accessed over the ceilings measured in "
       "this run (" + "; ".join(ceilings.lines()) + "); bound: the ceiling that binds; "
@@ -149,8 +187,11 @@ def paths_against_length(model: ModelConfig, lengths: list[int], batch: int,
       f"Peak MiB: XLA's memory analysis of each compiled train step (parameters, AdamW state, "
       f"batch and temporaries) on one device; a naive step above this machine's "
       f"{limit / 2**30:,.1f} GiB ({what}) is not run.",
-      f"train.attn_impl=auto runs flash attention from T = {FLASH_ATTENTION_MIN_TOKENS:,} "
-      "(layers.masking.FLASH_ATTENTION_MIN_TOKENS). Steps of the two paths timed interleaved."]
+      "prefill: the T tokens of each sequence into an empty latent cache (a jitted forward, "
+      "logits of every position), no optimizer; its roofline is the naive prefill program's.",
+      f"train.attn_impl=auto and generate's prefill run flash attention from T = "
+      f"{FLASH_ATTENTION_MIN_TOKENS:,} (layers.masking.FLASH_ATTENTION_MIN_TOKENS). The training "
+      "steps and prefills of the two paths are timed interleaved."]
   return Table(f"Training step against T: naive and flash attention, batch {batch}", columns,
                rows, notes)
 

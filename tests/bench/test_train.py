@@ -48,8 +48,9 @@ def test_moe_rows_count_the_active_parameters(tmp_path):
 
 @pytest.mark.slow  # compiles and times five train steps
 def test_naive_against_flash_attention_table_and_block_sizes(tmp_path):
-  """The attention tables (T = 48; blocks 16 x 16 and 32 x 32): both paths timed with XLA's peak
-  memory and compile time of each compiled step, judged against the naive step's roofline, the
+  """The attention tables (T = 48; blocks 16 x 16 and 32 x 32): both paths' training steps timed
+  with XLA's peak memory and compile time of each compiled step, and their prefills, each judged
+  against the naive program's roofline, the
   ratios from those figures, and the block-size table naming its fastest pair."""
   raw = run_suite("train", tmp_path, "--variants", "MLA", "--moe", "off",
                   "--attention-lengths", "48", "--block-size-len", "48")
@@ -60,6 +61,13 @@ def test_naive_against_flash_attention_table_and_block_sizes(tmp_path):
       assert row[f"{path}_min"] <= row[f"{path}_ms"] <= row[f"{path}_max"]
       assert row[f"{path}_mib"] > 0 and row[f"{path}_compile_s"] > 0
       assert row[f"{path}_of_roofline"] == pytest.approx(row["roofline_ms"] / row[f"{path}_ms"])
+      prefill = f"prefill_{path}"
+      assert row[f"{prefill}_min"] <= row[f"{prefill}_ms"] <= row[f"{prefill}_max"]
+      assert row[f"{prefill}_of_roofline"] == pytest.approx(
+          row["prefill_roofline_ms"] / row[f"{prefill}_ms"])
+    assert row["prefill_bound"] in ("memory", "compute") and row["prefill_roofline_ms"] > 0
+    assert row["prefill_ratio"] == pytest.approx(
+        row["prefill_flash_attention_ms"] / row["prefill_naive_ms"])
     assert row["bound"] in ("memory", "compute") and row["roofline_ms"] > 0
     assert row["time_ratio"] == pytest.approx(row["flash_attention_ms"] / row["naive_ms"])
     assert row["memory_ratio"] == pytest.approx(row["naive_mib"] / row["flash_attention_mib"])
