@@ -173,7 +173,9 @@ def run(args: argparse.Namespace) -> Report:
                              "tokens than plain greedy decoding: a bug, please report it")
       rows.append(row)
   verify_step_roofline(model, params, rows, ceilings, args.prompt_len, args.tokens)
+  plain_step_ms = {row["batch"]: row["step_ms"] for row in rows if row["k"] == 0}
   for row in rows:
+    row["break_even"] = row["step_ms"] / plain_step_ms[row["batch"]] if row["k"] else "-"
     del row["tokens"]
     acceptance = row.get("acceptance")
     row["kept"] = "-" if acceptance is None else " / ".join(
@@ -204,13 +206,17 @@ def _table(rows: list[dict], args: argparse.Namespace) -> Table:
       + (f"; first draft kept {first[0]:.1%} (k = 1, batch {rows[0]['batch']})" if first else "")
       + ".",
       "step ms = seconds / verify (or decode) steps; roofline = every weight and the filled cache "
-      "read once per step at the measured bandwidth."]
+      "read once per step at the measured bandwidth.",
+      "break-even = step ms / plain decoding's step ms at the same batch: the tokens a verify "
+      "step must commit for speculative decoding to match plain decoding's tokens/s (at most "
+      "k + 1 can be); speculation pays where tokens/step exceeds it."]
   if args.temperature == 0:
     notes.append("identical = the speculative run's tokens equal plain greedy's (checked).")
   columns = (("batch", "batch"), ("label", "decoding"), ("tokens_per_s", "new tokens/s (median)"),
              ("min_tokens_per_s", "min"), ("max_tokens_per_s", "max"), ("speedup", "speed-up"),
              ("kept", "kept per draft position"), ("tokens_per_step", "tokens/step"),
-             ("steps", "steps"), ("step_ms", "step ms"), ("roofline_ms", "roofline ms"),
+             ("steps", "steps"), ("step_ms", "step ms"), ("break_even", "break-even tokens/step"),
+             ("roofline_ms", "roofline ms"),
              ("compile_s", "compile s"))
   if args.temperature == 0:
     columns += (("identical", "identical"),)

@@ -21,6 +21,9 @@ def test_spec_rows(tmp_path):
       assert row["identical"] is True and len(row["acceptance"]) == row["k"]
       assert 1 <= row["tokens_per_step"] <= row["k"] + 1
       assert row["steps"] <= 11  # at least one token per verify step after the prefill's
+      assert row["break_even"] == pytest.approx(row["step_ms"] / plain["step_ms"])
+    else:
+      assert row["break_even"] == "-"
   assert "85%-90% of second tokens accepted, 1.8x tokens/s" in raw["markdown"]
   check_header(raw, "spec")
 
