@@ -46,6 +46,7 @@ import numpy as np
 
 from mla_jax.cache import Cache
 from mla_jax.kinds import absorbed_weights, init_cache, init_layer_cache
+from mla_jax.layers.masking import prefill_attn_impl
 from mla_jax.model import _hidden, output_logits
 from mla_jax.mtp import check_depth, mtp_logits, mtp_step
 from mla_jax.paged_cache import PagedCache
@@ -260,13 +261,14 @@ def check_speculative(config, speculative) -> None:
 @functools.partial(jax.jit, static_argnames=("model", "max_len", "sampler", "k"))
 def _prefill(params, prompt: jax.Array, lengths: jax.Array, key: jax.Array, draft_key: jax.Array,
              *, model, max_len: int, sampler: Sampler, k: int):
-  """The prompt through the model (naive path, as generate's prefill: the same first token)
-  and through the MTP module, which drafts k tokens. -> (first [B], cache, MTP cache, drafts
-  [B,k], their distributions)."""
+  """The prompt through the model (on generate's prefill path, prefill_attn_impl: the same
+  first token) and through the MTP module, which drafts k tokens. -> (first [B], cache, MTP
+  cache, drafts [B,k], their distributions)."""
   cfg = model.config
   b = prompt.shape[0]
   cache = init_cache(cfg, b, max_len)
-  hidden, cache, _ = _hidden(cfg, params, prompt, cache, "naive", lengths, "none", None)
+  impl = prefill_attn_impl(prompt.shape[1])
+  hidden, cache, _ = _hidden(cfg, params, prompt, cache, impl, lengths, "none", None)
   last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B,1,D]
   first = sampler(output_logits(cfg, params, last, decoding=True)[:, 0], key)
   # The MTP module at position i reads t_{i+1}: the prompt shifted left, then the first token.
@@ -277,7 +279,7 @@ def _prefill(params, prompt: jax.Array, lengths: jax.Array, key: jax.Array, draf
                     lengths=jnp.zeros((b,), jnp.int32))
   mtp_cache, drafts, q = catch_up_and_draft(cfg, params, {}, mtp_cache, hidden, tokens, lengths,
                                             RowSampling.of(sampler, b), k,
-                                            jax.random.split(draft_key, b), "naive")
+                                            jax.random.split(draft_key, b), impl)
   return first, cache, mtp_cache, drafts, q
 
 

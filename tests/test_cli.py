@@ -51,7 +51,7 @@ def test_info_shows_the_train_steps_attention_memory_per_path(capsys):
                               "backward pass: 4 x 1.00 GiB; 4.00 GiB in all")
   assert lines[start + 2].startswith("  flash_attention keeps each layer's [B,H,T] log-sum-exp "
                                      "for the backward pass: 4 x 128.0 KiB, and computes the "
-                                     "scores one [B,H,512,512] block at a time (4.0 MiB)")
+                                     "scores one [B,H,256,256] block at a time (1.0 MiB)")
   assert main(["info", "train.attn_impl=naive", "train.remat=full"]) == 0
   out = capsys.readouterr().out  # remat keeps one layer's at a time
   assert "batch 16 on one device: naive (train.attn_impl=naive)" in out

@@ -71,14 +71,14 @@ def test_long_prompts_prefill_with_flash_attention_and_keep_greedy_tokens():
   path all along, for two ragged rows."""
   from mla_jax.layers.masking import FLASH_ATTENTION_MIN_TOKENS, prefill_attn_impl
 
-  cfg = variant(CFG, max_seq_len=FLASH_ATTENTION_MIN_TOKENS + 16, flash_block_q=256,
-                flash_block_k=128)
+  cfg = variant(CFG, max_seq_len=FLASH_ATTENTION_MIN_TOKENS + 32, flash_block_q=64,
+                flash_block_k=32)
   model = mla_jax.Transformer(cfg)
   params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   params = jax.tree_util.tree_map(lambda p: p * 4 if p.ndim >= 2 else p, params)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, cfg.vocab_size, n).tolist()
-             for n in (FLASH_ATTENTION_MIN_TOKENS, FLASH_ATTENTION_MIN_TOKENS - 300)]
+             for n in (FLASH_ATTENTION_MIN_TOKENS + 10, FLASH_ATTENTION_MIN_TOKENS - 50)]
   assert prefill_attn_impl(FLASH_ATTENTION_MIN_TOKENS) == "flash_attention"
   out, lengths = generate(model, params, prompts, max_new_tokens=6, return_lengths=True)
   for b, prompt in enumerate(prompts):

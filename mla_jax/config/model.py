@@ -171,8 +171,8 @@ class ModelConfig:
   decode_kv_splits: int = 1
   # Flash attention (training and prefill, layers/flash_attention.py): query rows and key slots
   # per block, tuning knobs chosen by measurement (docs/flash-attention.md).
-  flash_block_q: int = 512
-  flash_block_k: int = 512
+  flash_block_q: int = 256
+  flash_block_k: int = 256
 
   def __post_init__(self):
     for name in ("dtype", "param_dtype", "cache_dtype"):  # before the type check wants a str

@@ -23,11 +23,12 @@ from mla_jax.cache import Entries, slot_mask
 ATTN_IMPLS = ("naive", "absorbed", "flash", "flash_attention", "auto")
 
 # From this many new tokens on, 'auto' without a cache (training, a forward pass) and generate's
-# prefill run flash attention rather than the naive path: where, measured on a CPU, the blocked
-# path's training step stops being slower than the naive one (docs/flash-attention.md, `mla-jax
-# bench train --attention`). Below it the naive path's few large dots are as fast, and its
-# quadratic memory is small.
-FLASH_ATTENTION_MIN_TOKENS = 1024
+# prefill run flash attention rather than the naive path: the shortest length at which the
+# blocked path's training step and prefill were both faster than the naive ones, at batch 1 and
+# batch 16, on a CPU (`mla-jax bench train`'s naive-against-flash table, docs/flash-attention.md).
+# Below it the two take the same time within the noise, and the naive path's few large dots are
+# the simpler program (and compile faster).
+FLASH_ATTENTION_MIN_TOKENS = 128
 
 
 def resolve_attn_impl(attn_impl: str, num_new_tokens: int, has_cache: bool) -> str:
