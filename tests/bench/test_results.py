@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results.md"
 # Every committed run: a suite's default --out, and second decode and train runs written
 # elsewhere.
-RUNS = [f"{suite}" for suite in SUITES] + ["decode_batch8/decode", "train_mtp/train"]
+RUNS = [f"{suite}" for suite in SUITES] + ["decode_batch8/decode", "train_mtp/train",
+                                           "train_batch16/train"]
 
 
 def _command(table):
