@@ -44,6 +44,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mla_jax.config.model import ModelConfig
 from mla_jax.layers.flash_decode import normalize, online_softmax_loop, zero_empty_slots
@@ -70,12 +71,22 @@ class Blocks(NamedTuple):
 def check_operands(q: jax.Array, k: jax.Array, v: jax.Array, q_rope: Optional[jax.Array],
                    k_rope: Optional[jax.Array], query_offsets: Optional[jax.Array],
                    kv_lengths: Optional[jax.Array], block_q: int, block_k: int) -> None:
-  """Raises ValueError naming the operand whose shape does not fit the others."""
+  """Raises ValueError naming the operand whose shape, dtype or size does not fit: shapes that
+  disagree, integer queries, keys or values (the scale would be truncated), empty batches or
+  sequences, non-integer offsets or lengths, kv_lengths past S (checked where concrete; a
+  traced one must stay within S), block sizes that are not positive integers."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"flash_attention takes q [B,T,H,K], k [B,S,G,K], v [B,S,G,V]; got ranks "
                      f"{q.ndim}, {k.ndim}, {v.ndim}")
+  for name, x in (("q", q), ("k", k), ("v", v), ("q_rope", q_rope), ("k_rope", k_rope)):
+    if x is not None and not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} has dtype {x.dtype}: flash_attention needs floating-point "
+                       "operands (float32, bfloat16, float16)")
   b, t, h, kd = q.shape
   s, g = k.shape[1], k.shape[2]
+  if min(b, t, s, h) == 0:
+    raise ValueError(f"q {tuple(q.shape)} / k {tuple(k.shape)}: the batch, the query and key "
+                     "lengths and the heads must be non-empty")
   if k.shape[0] != b or k.shape[3] != kd:
     raise ValueError(f"k {tuple(k.shape)} does not fit q {tuple(q.shape)}: expected "
                      f"[{b},S,G,{kd}]")
@@ -91,15 +102,23 @@ def check_operands(q: jax.Array, k: jax.Array, v: jax.Array, q_rope: Optional[ja
     if q_rope.shape != (b, t, h, r) or k_rope.shape != (b, s, r):
       raise ValueError(f"q_rope {tuple(q_rope.shape)} / k_rope {tuple(k_rope.shape)} do not "
                        f"fit: expected [{b},{t},{h},R] and [{b},{s},R]")
-  if query_offsets is not None and query_offsets.shape != (b,):
-    raise ValueError(f"query_offsets has shape {tuple(query_offsets.shape)}, expected [{b}]")
-  if kv_lengths is not None and kv_lengths.shape != (b,):
-    raise ValueError(f"kv_lengths has shape {tuple(kv_lengths.shape)}, expected [{b}]")
+  for name, x in (("query_offsets", query_offsets), ("kv_lengths", kv_lengths)):
+    if x is None:
+      continue
+    if x.shape != (b,):
+      raise ValueError(f"{name} has shape {tuple(x.shape)}, expected [{b}]")
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} has dtype {x.dtype}: expected integer token counts")
+  if kv_lengths is not None and not isinstance(kv_lengths, jax.core.Tracer):
+    longest = int(np.max(np.asarray(kv_lengths)))
+    if longest > s or int(np.min(np.asarray(kv_lengths))) < 0:
+      raise ValueError(f"kv_lengths holds {np.asarray(kv_lengths).tolist()}: each must be in "
+                       f"[0, S={s}], the key slots k has")
   if query_offsets is None and s != t:
     raise ValueError(f"without query_offsets queries are at 0..T-1 over their own keys, but "
                      f"T={t} and S={s}: pass query_offsets for queries into a cache")
   for name, size in (("block_q", block_q), ("block_k", block_k)):
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
       raise ValueError(f"{name}={size!r} is invalid: must be a positive integer")
 
 
@@ -325,11 +344,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
   it in Pallas' interpret mode, on any backend: for tests). block_q / block_k: rows and slots
   per block of the JAX path (the kernels use their own, kernels.flash_attention.default_blocks).
 
-  Raises ValueError for operands whose shapes do not fit each other, block sizes that are not
-  positive integers, or an unknown implementation. Source: FlashAttention-2 (Dao 2023),
+  Raises ValueError (check_operands) for operands whose shapes do not fit each other, integer
+  q/k/v, empty operands, non-integer offsets or lengths, concrete kv_lengths outside [0, S],
+  block sizes that are not positive integers, or an unknown implementation. Source: FlashAttention-2 (Dao 2023),
   algorithms 1 and 2.
   """
+  as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731  lists, scalars
+  query_offsets, kv_lengths = as_array(query_offsets), as_array(kv_lengths)
   check_operands(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
+  block_q, block_k = int(block_q), int(block_k)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r} is invalid: allowed "
                      f"{', '.join(IMPLEMENTATIONS)}")

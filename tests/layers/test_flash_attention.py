@@ -165,6 +165,22 @@ def test_bad_operands_are_named():
     flash_attention(q, k, v, scale=1.0, block_q=0)
   with pytest.raises(ValueError, match="model.flash_block_k"):
     variant(TINY_CONFIGS["q_lora"], flash_block_k=0)
+  with pytest.raises(ValueError, match="q has dtype int32: flash_attention needs floating"):
+    flash_attention(q.astype(jnp.int32), k, v, scale=0.25)
+  with pytest.raises(ValueError, match="must be non-empty"):
+    flash_attention(q[:, :0], k[:, :0], v[:, :0], scale=1.0)
+  with pytest.raises(ValueError, match=r"kv_lengths holds \[9\]: each must be in \[0, S=8\]"):
+    flash_attention(q, k, v, scale=1.0, query_offsets=[0], kv_lengths=[9])
+  with pytest.raises(ValueError, match="query_offsets has dtype float32"):
+    flash_attention(q, k, v, scale=1.0, query_offsets=[0.5])
+  with pytest.raises(ValueError, match=r"query_offsets has shape \(\), expected \[1\]"):
+    flash_attention(q, k, v, scale=1.0, query_offsets=0)
+  # offsets and lengths as lists, and numpy block sizes, are what arrays and ints are
+  as_lists = flash_attention(q, k, v, scale=1.0, query_offsets=[0], kv_lengths=[8],
+                             block_q=np.int64(4), block_k=4)
+  np.testing.assert_array_equal(as_lists, flash_attention(
+      q, k, v, scale=1.0, query_offsets=jnp.zeros(1, jnp.int32),
+      kv_lengths=jnp.full(1, 8, jnp.int32), block_q=4, block_k=4))
 
 
 # --- In the model: MLA and the baselines, naive against flash_attention ----------------------
