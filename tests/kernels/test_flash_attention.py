@@ -30,10 +30,11 @@ def _operands(b, t, s, h, g, k_dim, v_dim, r):
 
 # (B, T, S, H, G, K, V, R, cached): MLA's shapes (shared rope key, V != K) over 2 query and 3
 # key blocks of the TPU kernel, ending mid-block; GQA without a rope term; queries into a cache
-# at offsets 250 and 3, rows holding 287 and 30 keys, NaN in every slot past them.
+# at offsets 250 and 3, rows holding 287 and 30 keys, NaN in every slot past them, with two
+# query heads reading one key/value group (so the default run checks the grouped backward's sum).
 CASES = {"mla": (2, 200, 200, 2, 2, 16, 24, 8, False),
          "gqa": (1, 300, 300, 4, 2, 16, 12, 0, False),
-         "mla_into_a_cache": (2, 37, 300, 2, 2, 16, 24, 8, True)}
+         "mla_into_a_cache": (2, 37, 300, 2, 1, 16, 24, 8, True)}
 
 
 # The interpreters run every program of the grid in turn: by default each kernel runs the case
