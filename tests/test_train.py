@@ -425,3 +425,22 @@ def test_an_mtp_run_logs_its_loss_parts_and_validates_the_next_token_loss(tmp_pa
   assert logged[0].count("%") == 2  # one accuracy per depth
   tensorboard = list((tmp_path / "mtp" / "tensorboard").glob("events.*"))
   assert tensorboard and b"mtp_accuracy_1" in tensorboard[0].read_bytes()
+
+
+def test_tokens_per_second_counts_the_wait_for_the_step(monkeypatch):
+  """The logged rate is taken after fetching the step's metrics, which waits for the device (a
+  step is dispatched asynchronously): a step whose metrics take 0.2 s to arrive is not reported
+  faster than its tokens / 0.2 s."""
+  from mla_jax.train import loop
+
+  config = load_config(None, "train.log_every=1", "train.steps=5")
+  progress = loop._Progress(config, 0, None, lambda line: None, enabled=False)
+
+  def slow_fetch(tree):
+    time.sleep(0.2)
+    return {name: np.asarray(value) for name, value in tree.items()}
+
+  monkeypatch.setattr(loop.jax, "device_get", slow_fetch)
+  metrics = {"loss": 1.0, "learning_rate": 1e-3, "grad_norm": 1.0, "skipped_updates": 0}
+  record = progress.train_step(1, metrics)
+  assert 0 < record["tokens_per_sec"] <= config.train.batch_size * config.train.seq_len / 0.2

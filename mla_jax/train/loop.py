@@ -59,8 +59,8 @@ class _Progress:
     self.bar.update(1)
     if step % self.tc.log_every and step != self.tc.steps:
       return {}
+    values = jax.device_get(metrics)  # waits for the step: only then is its time known
     now = time.perf_counter()
-    values = jax.device_get(metrics)
     tokens = self.tc.batch_size * self.tc.seq_len * (step - self.last_step)
     record = {"step": step, "loss": float(values["loss"]),
               "learning_rate": float(values["learning_rate"]),
