@@ -198,7 +198,8 @@ def load_checkpoint(workdir: str | Path, target: Any = None) -> tuple[Config, An
     meta = checkpoints.read_meta(step)
     # A field added to ModelConfig after the checkpoint was written is absent from its record
     # and takes its default, which keeps the older behaviour: only the recorded fields compare.
-    differences = differing_fields(meta["model"], _same_keys(config.model.to_dict(), meta["model"]))
+    recorded = meta["model"]
+    differences = differing_fields(recorded, _same_keys(config.model.to_dict(), recorded))
     if differences:
       raise ValueError(f"workdir {str(workdir)!r}: its checkpoint (step {step}) is of another "
                        f"model than its config.yaml; differing fields: "

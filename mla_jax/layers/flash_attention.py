@@ -110,10 +110,10 @@ def check_operands(q: jax.Array, k: jax.Array, v: jax.Array, q_rope: Optional[ja
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise ValueError(f"{name} has dtype {x.dtype}: expected integer token counts")
   if kv_lengths is not None and not isinstance(kv_lengths, jax.core.Tracer):
-    longest = int(np.max(np.asarray(kv_lengths)))
-    if longest > s or int(np.min(np.asarray(kv_lengths))) < 0:
-      raise ValueError(f"kv_lengths holds {np.asarray(kv_lengths).tolist()}: each must be in "
-                       f"[0, S={s}], the key slots k has")
+    lengths = np.asarray(kv_lengths)
+    if lengths.max() > s or lengths.min() < 0:
+      raise ValueError(f"kv_lengths holds {lengths.tolist()}: each must be in [0, S={s}], the "
+                       "key slots k has")
   if query_offsets is None and s != t:
     raise ValueError(f"without query_offsets queries are at 0..T-1 over their own keys, but "
                      f"T={t} and S={s}: pass query_offsets for queries into a cache")
@@ -346,8 +346,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
 
   Raises ValueError (check_operands) for operands whose shapes do not fit each other, integer
   q/k/v, empty operands, non-integer offsets or lengths, concrete kv_lengths outside [0, S],
-  block sizes that are not positive integers, or an unknown implementation. Source: FlashAttention-2 (Dao 2023),
-  algorithms 1 and 2.
+  block sizes that are not positive integers, or an unknown implementation. Source:
+  FlashAttention-2 (Dao 2023), algorithms 1 and 2.
   """
   as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731  lists, scalars
   query_offsets, kv_lengths = as_array(query_offsets), as_array(kv_lengths)

@@ -26,8 +26,8 @@ ATTN_IMPLS = ("naive", "absorbed", "flash", "flash_attention", "auto")
 # prefill run flash attention rather than the naive path: the shortest length at which the
 # blocked path's training step and prefill were both faster than the naive ones, at batch 1 and
 # batch 16, on a CPU (`mla-jax bench train`'s naive-against-flash table, docs/flash-attention.md).
-# Below it the two take the same time within the noise, and the naive path's few large dots are
-# the simpler program (and compile faster).
+# Below it the naive path's few large dots are as fast or faster, and its program compiles
+# faster.
 FLASH_ATTENTION_MIN_TOKENS = 128
 
 
