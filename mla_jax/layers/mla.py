@@ -176,13 +176,14 @@ def mla_attention(config: ModelConfig, params: dict, x: jax.Array, *,
     q_a = jnp.einsum("BTD,DQ->BTQ", x, cast(params["q_a_proj"], cfg))
     q_a = rms_norm(params["q_a_layernorm"], q_a, cfg.latent_norm_eps, dtype)
     q = jnp.einsum("BTQ,QHK->BTHK", q_a, cast(params["q_b_proj"], cfg))
-  q_nope = q[..., :n]  # [B,T,H,N]
-  q_rope = apply_rope(q[..., n:], cos, sin, cfg.rope_interleave)  # [B,T,H,R]
+  q_nope, q_rope = jnp.split(q, [n], axis=-1)  # [B,T,H,N], [B,T,H,R]
+  q_rope = apply_rope(q_rope, cos, sin, cfg.rope_interleave)
 
   # The latent and the shared RoPE key: all that is cached.
   kv_a = jnp.einsum("BTD,DM->BTM", x, cast(params["kv_a_proj_with_mqa"], cfg))  # M=C+R
-  c_kv = rms_norm(params["kv_a_layernorm"], kv_a[..., :c], cfg.latent_norm_eps, dtype)  # [B,T,C]
-  k_rope = apply_rope(kv_a[:, :, None, c:], cos, sin, cfg.rope_interleave)[:, :, 0]  # [B,T,R]
+  c_kv, k_rope = jnp.split(kv_a, [c], axis=-1)  # [B,T,C], [B,T,R]
+  c_kv = rms_norm(params["kv_a_layernorm"], c_kv, cfg.latent_norm_eps, dtype)
+  k_rope = apply_rope(k_rope[:, :, None], cos, sin, cfg.rope_interleave)[:, :, 0]
   for name, value in (("q_nope", q_nope), ("q_rope", q_rope), ("c_kv", c_kv), ("k_rope", k_rope)):
     record(name, value)
 
