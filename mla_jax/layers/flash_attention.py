@@ -12,7 +12,10 @@ scores and probabilities p = exp(s - lse) from them:
 
 Key blocks entirely past a query block's last visible slot are never visited (the loops' trip
 counts are traced values), so causal attention costs about half of dense, and a query block of a
-prefill into a cache visits only the slots it may see.
+prefill into a cache visits only the slots it may see. Plain causal attention over a few blocks
+(training at short T: up to UNROLL_MAX_BLOCKS query blocks, no cache) has counts known before
+tracing (static_visits) and is unrolled instead: every block pair is its own operation, and XLA
+runs independent pairs side by side (on a 2-core CPU the dots of one pair leave a core idle).
 
 What it computes (per batch row b, query t, head h in group g = h // (H/G), key slot s):
 
@@ -54,6 +57,18 @@ from mla_jax.layers.precision import einsum_f32
 # --block-sizes`, docs/flash-attention.md).
 DEFAULT_BLOCK_Q = ModelConfig.flash_block_q
 DEFAULT_BLOCK_K = ModelConfig.flash_block_k
+# Up to this many query blocks, plain causal attention (no cache) is unrolled: every block pair
+# is its own operation, so XLA can run independent ones side by side; past it, loops keep the
+# program (and its compile time) small.
+UNROLL_MAX_BLOCKS = 4
+
+
+def static_visits(t: int, bq: int, bk: int, nk: int) -> tuple[int, ...]:
+  """The key blocks each query block sees in plain causal attention (queries at 0..t-1 over
+  their own keys): query block i's last row is at min((i+1) bq, t) - 1. key_blocks_to_visit
+  computes the same counts from traced positions."""
+  nq = -(-t // bq)
+  return tuple(min(nk, -(-min((i + 1) * bq, t) // bk)) for i in range(nq))
 
 
 class Blocks(NamedTuple):
@@ -207,13 +222,16 @@ def _key_block(blocks: Blocks, j: jax.Array, ragged: bool):
   return kv, k_rope, slot, holds
 
 
-def _forward(blocks: Blocks, ragged: bool) -> tuple[jax.Array, jax.Array]:
-  """(out [nq,B,G,Q,V] in v's dtype, lse [nq,B,G,Q] float32; +inf for a row that sees nothing)."""
+def _forward(blocks: Blocks, ragged: bool, visits: Optional[tuple[int, ...]] = None
+             ) -> tuple[jax.Array, jax.Array]:
+  """(out [nq,B,G,Q,V] in v's dtype, lse [nq,B,G,Q] float32; +inf for a row that sees nothing).
+  visits: the key blocks each query block sees, when known before tracing (static_visits):
+  then every loop is unrolled."""
   _, b, g, rows, _ = blocks.q.shape
   v_dim = blocks.v.shape[-1]
-  to_visit = key_blocks_to_visit(blocks)
+  to_visit = key_blocks_to_visit(blocks) if visits is None else visits
 
-  def query_block(i: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def query_block(i) -> tuple[jax.Array, jax.Array]:
     q = blocks.q[i]
     q_rope = None if blocks.q_rope is None else blocks.q_rope[i]
 
@@ -228,73 +246,114 @@ def _forward(blocks: Blocks, ragged: bool) -> tuple[jax.Array, jax.Array]:
     lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
     return normalize(l, acc).astype(blocks.v.dtype), lse
 
-  return jax.lax.map(query_block, jnp.arange(blocks.q.shape[0]))
+  nq = blocks.q.shape[0]
+  if visits is not None:  # independent query blocks, side by side
+    outs = [query_block(i) for i in range(nq)]
+    return jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
+  return jax.lax.map(query_block, jnp.arange(nq))
+
+
+def _pair_grads(blocks: Blocks, i, kv: dict, k_rope, slot: jax.Array, holds: jax.Array,
+                lse: jax.Array, d_out: jax.Array, delta: jax.Array):
+  """One (query block i, key block) pair's gradient terms, the key block as _key_block reads it:
+  (dQ [B,G,Q,K], dq_rope [B,G*Q,R] or None, dK [B,G,bk,K], dV [B,G,bk,V], dk_rope [B,bk,R] or
+  None), float32; FlashAttention-2's backward for one block (the formulas above)."""
+  _, b, g, rows, _ = blocks.q.shape
+  k, v = kv["k"], kv["v"]
+  q = blocks.q[i]
+  q_rope = None if blocks.q_rope is None else blocks.q_rope[i]
+  visible = holds[:, None, None, :] & (slot <= blocks.positions[i][:, None, :, None])
+  p = jnp.where(visible, jnp.exp(_scores(q, k, q_rope, k_rope) - lse[i][..., None]), 0.0)
+  d_o = d_out[i]  # [B,G,Q,V]
+  dv = einsum_f32("BGQS,BGQV->BGSV", p, d_o)
+  ds = p * (einsum_f32("BGQV,BGSV->BGQS", d_o, v) - delta[i][..., None])  # [B,G,Q,bk]
+  dq = einsum_f32("BGQS,BGSK->BGQK", ds, k)
+  dk = einsum_f32("BGQS,BGQK->BGSK", ds, q)
+  dq_rope = dk_rope = None
+  if q_rope is not None:
+    ds_rows = ds.reshape(b, g * rows, -1)  # [B,M,bk]
+    dq_rope = einsum_f32("BMS,BSR->BMR", ds_rows, k_rope)
+    dk_rope = einsum_f32("BMS,BMR->BSR", ds_rows, q_rope)
+  return dq, dq_rope, dk, dv, dk_rope
 
 
 def _backward(blocks: Blocks, out: jax.Array, lse: jax.Array, d_out: jax.Array,
-              ragged: bool) -> Blocks:
+              ragged: bool, visits: Optional[tuple[int, ...]] = None) -> Blocks:
   """The cotangents of q, k, v, q_rope, k_rope in block layout (float32 accumulators cast to
   each operand's dtype). One pass: key blocks outer (dK, dV, dk_rope accumulated per block),
-  the query blocks that see each one inner (dQ, dq_rope accumulated in place)."""
-  nq, b, g, rows, _ = blocks.q.shape
+  the query blocks that see each one inner (dQ, dq_rope accumulated in place). With static
+  visits every pair is unrolled and each block's sum is taken at the end."""
+  nq, nk = blocks.q.shape[0], blocks.k.shape[0]
   d_out = d_out.astype(jnp.float32)
   delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)  # [nq,B,G,Q] rowsum(dO o)
-  to_visit = key_blocks_to_visit(blocks)  # [nq]
-  first_query_block = jnp.sum(to_visit[None, :] <= jnp.arange(blocks.k.shape[0])[:, None],
-                              axis=1)  # [nk]: the first query block that visits each key block
   rope = blocks.q_rope is not None
   zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+  add = lambda a, b: None if b is None else b if a is None else a + b  # noqa: E731
+  if visits is not None:
+    d_query = [[None, None] for _ in range(nq)]  # dQ, dq_rope per query block
+    d_key = []  # (dK, dV, dk_rope) per key block
+    for j in range(nk):
+      kv, k_rope, slot, holds = _key_block(blocks, j, ragged)
+      dk = dv = dk_rope = None
+      for i in (i for i in range(nq) if visits[i] > j):
+        dq_i, dq_rope_i, dk_i, dv_i, dk_rope_i = _pair_grads(blocks, i, kv, k_rope, slot, holds,
+                                                             lse, d_out, delta)
+        d_query[i] = [add(d_query[i][0], dq_i), add(d_query[i][1], dq_rope_i)]
+        dk, dv, dk_rope = add(dk, dk_i), add(dv, dv_i), add(dk_rope, dk_rope_i)
+      d_key.append((dk if dk is not None else zeros(kv["k"]),
+                    dv if dv is not None else zeros(kv["v"]),
+                    dk_rope if dk_rope is not None or k_rope is None else zeros(k_rope)))
+    dq = jnp.stack([d[0] if d[0] is not None else zeros(blocks.q[0]) for d in d_query])
+    dq_rope = None if not rope else jnp.stack(
+        [d[1] if d[1] is not None else zeros(blocks.q_rope[0]) for d in d_query])
+    dk, dv = (jnp.stack([d[n] for d in d_key]) for n in (0, 1))
+    dk_rope = None if not rope else jnp.stack([d[2] for d in d_key])
+  else:
+    to_visit = key_blocks_to_visit(blocks)  # [nq]
+    first_query_block = jnp.sum(to_visit[None, :] <= jnp.arange(nk)[:, None],
+                                axis=1)  # [nk]: the first query block that visits each key block
 
-  def key_block(carry, j):
-    dq, dq_rope = carry
-    kv, k_rope, slot, holds = _key_block(blocks, j, ragged)
-    k, v = kv["k"], kv["v"]
+    def key_block(carry, j):
+      dq, dq_rope = carry
+      kv, k_rope, slot, holds = _key_block(blocks, j, ragged)
 
-    def body(state):
-      i, dk, dv, dk_rope, dq, dq_rope = state
-      q = blocks.q[i]
-      q_rope = blocks.q_rope[i] if rope else None
-      visible = holds[:, None, None, :] & (slot <= blocks.positions[i][:, None, :, None])
-      p = jnp.where(visible, jnp.exp(_scores(q, k, q_rope, k_rope) - lse[i][..., None]), 0.0)
-      d_o = d_out[i]  # [B,G,Q,V]
-      dv = dv + einsum_f32("BGQS,BGQV->BGSV", p, d_o)
-      ds = p * (einsum_f32("BGQV,BGSV->BGQS", d_o, v) - delta[i][..., None])  # [B,G,Q,bk]
-      dq = dq.at[i].add(einsum_f32("BGQS,BGSK->BGQK", ds, k))
-      dk = dk + einsum_f32("BGQS,BGQK->BGSK", ds, q)
-      if rope:
-        ds_rows = ds.reshape(b, g * rows, -1)  # [B,M,bk]
-        dq_rope = dq_rope.at[i].add(einsum_f32("BMS,BSR->BMR", ds_rows, k_rope))
-        dk_rope = dk_rope + einsum_f32("BMS,BMR->BSR", ds_rows, q_rope)
-      return i + 1, dk, dv, dk_rope, dq, dq_rope
+      def body(state):
+        i, dk, dv, dk_rope, dq, dq_rope = state
+        dq_i, dq_rope_i, dk_i, dv_i, dk_rope_i = _pair_grads(blocks, i, kv, k_rope, slot, holds,
+                                                             lse, d_out, delta)
+        dq = dq.at[i].add(dq_i)
+        dq_rope = None if not rope else dq_rope.at[i].add(dq_rope_i)
+        return i + 1, dk + dk_i, dv + dv_i, add(dk_rope, dk_rope_i), dq, dq_rope
 
-    state = (first_query_block[j], jnp.zeros(k.shape, jnp.float32),
-             jnp.zeros(v.shape, jnp.float32), zeros(k_rope), dq, dq_rope)
-    _, dk, dv, dk_rope, dq, dq_rope = jax.lax.while_loop(lambda s: s[0] < nq, body, state)
-    return (dq, dq_rope), (dk, dv, dk_rope)
+      state = (first_query_block[j], zeros(kv["k"]), zeros(kv["v"]), zeros(k_rope), dq, dq_rope)
+      _, dk, dv, dk_rope, dq, dq_rope = jax.lax.while_loop(lambda s: s[0] < nq, body, state)
+      return (dq, dq_rope), (dk, dv, dk_rope)
 
-  (dq, dq_rope), (dk, dv, dk_rope) = jax.lax.scan(
-      key_block, (zeros(blocks.q), zeros(blocks.q_rope)), jnp.arange(blocks.k.shape[0]))
+    (dq, dq_rope), (dk, dv, dk_rope) = jax.lax.scan(
+        key_block, (zeros(blocks.q), zeros(blocks.q_rope)), jnp.arange(nk))
   cast = lambda d, like: None if like is None else d.astype(like.dtype)  # noqa: E731
   return Blocks(q=cast(dq, blocks.q), k=cast(dk, blocks.k), v=cast(dv, blocks.v),
                 q_rope=cast(dq_rope, blocks.q_rope), k_rope=cast(dk_rope, blocks.k_rope),
                 positions=None, kv_lengths=None)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def blocked_attention(blocks: Blocks, ragged: bool) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def blocked_attention(blocks: Blocks, ragged: bool,
+                      visits: Optional[tuple[int, ...]] = None) -> jax.Array:
   """Flash attention on block-layout operands: out [nq,B,G,Q,V] (v's dtype). ragged: whether
-  kv_lengths may stop short of the keys (a cache), so empty slots are zeroed per block."""
-  return _forward(blocks, ragged)[0]
+  kv_lengths may stop short of the keys (a cache), so empty slots are zeroed per block. visits:
+  static_visits' counts, or None (traced counts, loops)."""
+  return _forward(blocks, ragged, visits)[0]
 
 
-def _blocked_attention_fwd(blocks: Blocks, ragged: bool):
-  out, lse = _forward(blocks, ragged)
+def _blocked_attention_fwd(blocks: Blocks, ragged: bool, visits):
+  out, lse = _forward(blocks, ragged, visits)
   return out, (blocks, out, lse)
 
 
-def _blocked_attention_bwd(ragged: bool, residuals, d_out):
+def _blocked_attention_bwd(ragged: bool, visits, residuals, d_out):
   blocks, out, lse = residuals
-  return (_backward(blocks, out, lse, d_out, ragged),)
+  return (_backward(blocks, out, lse, d_out, ragged, visits),)
 
 
 blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
@@ -314,7 +373,11 @@ def xla_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
   q = q * jnp.asarray(scale, q.dtype)
   q_rope = None if q_rope is None else q_rope * jnp.asarray(scale, q_rope.dtype)
   blocks = to_blocks(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
-  out = blocked_attention(blocks, kv_lengths is not None)
+  nq, nk, bq, bk = blocks.q.shape[0], blocks.k.shape[0], min(block_q, t), min(block_k, t)
+  visits = None
+  if query_offsets is None and kv_lengths is None and nq <= UNROLL_MAX_BLOCKS:
+    visits = static_visits(t, bq, bk, nk)
+  out = blocked_attention(blocks, kv_lengths is not None, visits)
   return from_blocks(out, t, h)
 
 

@@ -108,7 +108,8 @@ def online_softmax_loop(scores_fn: Callable[[Any], jax.Array],
                         read_block: Callable[[jax.Array], tuple[Any, jax.Array, jax.Array]],
                         num_blocks: jax.Array, query_positions: jax.Array, *,
                         acc_shape: tuple[int, ...]) -> Partials:
-  """The online softmax over blocks 0 .. num_blocks-1 (a traced count: the early stop), for
+  """The online softmax over blocks 0 .. num_blocks-1 (a traced count: the early stop, run as a
+  while loop; or a Python int: unrolled, so XLA sees every block's operations at once), for
   any cache layout: read_block(i) -> (block, slot [blk] int: each block slot's absolute position
   in its sequence, holds [B,blk] bool: which slots hold a token this block is responsible for),
   with the empty slots already zeroed. scores_fn, values_fn, query_positions and acc_shape as in
@@ -135,6 +136,11 @@ def online_softmax_loop(scores_fn: Callable[[Any], jax.Array],
     acc = acc * correction[..., None] + values_fn(probs, block)
     return i + 1, m_new, l, acc
 
+  if isinstance(num_blocks, int):
+    carry = carry0
+    for _ in range(num_blocks):
+      carry = body(carry)
+    return carry[1:]
   _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < num_blocks, body, carry0)
   return m, l, acc
 

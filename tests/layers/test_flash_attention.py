@@ -151,6 +151,45 @@ def test_causal_blocks_past_the_diagonal_are_skipped():
   np.testing.assert_array_equal(attend(k)[:, :32], attend(changed)[:, :32])
 
 
+@pytest.mark.parametrize("unroll_max_blocks", [0, 64])
+def test_looped_and_unrolled_causal_attention_both_equal_dense(monkeypatch, unroll_max_blocks):
+  """Plain causal attention runs unrolled up to UNROLL_MAX_BLOCKS query blocks and as loops past
+  it: both paths, on blocks that do not divide T and differ for queries and keys."""
+  import mla_jax.layers.flash_attention as module
+
+  monkeypatch.setattr(module, "UNROLL_MAX_BLOCKS", unroll_max_blocks)
+  t, block_q, block_k = BLOCKINGS[0]  # 5 query blocks, 3 key blocks
+  operands = _operands(2, t, t, 4, 2, 16, 24, 8)
+  _check_against_dense(operands, None, None, jnp.ones((2, t), bool), block_q, block_k)
+
+
+@pytest.mark.parametrize("t,block_q,block_k", [(64, 16, 16), (37, 8, 16), (37, 16, 8),
+                                               (20, 64, 64), (9, 4, 32)])
+def test_static_visits_equal_the_traced_counts(t, block_q, block_k):
+  from mla_jax.layers.flash_attention import key_blocks_to_visit, static_visits, to_blocks
+
+  q, k, v, _, _ = _operands(1, t, t, 2, 2, 8, 8, 0)
+  blocks = to_blocks(q, k, v, None, None, None, None, block_q, block_k)
+  assert static_visits(t, min(block_q, t), min(block_k, t), blocks.k.shape[0]) == tuple(
+      np.asarray(key_blocks_to_visit(blocks)).tolist())
+
+
+def test_unrolled_causal_attention_costs_the_visited_pairs_only():
+  """Unrolled, XLA's cost analysis counts every block pair: 4 x 4 blocks of 16 cost 10/16 of
+  the same attention in one 64 x 64 block (dense with a mask), gradients included."""
+  q, k, v, q_rope, k_rope = _operands(1, 64, 64, 2, 2, 32, 32, 16)
+
+  def flops(block):
+    f = lambda *xs: jnp.sum(flash_attention(*xs[:3], q_rope=xs[3], k_rope=xs[4], scale=1.0,  # noqa
+                                            block_q=block, block_k=block) ** 2)
+    compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4))).lower(
+        q, k, v, q_rope, k_rope).compile()
+    return compiled.cost_analysis()["flops"]
+
+  ratio = flops(16) / flops(64)
+  assert 0.55 < ratio < 0.72, ratio  # 10/16 = 0.625 of the dots, plus elementwise work
+
+
 def test_bad_operands_are_named():
   q, k, v, q_rope, k_rope = _operands(1, 8, 8, 4, 4, 8, 8, 4)
   with pytest.raises(ValueError, match="H must be a multiple of G"):
