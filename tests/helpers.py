@@ -1,4 +1,4 @@
-"""Small shared pieces for the tests: tiny configs and an error measure."""
+"""Small shared pieces for the tests: tiny configs, an error measure, flash attention operands."""
 
 from __future__ import annotations
 
@@ -45,3 +45,15 @@ SMALL_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2"
                "model.q_lora_rank=16", "model.kv_lora_rank=16", "model.qk_nope_head_dim=8",
                "model.qk_rope_head_dim=8", "model.v_head_dim=8", "model.intermediate_size=64",
                "model.max_seq_len=64"]  # overrides for a model that trains in seconds
+
+
+def flash_operands(b, t, s, h, g, k_dim, v_dim, r, seed=0):
+  """Random flash_attention operands: q [B,T,H,K], k [B,S,G,K], v [B,S,G,V], q_rope [B,T,H,R]
+  and k_rope [B,S,R] (None for r = 0), float32."""
+  import jax
+
+  keys = jax.random.split(jax.random.key(seed), 5)
+  return (jax.random.normal(keys[0], (b, t, h, k_dim)), jax.random.normal(keys[1], (b, s, g, k_dim)),
+          jax.random.normal(keys[2], (b, s, g, v_dim)),
+          jax.random.normal(keys[3], (b, t, h, r)) if r else None,
+          jax.random.normal(keys[4], (b, s, r)) if r else None)

@@ -14,18 +14,10 @@ from mla_jax.config.run import TrainConfig
 from mla_jax.kernels import flash_attention as kernels
 from mla_jax.layers.flash_attention import flash_attention
 from mla_jax.train.step import TrainState, apply_gradients, compute_grads, make_optimizer
-from tests.helpers import TINY_CONFIGS, rel_err, variant
+from tests.helpers import TINY_CONFIGS, flash_operands, rel_err, variant
 
 TOL = 1e-5
 TRITON = "__gpu$xla.gpu.triton"
-
-
-def _operands(b, t, s, h, g, k_dim, v_dim, r):
-  keys = jax.random.split(jax.random.key(0), 5)
-  return (jax.random.normal(keys[0], (b, t, h, k_dim)), jax.random.normal(keys[1], (b, s, g, k_dim)),
-          jax.random.normal(keys[2], (b, s, g, v_dim)),
-          jax.random.normal(keys[3], (b, t, h, r)) if r else None,
-          jax.random.normal(keys[4], (b, s, r)) if r else None)
 
 
 # (B, T, S, H, G, K, V, R, cached): MLA's shapes (shared rope key, V != K) over 2 query and 3
@@ -47,7 +39,7 @@ CASES = {"mla": (2, 200, 200, 2, 2, 16, 24, 8, False),
     pytest.param("tpu", "gqa", marks=pytest.mark.slow)])
 def test_kernel_in_interpret_mode_equals_the_jax_path(platform, case):
   b, t, s, h, g, k_dim, v_dim, r, cached = CASES[case]
-  q, k, v, q_rope, k_rope = _operands(b, t, s, h, g, k_dim, v_dim, r)
+  q, k, v, q_rope, k_rope = flash_operands(b, t, s, h, g, k_dim, v_dim, r)
   offsets = lengths = None
   real = jnp.ones((b, t), bool)
   if cached:
@@ -84,7 +76,7 @@ def test_kernel_in_interpret_mode_equals_the_jax_path(platform, case):
 
 
 def test_which_operands_each_kernel_takes():
-  q, k, v, q_rope, _ = _operands(1, 8, 8, 2, 2, 192, 128, 64)
+  q, k, v, q_rope, _ = flash_operands(1, 8, 8, 2, 2, 192, 128, 64)
   assert not kernels.supports("tpu", q, k, v, None)  # 192: neither below 128 nor a multiple
   assert kernels.supports("tpu", q[..., :128], k[..., :128], v, q_rope)  # MLA's split: 128 + 64
   assert kernels.supports("gpu", q, k, v, None)  # padded to 256

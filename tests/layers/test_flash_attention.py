@@ -3,8 +3,6 @@ written here and to the model's naive path, for MLA's shapes and the baselines',
 do and do not divide T, ragged lengths and prefill into a cache, under jit, grad, scan and remat;
 and the compiled step's memory linear in T."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +12,7 @@ import mla_jax
 from mla_jax.kinds import attention_kind
 from mla_jax.layers.flash_attention import flash_attention
 from mla_jax.layers.masking import FLASH_ATTENTION_MIN_TOKENS, resolve_attn_impl
-from tests.helpers import TINY_CONFIGS, rel_err, variant
+from tests.helpers import TINY_CONFIGS, flash_operands, rel_err, variant
 
 TOL = 1e-5  # float32, relative to each tensor's scale
 
@@ -35,16 +33,6 @@ def dense_attention(q, k, v, q_rope, k_rope, offsets, kv_lengths, scale):
   scores = jnp.where(visible[:, None], scores * scale, -jnp.inf)
   probs = jnp.where(visible[:, None], jax.nn.softmax(scores, axis=-1), 0.0)
   return jnp.einsum("bhts,bshv->bthv", probs, values)
-
-
-def _operands(b, t, s, h, g, k_dim, v_dim, r, seed=0):
-  keys = jax.random.split(jax.random.key(seed), 5)
-  q = jax.random.normal(keys[0], (b, t, h, k_dim))
-  k = jax.random.normal(keys[1], (b, s, g, k_dim))
-  v = jax.random.normal(keys[2], (b, s, g, v_dim))
-  q_rope = jax.random.normal(keys[3], (b, t, h, r)) if r else None
-  k_rope = jax.random.normal(keys[4], (b, s, r)) if r else None
-  return q, k, v, q_rope, k_rope
 
 
 def _check_against_dense(operands, offsets, kv_lengths, real, block_q, block_k, scale=0.3):
@@ -82,7 +70,7 @@ BLOCKINGS = [(37, 8, 16), (32, 16, 8), (20, 64, 64)]
     *BLOCKINGS[:2], pytest.param(*BLOCKINGS[2], marks=pytest.mark.slow)])
 def test_mla_shapes_shared_rope_key_and_narrower_values(t, block_q, block_k):
   # Per-head keys of N, one k_rope [B,S,R] shared by all heads, values of V != N.
-  operands = _operands(2, t, t, 4, 4, 16, 24, 8)
+  operands = flash_operands(2, t, t, 4, 4, 16, 24, 8)
   _check_against_dense(operands, None, None, jnp.ones((2, t), bool), block_q, block_k)
 
 
@@ -90,7 +78,7 @@ def test_mla_shapes_shared_rope_key_and_narrower_values(t, block_q, block_k):
 @pytest.mark.parametrize("kv_heads", [pytest.param(4, marks=pytest.mark.slow), 2, 1])
 def test_grouped_query_heads(kv_heads):
   t, block_q, block_k = BLOCKINGS[0]
-  operands = _operands(2, t, t, 4, kv_heads, 16, 12, 0)
+  operands = flash_operands(2, t, t, 4, kv_heads, 16, 12, 0)
   _check_against_dense(operands, None, None, jnp.ones((2, t), bool), block_q, block_k)
 
 
@@ -100,7 +88,7 @@ def test_queries_into_a_cache_with_ragged_lengths(kv_heads, r):
   """Queries at an offset into 40 slots: rows hold 27 and 3 cached tokens, then 13 and 11 new
   ones (the last 2 of row 1 are padding); the slots past each row's length hold NaN."""
   b, t, s = 2, 13, 40
-  q, k, v, q_rope, k_rope = _operands(b, t, s, 4, kv_heads, 16, 24, r)
+  q, k, v, q_rope, k_rope = flash_operands(b, t, s, 4, kv_heads, 16, 24, r)
   lengths, num_tokens = jnp.array([27, 3]), jnp.array([13, 11])
   kv_lengths = lengths + num_tokens
   empty = jnp.arange(s)[None, :] >= kv_lengths[:, None]  # [B,S]
@@ -122,7 +110,7 @@ def test_queries_into_a_cache_with_ragged_lengths(kv_heads, r):
 
 
 def test_a_query_that_sees_nothing_gets_zeros_and_finite_gradients():
-  q, k, v, q_rope, k_rope = _operands(2, 6, 6, 2, 2, 8, 8, 4)
+  q, k, v, q_rope, k_rope = flash_operands(2, 6, 6, 2, 2, 8, 8, 4)
   kv_lengths = jnp.array([6, 0])  # row 1 holds no key at all
 
   def f(q, k, v):
@@ -135,22 +123,6 @@ def test_a_query_that_sees_nothing_gets_zeros_and_finite_gradients():
   np.testing.assert_array_equal(grads[0][1], 0.0)
 
 
-def test_causal_blocks_past_the_diagonal_are_skipped():
-  """XLA's cost analysis counts one loop body per loop; the trip counts are traced, so the skip
-  shows in the output: a query block's result does not depend on keys after its last position
-  (changing them changes nothing), and the count of key blocks visited follows the diagonal."""
-  from mla_jax.layers.flash_attention import key_blocks_to_visit, to_blocks
-
-  q, k, v, _, _ = _operands(1, 64, 64, 2, 2, 8, 8, 0)
-  blocks = to_blocks(q, k, v, None, None, None, None, 16, 16)
-  np.testing.assert_array_equal(key_blocks_to_visit(blocks), [1, 2, 3, 4])  # 10 of 16 pairs
-  offset = to_blocks(q[:, :16], k, v, None, None, jnp.array([40]), jnp.array([56]), 16, 16)
-  np.testing.assert_array_equal(key_blocks_to_visit(offset), [4])  # slots 0..55 only
-  attend = lambda k: flash_attention(q, k, v, scale=1.0, block_q=16, block_k=16)  # noqa: E731
-  changed = k.at[:, 32:].set(100.0)
-  np.testing.assert_array_equal(attend(k)[:, :32], attend(changed)[:, :32])
-
-
 @pytest.mark.parametrize("unroll_max_blocks", [0, 64])
 def test_looped_and_unrolled_causal_attention_both_equal_dense(monkeypatch, unroll_max_blocks):
   """Plain causal attention runs unrolled up to UNROLL_MAX_BLOCKS query blocks and as loops past
@@ -159,25 +131,27 @@ def test_looped_and_unrolled_causal_attention_both_equal_dense(monkeypatch, unro
 
   monkeypatch.setattr(module, "UNROLL_MAX_BLOCKS", unroll_max_blocks)
   t, block_q, block_k = BLOCKINGS[0]  # 5 query blocks, 3 key blocks
-  operands = _operands(2, t, t, 4, 2, 16, 24, 8)
+  operands = flash_operands(2, t, t, 4, 2, 16, 24, 8)
   _check_against_dense(operands, None, None, jnp.ones((2, t), bool), block_q, block_k)
 
 
-@pytest.mark.parametrize("t,block_q,block_k", [(64, 16, 16), (37, 8, 16), (37, 16, 8),
-                                               (20, 64, 64), (9, 4, 32)])
-def test_static_visits_equal_the_traced_counts(t, block_q, block_k):
-  from mla_jax.layers.flash_attention import key_blocks_to_visit, static_visits, to_blocks
-
-  q, k, v, _, _ = _operands(1, t, t, 2, 2, 8, 8, 0)
-  blocks = to_blocks(q, k, v, None, None, None, None, block_q, block_k)
-  assert static_visits(t, min(block_q, t), min(block_k, t), blocks.k.shape[0]) == tuple(
-      np.asarray(key_blocks_to_visit(blocks)).tolist())
+@pytest.mark.parametrize("t,block,offsets,looped", [
+    (1024, 256, False, False),  # 4 query blocks of 1,024 tokens: unrolled
+    (1025, 1024, False, True),  # 2 blocks, but past UNROLL_MAX_TOKENS
+    (40, 8, False, True),  # 5 blocks: past UNROLL_MAX_BLOCKS
+    (16, 8, True, True)])  # queries into a cache: traced counts
+def test_which_attention_is_unrolled(t, block, offsets, looped):
+  q, k, v, _, _ = flash_operands(1, t, t, 1, 1, 4, 4, 0)
+  kwargs = {"query_offsets": jnp.zeros((1,), jnp.int32)} if offsets else {}
+  jaxpr = jax.make_jaxpr(lambda q, k, v: flash_attention(  # the JAX path alone, no kernels
+      q, k, v, scale=1.0, block_q=block, block_k=block, implementation="xla", **kwargs))(q, k, v)
+  assert ("while[" in str(jaxpr)) == looped
 
 
 def test_unrolled_causal_attention_costs_the_visited_pairs_only():
   """Unrolled, XLA's cost analysis counts every block pair: 4 x 4 blocks of 16 cost 10/16 of
   the same attention in one 64 x 64 block (dense with a mask), gradients included."""
-  q, k, v, q_rope, k_rope = _operands(1, 64, 64, 2, 2, 32, 32, 16)
+  q, k, v, q_rope, k_rope = flash_operands(1, 64, 64, 2, 2, 32, 32, 16)
 
   def flops(block):
     f = lambda *xs: jnp.sum(flash_attention(*xs[:3], q_rope=xs[3], k_rope=xs[4], scale=1.0,  # noqa
@@ -191,7 +165,7 @@ def test_unrolled_causal_attention_costs_the_visited_pairs_only():
 
 
 def test_bad_operands_are_named():
-  q, k, v, q_rope, k_rope = _operands(1, 8, 8, 4, 4, 8, 8, 4)
+  q, k, v, q_rope, k_rope = flash_operands(1, 8, 8, 4, 4, 8, 8, 4)
   with pytest.raises(ValueError, match="H must be a multiple of G"):
     flash_attention(q, k[:, :, :3], v[:, :, :3], scale=1.0)
   with pytest.raises(ValueError, match="q_rope and k_rope go together"):
