@@ -170,10 +170,20 @@ def _forward(blocks: Blocks, ragged: bool, visits: Optional[tuple[int, ...]] = N
     return normalize(l, acc).astype(blocks.v.dtype), lse
 
   nq = blocks.q.shape[0]
-  if visits is not None:  # independent query blocks, side by side
+  if visits is None:
+    return jax.lax.map(query_block, jnp.arange(nq))
+
+  def unrolled(carry):  # independent query blocks, side by side
     outs = [query_block(i) for i in range(nq)]
-    return jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
-  return jax.lax.map(query_block, jnp.arange(nq))
+    return carry[0] + 1, jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
+
+  # One trip of a while loop around them: a remat policy around the model (e.g. dots_saveable)
+  # does not look into loops, as with the looped path; unrolled in the open, it would keep every
+  # pair's scores for the backward pass, memory quadratic in T.
+  shapes = jax.eval_shape(lambda: unrolled((jnp.int32(0),))[1:])
+  init = (jnp.int32(0),) + tuple(jnp.zeros(x.shape, x.dtype) for x in shapes)
+  _, out, lse = jax.lax.while_loop(lambda carry: carry[0] < 1, unrolled, init)
+  return out, lse
 
 
 def _pair_grads(blocks: Blocks, i, kv: dict, k_rope, slot: jax.Array, holds: jax.Array,

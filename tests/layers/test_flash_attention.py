@@ -143,9 +143,36 @@ def test_looped_and_unrolled_causal_attention_both_equal_dense(monkeypatch, unro
 def test_which_attention_is_unrolled(t, block, offsets, looped):
   q, k, v, _, _ = flash_operands(1, t, t, 1, 1, 4, 4, 0)
   kwargs = {"query_offsets": jnp.zeros((1,), jnp.int32)} if offsets else {}
-  jaxpr = jax.make_jaxpr(lambda q, k, v: flash_attention(  # the JAX path alone, no kernels
-      q, k, v, scale=1.0, block_q=block, block_k=block, implementation="xla", **kwargs))(q, k, v)
-  assert ("while[" in str(jaxpr)) == looped
+  attend = lambda q, k, v: flash_attention(  # noqa: E731  the JAX path alone, no kernels
+      q, k, v, scale=1.0, block_q=block, block_k=block, implementation="xla", **kwargs)
+  jaxpr = jax.make_jaxpr(jax.grad(lambda *xs: jnp.sum(attend(*xs)), argnums=(0, 1, 2)))(q, k, v)
+  assert ("scan[" in str(jaxpr)) == looped  # the loops walk blocks with scans; unrolled: none
+
+
+@pytest.mark.parametrize("t", [64, 80])  # unrolled (4 query blocks), looped (5)
+def test_a_remat_policy_keeps_no_block_scores(t):
+  """Under jax.checkpoint with dots_saveable (a model's remat policy), flash attention saves
+  for the backward pass no [.., 16, 16] block of scores or probabilities, looped or unrolled:
+  the unrolled forward runs inside a one-trip loop that policies do not look into."""
+  import contextlib
+  import io
+  import re
+
+  from jax.ad_checkpoint import print_saved_residuals  # the public form: it prints them
+
+  q, k, v, q_rope, k_rope = flash_operands(1, t, t, 2, 2, 8, 8, 4)
+
+  def loss(q, k, v):
+    return jnp.sum(flash_attention(jnp.sin(q), k, v, q_rope=q_rope, k_rope=k_rope, scale=1.0,
+                                   block_q=16, block_k=16, implementation="xla") ** 2)
+
+  checkpointed = jax.checkpoint(loss, policy=jax.checkpoint_policies.dots_saveable)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    print_saved_residuals(checkpointed, q, k, v)
+  shapes = [tuple(int(n) for n in dims.split(",") if n)
+            for dims in re.findall(r"^\w+\[([\d,]*)\]", printed.getvalue(), re.M)]
+  assert shapes and not [s for s in shapes if s[-2:] == (16, 16)], shapes
 
 
 def test_unrolled_causal_attention_costs_the_visited_pairs_only():
