@@ -106,7 +106,7 @@ def zero_empty_slots(block: Any, holds: jax.Array, seq_axis: int) -> Any:
 def online_softmax_loop(scores_fn: Callable[[Any], jax.Array],
                         values_fn: Callable[[jax.Array, Any], jax.Array],
                         read_block: Callable[[jax.Array], tuple[Any, jax.Array, jax.Array]],
-                        num_blocks: jax.Array, query_positions: jax.Array, *,
+                        num_blocks: "jax.Array | int", query_positions: jax.Array, *,
                         acc_shape: tuple[int, ...]) -> Partials:
   """The online softmax over blocks 0 .. num_blocks-1 (a traced count: the early stop, run as a
   while loop; or a Python int: unrolled, so XLA sees every block's operations at once), for
