@@ -261,6 +261,30 @@ def test_memory_check_refuses_with_figures_and_knobs():
   assert what.endswith("shared by 8 CPU device(s)") and 0 < limit * 8 <= 2**50
 
 
+@pytest.mark.parametrize("seq_len,head_dim,unrolled", [(128, 64, True), (128, 32, False)])
+def test_memory_description_unrolls_where_the_model_does(monkeypatch, seq_len, head_dim, unrolled):
+  """The pre-check's attention share names the unrolled block pairs exactly where the traced
+  training step unrolls them (flash_attention.unrolled_visits on the layer's operands): wide
+  heads give operands that outweigh one 128 x 128 block of scores, narrow ones do not."""
+  import mla_jax.layers.flash_attention as flash
+  from mla_jax.train.memory import attention_memory
+
+  config = load_config(None, "train.attn_impl=flash_attention", f"train.seq_len={seq_len}",
+                       "train.batch_size=2", f"model.qk_nope_head_dim={head_dim}",
+                       f"model.v_head_dim={head_dim}", f"model.qk_rope_head_dim={head_dim // 2}")
+  traced = []
+  real = flash.blocked_attention
+  monkeypatch.setattr(flash, "blocked_attention",
+                      lambda blocks, ragged, visits: traced.append(visits) or real(
+                          blocks, ragged, visits))
+  trainer = train_module.Trainer.build(config, devices=jax.devices()[:1])
+  trainer.compile_train_step()  # traces the layers
+  assert traced and all((v is not None) == unrolled for v in traced), traced
+  description = attention_memory(config)[2]
+  assert ("block pairs side by side, unrolled" in description) == unrolled, description
+  assert ("one [B,H,128,128] block at a time" in description) == (not unrolled), description
+
+
 # `mla-jax train` on one device whose memory the pre-check is told is 2 GiB: at seq_len 16,384
 # the naive path's step is refused before anything is allocated; flash attention's trains.
 _BUDGET_DRIVER = """

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from mla_jax.kernels import flash_attention_gpu, flash_attention_tpu
+from mla_jax.layers.flash_blocks import first_order_only
 
 KERNELS = {"tpu": flash_attention_tpu, "gpu": flash_attention_gpu}
 
@@ -51,17 +52,20 @@ def _attention(q, k, v, q_rope, k_rope, offsets, lengths, platform, block_q, blo
 
 def _attention_fwd(q, k, v, q_rope, k_rope, offsets, lengths, platform, block_q, block_k,
                    interpret):
-  out, lse = KERNELS[platform].forward(q, k, v, q_rope, k_rope, offsets, lengths,
-                                       block_q=block_q, block_k=block_k, interpret=interpret)
+  # Guarded: a second derivative differentiates the forward pass too (its residuals).
+  forward = first_order_only(functools.partial(KERNELS[platform].forward, block_q=block_q,
+                                               block_k=block_k, interpret=interpret))
+  out, lse = forward(q, k, v, q_rope, k_rope, offsets, lengths)
   return out, (q, k, v, q_rope, k_rope, offsets, lengths, out, lse)
 
 
 def _attention_bwd(platform, block_q, block_k, interpret, residuals, d_out):
   q, k, v, q_rope, k_rope, offsets, lengths, out, lse = residuals
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # rowsum(dO o)
-  dq, dk, dv, dq_rope, dk_rope = KERNELS[platform].backward(
-      q, k, v, q_rope, k_rope, offsets, lengths, lse, d_out, delta, block_q=block_q,
-      block_k=block_k, interpret=interpret)
+  backward = first_order_only(functools.partial(KERNELS[platform].backward, block_q=block_q,
+                                                block_k=block_k, interpret=interpret))
+  dq, dk, dv, dq_rope, dk_rope = backward(q, k, v, q_rope, k_rope, offsets, lengths, lse, d_out,
+                                          delta)
   b, h, s = dk.shape[:3]
   g = k.shape[1]
   # Per query head -> per key/value head (GQA, MQA), and the rope key's share over all heads.

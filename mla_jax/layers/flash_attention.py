@@ -12,11 +12,10 @@ scores and probabilities p = exp(s - lse) from them:
 
 Key blocks entirely past a query block's last visible slot are never visited (the loops' trip
 counts are traced values), so causal attention costs about half of dense, and a query block of a
-prefill into a cache visits only the slots it may see. Plain causal attention over a few blocks
-(training at short T: up to UNROLL_MAX_BLOCKS query blocks and UNROLL_MAX_TOKENS, no cache) has
-counts known before tracing (static_visits) and is unrolled instead: every block pair is its own
-operation, and XLA runs independent pairs side by side (on a 2-core CPU the dots of one pair
-leave a core idle).
+prefill into a cache visits only the slots it may see. Plain causal attention over a few block
+pairs (training at short T, no cache; unrolled_visits says where) has counts known before
+tracing (static_visits) and is unrolled instead: every block pair is its own operation, and XLA
+runs independent pairs side by side (on a 2-core CPU the dots of one pair leave a core idle).
 
 What it computes (per batch row b, query t, head h in group g = h // (H/G), key slot s):
 
@@ -48,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax.config.model import ModelConfig
-from mla_jax.layers.flash_blocks import (Blocks, from_blocks, key_blocks_to_visit, static_visits,
-                                         to_blocks)
+from mla_jax.layers.flash_blocks import (Blocks, first_order_only, from_blocks, key_blocks_to_visit,
+                                         static_visits, to_blocks)
 from mla_jax.layers.flash_decode import normalize, online_softmax_loop, zero_empty_slots
 from mla_jax.layers.precision import einsum_f32
 
@@ -57,12 +56,9 @@ from mla_jax.layers.precision import einsum_f32
 # --block-sizes`, docs/flash-attention.md).
 DEFAULT_BLOCK_Q = ModelConfig.flash_block_q
 DEFAULT_BLOCK_K = ModelConfig.flash_block_k
-# Plain causal attention (no cache) of up to this many query blocks and tokens is unrolled:
-# every block pair is its own operation, so XLA can run independent ones side by side. Past
-# either, loops keep the program, its compile time and its temporaries small (unrolled, XLA
-# may keep several large pairs' scores alive at once).
-UNROLL_MAX_BLOCKS = 4
-UNROLL_MAX_TOKENS = 1024
+# Plain causal attention (no cache) over at most this many block pairs is unrolled, where the
+# pairs' float32 scores together take no more bytes than the operands (unrolled_visits).
+UNROLL_MAX_PAIRS = 10
 
 
 def check_operands(q: jax.Array, k: jax.Array, v: jax.Array, q_rope: Optional[jax.Array],
@@ -70,8 +66,9 @@ def check_operands(q: jax.Array, k: jax.Array, v: jax.Array, q_rope: Optional[ja
                    kv_lengths: Optional[jax.Array], block_q: int, block_k: int) -> None:
   """Raises ValueError naming the operand whose shape, dtype or size does not fit: shapes that
   disagree, integer queries, keys or values (the scale would be truncated), empty batches or
-  sequences, non-integer offsets or lengths, kv_lengths past S (checked where concrete; a
-  traced one must stay within S), block sizes that are not positive integers."""
+  sequences, non-integer offsets or lengths, negative query_offsets or kv_lengths past S
+  (checked where concrete; traced ones must stay in range), block sizes that are not positive
+  integers."""
   if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
     raise ValueError(f"flash_attention takes q [B,T,H,K], k [B,S,G,K], v [B,S,G,V]; got ranks "
                      f"{q.ndim}, {k.ndim}, {v.ndim}")
@@ -106,6 +103,11 @@ def check_operands(q: jax.Array, k: jax.Array, v: jax.Array, q_rope: Optional[ja
       raise ValueError(f"{name} has shape {tuple(x.shape)}, expected [{b}]")
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise ValueError(f"{name} has dtype {x.dtype}: expected integer token counts")
+  if query_offsets is not None and not isinstance(query_offsets, jax.core.Tracer):
+    offsets = np.asarray(query_offsets)
+    if offsets.min() < 0:
+      raise ValueError(f"query_offsets holds {offsets.tolist()}: each must be >= 0, the tokens "
+                       "cached before the row's first query")
   if kv_lengths is not None and not isinstance(kv_lengths, jax.core.Tracer):
     lengths = np.asarray(kv_lengths)
     if lengths.max() > s or lengths.min() < 0:
@@ -117,6 +119,19 @@ def check_operands(q: jax.Array, k: jax.Array, v: jax.Array, q_rope: Optional[ja
   for name, size in (("block_q", block_q), ("block_k", block_k)):
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
       raise ValueError(f"{name}={size!r} is invalid: must be a positive integer")
+
+
+def check_scale(scale) -> None:
+  """Raises ValueError unless scale is a real number: a Python or NumPy scalar, or a 0-d
+  floating array (traced or not)."""
+  shape = getattr(scale, "shape", None)
+  dtype = getattr(scale, "dtype", None)
+  real = (isinstance(scale, (int, float)) and not isinstance(scale, bool)) or (
+      shape == () and dtype is not None and (jnp.issubdtype(dtype, jnp.floating)
+                                             or jnp.issubdtype(dtype, jnp.integer)))
+  if not real:
+    raise ValueError(f"scale={scale!r} is invalid: flash_attention needs the softmax scale as a "
+                     "real number (e.g. config.softmax_scale, 1/sqrt(K) times YaRN's mscale^2)")
 
 
 def _scores(q: jax.Array, k: jax.Array, q_rope: Optional[jax.Array],
@@ -173,17 +188,24 @@ def _forward(blocks: Blocks, ragged: bool, visits: Optional[tuple[int, ...]] = N
   if visits is None:
     return jax.lax.map(query_block, jnp.arange(nq))
 
-  def unrolled(carry):  # independent query blocks, side by side
+  def unrolled():  # independent query blocks, side by side
     outs = [query_block(i) for i in range(nq)]
-    return carry[0] + 1, jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
+    return jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs])
 
-  # One trip of a while loop around them: a remat policy around the model (e.g. dots_saveable)
-  # does not look into loops, as with the looped path; unrolled in the open, it would keep every
-  # pair's scores for the backward pass, memory quadratic in T.
-  shapes = jax.eval_shape(lambda: unrolled((jnp.int32(0),))[1:])
-  init = (jnp.int32(0),) + tuple(jnp.zeros(x.shape, x.dtype) for x in shapes)
-  _, out, lse = jax.lax.while_loop(lambda carry: carry[0] < 1, unrolled, init)
-  return out, lse
+  return _fenced(unrolled)
+
+
+def _fenced(compute):
+  """compute()'s outputs (a pytree of arrays), computed in one trip of a while loop, which
+  fences the unrolled forward pass's block pairs off the rest of the program as the looped
+  path's loops do: a remat policy around the model (e.g. dots_saveable) does not look inside
+  it (in the open, it kept every pair's scores for the backward pass, memory quadratic in T).
+  Inside, independent pairs still run side by side."""
+  shapes = jax.eval_shape(compute)
+  init = (jnp.int32(0), jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes))
+  _, out = jax.lax.while_loop(lambda carry: carry[0] < 1,
+                              lambda carry: (carry[0] + 1, compute()), init)
+  return out
 
 
 def _pair_grads(blocks: Blocks, i, kv: dict, k_rope, slot: jax.Array, holds: jax.Array,
@@ -210,6 +232,35 @@ def _pair_grads(blocks: Blocks, i, kv: dict, k_rope, slot: jax.Array, holds: jax
   return dq, dq_rope, dk, dv, dk_rope
 
 
+def _unrolled_backward(blocks: Blocks, lse: jax.Array, d_out: jax.Array, delta: jax.Array,
+                       ragged: bool, visits: tuple[int, ...]):
+  """_backward's float32 (dq, dq_rope, dk, dv, dk_rope) with every block pair unrolled: each
+  key block's sums taken at the end (no loop carries them)."""
+  nq, nk = blocks.q.shape[0], blocks.k.shape[0]
+  rope = blocks.q_rope is not None
+  zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)  # noqa: E731
+  add = lambda a, b: None if b is None else b if a is None else a + b  # noqa: E731
+  d_query = [[None, None] for _ in range(nq)]  # dQ, dq_rope per query block
+  d_key = []  # (dK, dV, dk_rope) per key block
+  for j in range(nk):
+    kv, k_rope, slot, holds = _key_block(blocks, j, ragged)
+    dk = dv = dk_rope = None
+    for i in (i for i in range(nq) if visits[i] > j):
+      dq_i, dq_rope_i, dk_i, dv_i, dk_rope_i = _pair_grads(blocks, i, kv, k_rope, slot, holds,
+                                                           lse, d_out, delta)
+      d_query[i] = [add(d_query[i][0], dq_i), add(d_query[i][1], dq_rope_i)]
+      dk, dv, dk_rope = add(dk, dk_i), add(dv, dv_i), add(dk_rope, dk_rope_i)
+    d_key.append((dk if dk is not None else zeros(kv["k"]),
+                  dv if dv is not None else zeros(kv["v"]),
+                  dk_rope if dk_rope is not None or k_rope is None else zeros(k_rope)))
+  dq = jnp.stack([d[0] if d[0] is not None else zeros(blocks.q[0]) for d in d_query])
+  dq_rope = None if not rope else jnp.stack(
+      [d[1] if d[1] is not None else zeros(blocks.q_rope[0]) for d in d_query])
+  dk, dv = (jnp.stack([d[n] for d in d_key]) for n in (0, 1))
+  dk_rope = None if not rope else jnp.stack([d[2] for d in d_key])
+  return dq, dq_rope, dk, dv, dk_rope
+
+
 def _backward(blocks: Blocks, out: jax.Array, lse: jax.Array, d_out: jax.Array,
               ragged: bool, visits: Optional[tuple[int, ...]] = None) -> Blocks:
   """The cotangents of q, k, v, q_rope, k_rope in block layout (float32 accumulators cast to
@@ -223,24 +274,7 @@ def _backward(blocks: Blocks, out: jax.Array, lse: jax.Array, d_out: jax.Array,
   zeros = lambda x: None if x is None else jnp.zeros(x.shape, jnp.float32)  # noqa: E731
   add = lambda a, b: None if b is None else b if a is None else a + b  # noqa: E731
   if visits is not None:
-    d_query = [[None, None] for _ in range(nq)]  # dQ, dq_rope per query block
-    d_key = []  # (dK, dV, dk_rope) per key block
-    for j in range(nk):
-      kv, k_rope, slot, holds = _key_block(blocks, j, ragged)
-      dk = dv = dk_rope = None
-      for i in (i for i in range(nq) if visits[i] > j):
-        dq_i, dq_rope_i, dk_i, dv_i, dk_rope_i = _pair_grads(blocks, i, kv, k_rope, slot, holds,
-                                                             lse, d_out, delta)
-        d_query[i] = [add(d_query[i][0], dq_i), add(d_query[i][1], dq_rope_i)]
-        dk, dv, dk_rope = add(dk, dk_i), add(dv, dv_i), add(dk_rope, dk_rope_i)
-      d_key.append((dk if dk is not None else zeros(kv["k"]),
-                    dv if dv is not None else zeros(kv["v"]),
-                    dk_rope if dk_rope is not None or k_rope is None else zeros(k_rope)))
-    dq = jnp.stack([d[0] if d[0] is not None else zeros(blocks.q[0]) for d in d_query])
-    dq_rope = None if not rope else jnp.stack(
-        [d[1] if d[1] is not None else zeros(blocks.q_rope[0]) for d in d_query])
-    dk, dv = (jnp.stack([d[n] for d in d_key]) for n in (0, 1))
-    dk_rope = None if not rope else jnp.stack([d[2] for d in d_key])
+    dq, dq_rope, dk, dv, dk_rope = _unrolled_backward(blocks, lse, d_out, delta, ragged, visits)
   else:
     to_visit = key_blocks_to_visit(blocks)  # [nq]
     first_query_block = jnp.sum(to_visit[None, :] <= jnp.arange(nk)[:, None],
@@ -286,10 +320,34 @@ def _blocked_attention_fwd(blocks: Blocks, ragged: bool, visits):
 
 def _blocked_attention_bwd(ragged: bool, visits, residuals, d_out):
   blocks, out, lse = residuals
-  return (_backward(blocks, out, lse, d_out, ragged, visits),)
+  backward = first_order_only(functools.partial(_backward, ragged=ragged, visits=visits))
+  return (backward(blocks, out, lse, d_out),)
+
 
 
 blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+
+
+def unrolled_visits(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q: int,
+                    block_k: int) -> Optional[tuple[int, ...]]:
+  """static_visits' counts where flash attention unrolls its block pairs, else None (loops).
+  Operands as flash_attention's (arrays or jax.ShapeDtypeStruct: only shapes and dtypes are
+  read). Unrolled, every pair is its own operation and XLA runs independent pairs side by side,
+  but it keeps the pairs' scores alive together and the program grows with the pairs. So only
+  plain causal attention (no query_offsets, no kv_lengths) over at most UNROLL_MAX_PAIRS pairs
+  is unrolled, and only where all pairs' float32 scores [B,H,block_q,block_k] take no more bytes
+  than q, k, v, q_rope and k_rope: the extra temporaries then stay on the order of the operands
+  the layer holds anyway (measured: 0.8-1.7x the pairs' scores per layer, `mla-jax bench train`
+  and docs/flash-attention.md)."""
+  if query_offsets is not None or kv_lengths is not None:
+    return None
+  b, t, h, _ = q.shape
+  bq, bk = min(block_q, t), min(block_k, t)
+  visits = static_visits(t, bq, bk, -(-t // bk))
+  scores = sum(visits) * b * h * bq * bk * 4  # bytes
+  operands = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                 for x in (q, k, v, q_rope, k_rope) if x is not None)
+  return visits if sum(visits) <= UNROLL_MAX_PAIRS and scores <= operands else None
 
 
 def xla_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
@@ -301,16 +359,13 @@ def xla_flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: floa
   """flash_attention's JAX path (any backend): the reference the kernels are tested against.
   Arguments as flash_attention's."""
   check_operands(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
+  check_scale(scale)
   b, t, h, _ = q.shape
   # The scale goes on the queries once (outside the custom VJP, so autodiff carries it).
   q = q * jnp.asarray(scale, q.dtype)
   q_rope = None if q_rope is None else q_rope * jnp.asarray(scale, q_rope.dtype)
   blocks = to_blocks(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
-  nq, nk, bq, bk = blocks.q.shape[0], blocks.k.shape[0], min(block_q, t), min(block_k, t)
-  visits = None
-  if (query_offsets is None and kv_lengths is None and nq <= UNROLL_MAX_BLOCKS
-      and t <= UNROLL_MAX_TOKENS):
-    visits = static_visits(t, bq, bk, nk)
+  visits = unrolled_visits(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
   out = blocked_attention(blocks, kv_lengths is not None, visits)
   return from_blocks(out, t, h)
 
@@ -343,12 +398,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
 
   Raises ValueError (check_operands) for operands whose shapes do not fit each other, integer
   q/k/v, empty operands, non-integer offsets or lengths, concrete kv_lengths outside [0, S],
-  block sizes that are not positive integers, or an unknown implementation. Source:
+  block sizes that are not positive integers, a scale that is not a real number, or an unknown
+  implementation; negative query_offsets where concrete. First derivatives only: a second
+  derivative through it raises NotImplementedError (the naive path has them). Source:
   FlashAttention-2 (Dao 2023), algorithms 1 and 2.
   """
   as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731  lists, scalars
   query_offsets, kv_lengths = as_array(query_offsets), as_array(kv_lengths)
   check_operands(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q, block_k)
+  check_scale(scale)
   block_q, block_k = int(block_q), int(block_k)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r} is invalid: allowed "

@@ -4,11 +4,12 @@ B,G as leading batch dimensions (the layout XLA's CPU dots read without a transp
 layers/flash_decode.py); the query rows of one group are its heads' rows, time-major. T and S
 are padded up to whole blocks; padded key slots lie past kv_lengths and padded queries (position
 -1) see nothing. Also which key blocks each query block sees: traced (key_blocks_to_visit) or,
-for plain causal attention, known before tracing (static_visits)."""
+for plain causal attention, known before tracing (static_visits). And first_order_only, the
+guard every flash attention backward pass (JAX path and kernels) returns through."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -91,3 +92,22 @@ def static_visits(t: int, bq: int, bk: int, nk: int) -> tuple[int, ...]:
   computes the same counts from traced positions."""
   nq = -(-t // bq)
   return tuple(min(nk, -(-min((i + 1) * bq, t) // bk)) for i in range(nq))
+
+
+def first_order_only(backward: Callable) -> Callable:
+  """backward (a flash attention pass, usually the backward one: array pytrees in, array
+  pytrees out; static arguments bound beforehand) as a function whose own derivative is a clear
+  error. The backward passes (the JAX path's loops, the one-trip loop around its unrolled pairs,
+  the Pallas kernels) and the kernels' forward passes cannot be differentiated in reverse mode;
+  wrapped, a second derivative through flash attention raises NotImplementedError the same way
+  for every T, block size and backend, naming the path that has one."""
+  guarded = jax.custom_vjp(backward)
+
+  def refuse(_, d_grads):
+    raise NotImplementedError(
+        "flash attention has first derivatives only (jax.grad, jax.vjp); a second derivative "
+        "through it (grad of grad, Hessian-vector products) needs the naive attention: "
+        "attn_impl='naive' (train.attn_impl=naive)")
+
+  guarded.defvjp(lambda *args: (backward(*args), None), refuse)
+  return guarded

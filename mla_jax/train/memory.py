@@ -7,8 +7,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import jax
+
+from mla_jax.config.model import ModelConfig
 from mla_jax.config.run import Config
 from mla_jax.device_memory import device_memory_available, gib as _gib
+from mla_jax.layers.flash_attention import unrolled_visits
 from mla_jax.layers.masking import resolve_attn_impl
 
 
@@ -25,6 +29,20 @@ def step_memory(compiled: Any) -> Optional[dict[str, int]]:
   return {**parts, "total": sum(parts.values())}
 
 
+def flash_operands(model: ModelConfig, batch: int, seq_len: int
+                   ) -> tuple[Optional[jax.ShapeDtypeStruct], ...]:
+  """The shapes and dtype of what a training step's attention layer passes flash_attention:
+  (q, k, v, q_rope, k_rope), as layers/mla.py (per-head k_nope and values, one shared RoPE key)
+  and layers/attention.py (the baselines' G key/value heads of N + R, no rope term) build them."""
+  b, t, h, dtype = batch, seq_len, model.num_heads, model.dtype
+  shape = lambda *dims: jax.ShapeDtypeStruct(dims, dtype)  # noqa: E731
+  if model.attention == "mla":
+    n, r, v = model.qk_nope_head_dim, model.qk_rope_head_dim, model.v_head_dim
+    return shape(b, t, h, n), shape(b, t, h, n), shape(b, t, h, v), shape(b, t, h, r), shape(b, t, r)
+  g, k = model.kv_heads, model.qk_head_dim
+  return shape(b, t, h, k), shape(b, t, g, k), shape(b, t, g, model.v_head_dim), None, None
+
+
 def attention_memory(config: Config, batch_shards: int = 1, head_shards: int = 1
                      ) -> tuple[str, int, str]:
   """The train step's attention path (train.attn_impl resolved at train.seq_len) and the bytes
@@ -34,7 +52,9 @@ def attention_memory(config: Config, batch_shards: int = 1, head_shards: int = 1
   naive            each layer's softmax [B,H,T,T] float32 (T = seq_len; B and H per device),
                    kept for the backward pass (one layer at a time under train.remat);
   flash_attention  each layer's log-sum-exp [B,H,T] float32; the scores live one block of
-                   [B,H,flash_block_q,flash_block_k] at a time.
+                   [B,H,flash_block_q,flash_block_k] at a time, or, where flash attention
+                   unrolls its block pairs (layers/flash_attention.unrolled_visits, at short T),
+                   all pairs' blocks side by side in each layer.
   """
   m, tc = config.model, config.train
   path = resolve_attn_impl(tc.attn_impl, tc.seq_len, has_cache=False)
@@ -48,9 +68,16 @@ def attention_memory(config: Config, batch_shards: int = 1, head_shards: int = 1
                                  f"pass: {layers} x {_gib(each)}")
   each = batch * heads * t * 4
   bq, bk = min(m.flash_block_q, t), min(m.flash_block_k, t)
+  block = batch * heads * bq * bk * 4
+  # The unrolling is decided on the global shapes, as the jitted step traces them.
+  visits = unrolled_visits(*flash_operands(m, tc.batch_size, t), None, None, m.flash_block_q,
+                           m.flash_block_k)
+  scores = (f"computes the scores one [B,H,{bq},{bk}] block at a time ({_gib(block)})"
+            if visits is None else
+            f"computes the scores of its {sum(visits)} [B,H,{bq},{bk}] block pairs side by side, "
+            f"unrolled ({sum(visits)} x {_gib(block)} per layer)")
   return path, layers * each, (f"keeps each layer's [B,H,T] log-sum-exp for the backward pass: "
-                               f"{layers} x {_gib(each)}, and computes the scores one "
-                               f"[B,H,{bq},{bk}] block at a time ({_gib(batch * heads * bq * bk * 4)})")
+                               f"{layers} x {_gib(each)}, and {scores}")
 
 
 def check_memory(config: Config, compiled: Any, devices: list,

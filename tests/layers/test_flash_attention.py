@@ -123,33 +123,66 @@ def test_a_query_that_sees_nothing_gets_zeros_and_finite_gradients():
   np.testing.assert_array_equal(grads[0][1], 0.0)
 
 
-@pytest.mark.parametrize("unroll_max_blocks", [0, 64])
-def test_looped_and_unrolled_causal_attention_both_equal_dense(monkeypatch, unroll_max_blocks):
-  """Plain causal attention runs unrolled up to UNROLL_MAX_BLOCKS query blocks and as loops past
-  it: both paths, on blocks that do not divide T and differ for queries and keys."""
+@pytest.mark.parametrize("unrolled", [False, True])
+def test_looped_and_unrolled_causal_attention_both_equal_dense(monkeypatch, unrolled):
+  """Plain causal attention runs unrolled where unrolled_visits says so and as loops elsewhere:
+  both paths (forced here), on blocks that do not divide T and differ for queries and keys."""
   import mla_jax.layers.flash_attention as module
 
-  monkeypatch.setattr(module, "UNROLL_MAX_BLOCKS", unroll_max_blocks)
   t, block_q, block_k = BLOCKINGS[0]  # 5 query blocks, 3 key blocks
+  visits = module.static_visits(t, block_q, block_k, -(-t // block_k))
+  monkeypatch.setattr(module, "unrolled_visits", lambda *_: visits if unrolled else None)
   operands = flash_operands(2, t, t, 4, 2, 16, 24, 8)
   _check_against_dense(operands, None, None, jnp.ones((2, t), bool), block_q, block_k)
 
 
-@pytest.mark.parametrize("t,block,offsets,looped", [
-    (1024, 256, False, False),  # 4 query blocks of 1,024 tokens: unrolled
-    (1025, 1024, False, True),  # 2 blocks, but past UNROLL_MAX_TOKENS
-    (40, 8, False, True),  # 5 blocks: past UNROLL_MAX_BLOCKS
-    (16, 8, True, True)])  # queries into a cache: traced counts
-def test_which_attention_is_unrolled(t, block, offsets, looped):
-  q, k, v, _, _ = flash_operands(1, t, t, 1, 1, 4, 4, 0)
+@pytest.mark.parametrize("t,block_q,block_k,width,offsets,unrolled", [
+    (64, 16, 16, 16, False, True),  # 10 pairs; their scores (40 KiB) <= the operands (48 KiB)
+    (20, 64, 64, 16, False, True),  # one block, shorter than the block size
+    (64, 16, 16, 8, False, False),  # the scores (40 KiB) > the operands (24 KiB)
+    (80, 16, 16, 64, False, False),  # 15 pairs > UNROLL_MAX_PAIRS
+    (1024, 256, 8, 64, False, False),  # 4 query blocks but 320 pairs (a long compile unrolled)
+    (16, 8, 8, 64, True, False)])  # queries into a cache: traced counts
+def test_which_attention_is_unrolled(t, block_q, block_k, width, offsets, unrolled):
+  from mla_jax.layers.flash_attention import unrolled_visits
+
+  q, k, v, _, _ = flash_operands(1, t, t, 1, 1, width, width, 0)
   kwargs = {"query_offsets": jnp.zeros((1,), jnp.int32)} if offsets else {}
   attend = lambda q, k, v: flash_attention(  # noqa: E731  the JAX path alone, no kernels
-      q, k, v, scale=1.0, block_q=block, block_k=block, implementation="xla", **kwargs)
+      q, k, v, scale=1.0, block_q=block_q, block_k=block_k, implementation="xla", **kwargs)
   jaxpr = jax.make_jaxpr(jax.grad(lambda *xs: jnp.sum(attend(*xs)), argnums=(0, 1, 2)))(q, k, v)
-  assert ("scan[" in str(jaxpr)) == looped  # the loops walk blocks with scans; unrolled: none
+  assert ("scan[" not in str(jaxpr)) == unrolled  # the loops walk blocks with scans
+  decided = unrolled_visits(q, k, v, None, None, kwargs.get("query_offsets"), None, block_q,
+                            block_k)
+  assert (decided is not None) == unrolled
 
 
-@pytest.mark.parametrize("t", [64, 80])  # unrolled (4 query blocks), looped (5)
+@pytest.mark.parametrize("b,t,h", [(2, 64, 4), (1, 48, 2)])
+def test_unrolled_attention_needs_at_most_its_operands_more_temporaries_than_looped(b, t, h):
+  """unrolled_visits' promise, from XLA's memory analysis of the compiled gradient: where it
+  unrolls, the extra temporaries over the looped path are at most the operands' bytes."""
+  import mla_jax.layers.flash_attention as module
+
+  operands = flash_operands(b, t, t, h, h, 32, 32, 16)
+  assert module.unrolled_visits(*operands, None, None, 16, 16) is not None
+  real_rule = module.unrolled_visits
+
+  def temporaries(rule):
+    module.unrolled_visits = rule
+    try:
+      grad = jax.jit(jax.grad(lambda *xs: jnp.sum(flash_attention(
+          *xs[:3], q_rope=xs[3], k_rope=xs[4], scale=1.0, block_q=16, block_k=16,
+          implementation="xla") ** 2), argnums=(0, 1, 2, 3, 4)))
+      return grad.lower(*operands).compile().memory_analysis().temp_size_in_bytes
+    finally:
+      module.unrolled_visits = real_rule
+
+  operand_bytes = sum(x.nbytes for x in operands)
+  extra = temporaries(real_rule) - temporaries(lambda *_: None)
+  assert extra <= operand_bytes, (extra, operand_bytes)
+
+
+@pytest.mark.parametrize("t", [64, 80])  # unrolled (10 block pairs), looped (15)
 def test_a_remat_policy_keeps_no_block_scores(t):
   """Under jax.checkpoint with dots_saveable (a model's remat policy), flash attention saves
   for the backward pass no [.., 16, 16] block of scores or probabilities, looped or unrolled:
@@ -160,7 +193,10 @@ def test_a_remat_policy_keeps_no_block_scores(t):
 
   from jax.ad_checkpoint import print_saved_residuals  # the public form: it prints them
 
-  q, k, v, q_rope, k_rope = flash_operands(1, t, t, 2, 2, 8, 8, 4)
+  from mla_jax.layers.flash_attention import unrolled_visits
+
+  q, k, v, q_rope, k_rope = flash_operands(1, t, t, 2, 2, 16, 16, 4)
+  assert (unrolled_visits(q, k, v, q_rope, k_rope, None, None, 16, 16) is None) == (t == 80)
 
   def loss(q, k, v):
     return jnp.sum(flash_attention(jnp.sin(q), k, v, q_rope=q_rope, k_rope=k_rope, scale=1.0,
@@ -187,6 +223,9 @@ def test_unrolled_causal_attention_costs_the_visited_pairs_only():
         q, k, v, q_rope, k_rope).compile()
     return compiled.cost_analysis()["flops"]
 
+  from mla_jax.layers.flash_attention import unrolled_visits
+
+  assert unrolled_visits(q, k, v, q_rope, k_rope, None, None, 16, 16) is not None
   ratio = flops(16) / flops(64)
   assert 0.55 < ratio < 0.72, ratio  # 10/16 = 0.625 of the dots, plus elementwise work
 
@@ -215,12 +254,32 @@ def test_bad_operands_are_named():
     flash_attention(q, k, v, scale=1.0, query_offsets=[0.5])
   with pytest.raises(ValueError, match=r"query_offsets has shape \(\), expected \[1\]"):
     flash_attention(q, k, v, scale=1.0, query_offsets=0)
+  with pytest.raises(ValueError, match=r"query_offsets holds \[-1\]: each must be >= 0"):
+    flash_attention(q, k, v, scale=1.0, query_offsets=[-1], kv_lengths=[8])
+  for scale in (None, "0.5", np.ones(2), True):
+    with pytest.raises(ValueError, match=r"^scale=.* is invalid: .* softmax scale as a real"):
+      flash_attention(q, k, v, scale=scale)
   # offsets and lengths as lists, and numpy block sizes, are what arrays and ints are
   as_lists = flash_attention(q, k, v, scale=1.0, query_offsets=[0], kv_lengths=[8],
                              block_q=np.int64(4), block_k=4)
   np.testing.assert_array_equal(as_lists, flash_attention(
       q, k, v, scale=1.0, query_offsets=jnp.zeros(1, jnp.int32),
       kv_lengths=jnp.full(1, 8, jnp.int32), block_q=4, block_k=4))
+
+
+@pytest.mark.parametrize("t,implementation", [
+    (64, "xla"), (80, "xla"), (32, "pallas_tpu"), (32, "pallas_gpu")])  # unrolled, looped, kernels
+def test_a_second_derivative_is_refused_by_name_on_every_path(t, implementation):
+  q, k, v, q_rope, k_rope = flash_operands(1, t, t, 2, 2, 16, 16, 4)
+
+  def loss(q):
+    return jnp.sum(flash_attention(q, k, v, q_rope=q_rope, k_rope=k_rope, scale=1.0,
+                                   block_q=16, block_k=16, implementation=implementation,
+                                   interpret=implementation != "xla") ** 2)
+
+  assert bool(jnp.all(jnp.isfinite(jax.grad(loss)(q))))  # first derivatives run
+  with pytest.raises(NotImplementedError, match=r"first derivatives only .* attn_impl='naive'"):
+    jax.grad(lambda q: jnp.sum(jax.grad(loss)(q) ** 2))(q)
 
 
 # --- In the model: MLA and the baselines, naive against flash_attention ----------------------
