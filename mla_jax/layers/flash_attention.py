@@ -123,7 +123,7 @@ def check_operands(q: jax.Array, k: jax.Array, v: jax.Array, q_rope: Optional[ja
 
 def check_scale(scale) -> None:
   """Raises ValueError unless scale is a real number: a Python or NumPy scalar, or a 0-d
-  floating array (traced or not)."""
+  integer or floating array (traced or not)."""
   shape = getattr(scale, "shape", None)
   dtype = getattr(scale, "dtype", None)
   real = (isinstance(scale, (int, float)) and not isinstance(scale, bool)) or (
@@ -324,7 +324,6 @@ def _blocked_attention_bwd(ragged: bool, visits, residuals, d_out):
   return (backward(blocks, out, lse, d_out),)
 
 
-
 blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
@@ -337,8 +336,8 @@ def unrolled_visits(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q:
   plain causal attention (no query_offsets, no kv_lengths) over at most UNROLL_MAX_PAIRS pairs
   is unrolled, and only where all pairs' float32 scores [B,H,block_q,block_k] take no more bytes
   than q, k, v, q_rope and k_rope: the extra temporaries then stay on the order of the operands
-  the layer holds anyway (measured: 0.8-1.7x the pairs' scores per layer, `mla-jax bench train`
-  and docs/flash-attention.md)."""
+  the layer holds anyway (docs/flash-attention.md; a test holds the gradient's extra
+  temporaries to the operands' bytes)."""
   if query_offsets is not None or kv_lengths is not None:
     return None
   b, t, h, _ = q.shape
