@@ -208,6 +208,14 @@ def measure_ceilings(dtype: str, copy_mib: float = 256, matmul_n: int = 2048,
                   matmul_n=matmul_n, dtype=dtype)
 
 
+def quick_ceilings(dtype: str) -> Ceilings:
+  """measure_ceilings for --quick runs: a 64 MiB copy and a 512 x 512 matmul, still past the
+  CPU's caches and its per-call overhead (an 8 MiB copy stays in the L3 cache and overstates
+  the bandwidth; a 128 x 128 matmul is mostly call overhead and understates the FLOP/s, so a
+  step could run 'faster than its roofline'), and a fraction of a second to measure."""
+  return measure_ceilings(dtype, copy_mib=64, matmul_n=512, repeats=3)
+
+
 # ---- models of equal size ------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)

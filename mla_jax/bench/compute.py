@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from mla_jax.bench import add_quick_option
 from mla_jax.bench.common import (Report, Table, base_config, cost, count_params, default_dtype,
                                   header_lines, match_parameters, measure_ceilings, nbytes,
-                                  parse_ints)
+                                  parse_ints, quick_ceilings)
 from mla_jax.bench.common import progress
 from mla_jax.config.model import ModelConfig
 from mla_jax.kinds import absorbed_weights, attention_kind, init_cache
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> Report:
   mha = match_parameters(base, dataclasses.replace(base, attention="mha"))
   rows = overhead_rows(base, mha, args.batch, args.context)
   progress("measuring this machine's bandwidth and matmul ceilings")
-  ceilings = (measure_ceilings(args.dtype, copy_mib=8, matmul_n=128, repeats=2) if args.quick
+  ceilings = (quick_ceilings(args.dtype) if args.quick
               else measure_ceilings(args.dtype))
   grid = intensity_rows(base, heads, contexts, args.batch, ceilings.ridge_flops_per_byte)
 

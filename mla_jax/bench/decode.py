@@ -45,7 +45,8 @@ import numpy as np
 from mla_jax.bench import add_quick_option
 from mla_jax.bench.common import (Ceilings, Report, Table, Variant, base_config, cost,
                                   default_dtype, filled_cache, header_lines, measure_ceilings,
-                                  nbytes, parse_ints, select_variants, time_calls, variant_config)
+                                  nbytes, parse_ints, quick_ceilings, select_variants, time_calls,
+                                  variant_config)
 from mla_jax.bench.common import progress
 from mla_jax.bench.decode_blocks import block_rows, block_table, parse_block_sizes
 from mla_jax.config.model import DECODE_KERNELS, ModelConfig
@@ -220,7 +221,7 @@ def run(args: argparse.Namespace) -> Report:
       raise ValueError(f"{option} {tokens} is invalid: must exceed the {calls} steps timed "
                        f"(--repeats {args.repeats} + 2 warm-up)")
   progress("measuring this machine's bandwidth and matmul ceilings")
-  ceilings = (measure_ceilings(args.dtype, copy_mib=8, matmul_n=128, repeats=2) if args.quick
+  ceilings = (quick_ceilings(args.dtype) if args.quick
               else measure_ceilings(args.dtype))
   base = base_config(args, max(contexts + list(held_check or ())))
   chosen = select_variants([v.name for v in VARIANTS], args.variants)

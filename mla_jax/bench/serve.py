@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import statistics
 from pathlib import Path
 from typing import Optional
 

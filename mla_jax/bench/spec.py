@@ -27,7 +27,7 @@ import numpy as np
 
 from mla_jax.bench import add_quick_option
 from mla_jax.bench.common import (Report, Table, display_path, header_lines, measure_ceilings,
-                                  parse_ints, progress, time_calls)
+                                  parse_ints, progress, quick_ceilings, time_calls)
 from mla_jax.config.loader import load_config
 from mla_jax.kinds import cache_bytes_per_token
 from mla_jax.sampling import generate
@@ -153,8 +153,8 @@ def run(args: argparse.Namespace) -> Report:
     raise ValueError(f"--prompt-len {args.prompt_len} + --tokens {args.tokens} exceeds the "
                      f"model's max_seq_len ({model.config.max_seq_len})")
   progress("measuring the machine's ceilings")
-  ceilings = measure_ceilings("float32", copy_mib=64 if args.quick else 256,
-                              matmul_n=256 if args.quick else 1024)
+  ceilings = quick_ceilings("float32") if args.quick else measure_ceilings("float32",
+                                                                          matmul_n=1024)
   rows = []
   for batch in batches:
     prompts = prompts_from(data, batch, args.prompt_len, args.seed)

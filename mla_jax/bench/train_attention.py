@@ -34,7 +34,7 @@ import numpy as np
 
 from mla_jax.bench import add_quick_option
 from mla_jax.bench.common import (Ceilings, Table, cost, measure_ceilings, parse_ints, progress,
-                                  time_interleaved)
+                                  quick_ceilings, time_interleaved)
 from mla_jax.config.model import ModelConfig
 from mla_jax.config.run import Config, TrainConfig
 from mla_jax.layers.masking import FLASH_ATTENTION_MIN_TOKENS
@@ -236,7 +236,7 @@ def tables(args: argparse.Namespace, model: ModelConfig) -> list[Table]:
   out = []
   if lengths:
     progress("measuring this machine's bandwidth and matmul ceilings")
-    ceilings = (measure_ceilings(model.dtype, copy_mib=8, matmul_n=128, repeats=2) if args.quick
+    ceilings = (quick_ceilings(model.dtype) if args.quick
                 else measure_ceilings(model.dtype))
     out.append(paths_against_length(model, lengths, args.attention_batch,
                                     args.attention_repeats, ceilings))

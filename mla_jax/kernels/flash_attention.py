@@ -35,9 +35,11 @@ def default_blocks(platform: str) -> tuple[int, int]:
 
 def supports(platform: str, q: jax.Array, k: jax.Array, v: jax.Array,
              q_rope: Optional[jax.Array]) -> bool:
-  """Whether the platform's kernel takes these operands (dtypes and widths)."""
+  """Whether the platform's kernel takes these operands (dtypes and widths). A zero width (MLA
+  with qk_nope_head_dim = 0: RoPE on every key feature) has no tile to lay out: the JAX path
+  takes it."""
   widths = (q.shape[-1], v.shape[-1]) + (() if q_rope is None else (q_rope.shape[-1],))
-  return KERNELS[platform].supports(widths, q.dtype, v.dtype)
+  return min(widths) > 0 and KERNELS[platform].supports(widths, q.dtype, v.dtype)
 
 
 def _round_up(n: int, multiple: int) -> int:

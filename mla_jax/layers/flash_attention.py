@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mla_jax.config.model import ModelConfig
-from mla_jax.layers.flash_blocks import (Blocks, first_order_only, from_blocks, key_blocks_to_visit,
-                                         static_visits, to_blocks)
+from mla_jax.layers.flash_blocks import (Blocks, balanced_block, first_order_only, from_blocks,
+                                         key_blocks_to_visit, static_visits, to_blocks)
 from mla_jax.layers.flash_decode import normalize, online_softmax_loop, zero_empty_slots
 from mla_jax.layers.precision import einsum_f32
 
@@ -341,7 +341,7 @@ def unrolled_visits(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q:
   if query_offsets is not None or kv_lengths is not None:
     return None
   b, t, h, _ = q.shape
-  bq, bk = min(block_q, t), min(block_k, t)
+  bq, bk = balanced_block(t, block_q), balanced_block(t, block_k)
   visits = static_visits(t, bq, bk, -(-t // bk))
   scores = sum(visits) * b * h * bq * bk * 4  # bytes
   operands = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize

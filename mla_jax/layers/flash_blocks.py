@@ -27,15 +27,29 @@ class Blocks(NamedTuple):
   kv_lengths: jax.Array  # [B] int32
 
 
+def balanced_block(length: int, block: int) -> int:
+  """The rows per block flash attention cuts `length` rows into, given blocks of at most
+  `block`: as many blocks as `block` needs, made even (rounded up to a multiple of 8 rows where
+  that stays within `block`), so padding wastes under 8 rows per block rather than up to
+  block - 1: 257 tokens at blocks of 256 make 2 blocks of 136, not 2 of 256 (three pairs of
+  256 x 256 scores for 257 tokens cost more than the naive path's one 257 x 257)."""
+  n = -(-length // block)
+  even = -(-length // n)
+  if n == 1:
+    return even  # one block of exactly `length` rows: no padding
+  return min(block, -(-even // 8) * 8)
+
+
 def to_blocks(q, k, v, q_rope, k_rope, query_offsets, kv_lengths, block_q: int,
               block_k: int) -> Blocks:
   """The operands of flash_attention (q [B,T,H,K], k [B,S,G,K], v [B,S,G,V], q_rope [B,T,H,R],
   k_rope [B,S,R], query_offsets [B], kv_lengths [B]) in block-major layout, padded to whole
-  blocks. Linear ops only, so autodiff moves the gradients back through them for free."""
+  blocks of balanced_block(T, block_q) rows and balanced_block(S, block_k) slots. Linear ops
+  only, so autodiff moves the gradients back through them for free."""
   b, t, h, _ = q.shape
   s, g = k.shape[1], k.shape[2]
   j = h // g  # query heads per key/value head
-  bq, bk = min(block_q, t), min(block_k, s)
+  bq, bk = balanced_block(t, block_q), balanced_block(s, block_k)
 
   def blocked(x: jax.Array, size: int, fill=0) -> jax.Array:  # [B,L,...] -> [n,B,size,...]
     n = -(-x.shape[1] // size)

@@ -13,6 +13,7 @@ from mla_jax.config.model import ModelConfig
 from mla_jax.config.run import Config
 from mla_jax.device_memory import device_memory_available, gib as _gib
 from mla_jax.layers.flash_attention import unrolled_visits
+from mla_jax.layers.flash_blocks import balanced_block
 from mla_jax.layers.masking import resolve_attn_impl
 
 
@@ -67,7 +68,7 @@ def attention_memory(config: Config, batch_shards: int = 1, head_shards: int = 1
     return path, layers * each, (f"keeps each layer's [B,H,T,T] float32 softmax for the backward "
                                  f"pass: {layers} x {_gib(each)}")
   each = batch * heads * t * 4
-  bq, bk = min(m.flash_block_q, t), min(m.flash_block_k, t)
+  bq, bk = balanced_block(t, m.flash_block_q), balanced_block(t, m.flash_block_k)
   block = batch * heads * bq * bk * 4
   # The unrolling is decided on the global shapes, as the jitted step traces them.
   visits = unrolled_visits(*flash_operands(m, tc.batch_size, t), None, None, m.flash_block_q,

@@ -7,6 +7,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import mla_jax
@@ -83,6 +84,25 @@ def test_which_operands_each_kernel_takes():
   assert not kernels.supports("gpu", jnp.zeros((1, 8, 2, 300)), jnp.zeros((1, 8, 2, 300)), v, None)
   with pytest.raises(ValueError, match="implementation='cudnn' is invalid"):
     flash_attention(q, k, v, scale=1.0, implementation="cudnn")
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_zero_width_keys_fall_back_to_the_jax_path_when_lowered_for(platform):
+  """MLA with qk_nope_head_dim = 0 (RoPE on every key feature) passes flash attention keys of
+  width 0: no kernel takes them (the TPU kernel failed to lower, both failed in interpret
+  mode), so the program lowered for a TPU or a GPU runs the JAX path, and it equals dense."""
+  q, k, v, q_rope, k_rope = flash_operands(1, 40, 40, 2, 2, 0, 16, 8)
+  assert not kernels.supports("tpu", q, k, v, q_rope) and not kernels.supports("gpu", q, k, v,
+                                                                                q_rope)
+  attend = lambda *xs: flash_attention(*xs[:3], q_rope=xs[3], k_rope=xs[4], scale=0.3,  # noqa
+                                       block_q=16, block_k=16)
+  text = jax.export.export(jax.jit(attend), platforms=[platform])(
+      q, k, v, q_rope, k_rope).mlir_module()
+  assert "custom_call" not in text and "stablehlo.while" in text  # the JAX path's loops
+  scores = jnp.einsum("bthr,bsr->bhts", q_rope, k_rope) * 0.3  # the rope term is the score
+  scores = jnp.where(jnp.tril(jnp.ones((40, 40), bool)), scores, -jnp.inf)
+  dense = jnp.einsum("bhts,bshv->bthv", jax.nn.softmax(scores, axis=-1), v)
+  np.testing.assert_allclose(attend(q, k, v, q_rope, k_rope), dense, rtol=1e-5, atol=1e-6)
 
 
 # --- A whole training step, lowered for a TPU and a GPU ---------------------------------------

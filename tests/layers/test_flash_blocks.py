@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from mla_jax.layers.flash_attention import flash_attention
-from mla_jax.layers.flash_blocks import key_blocks_to_visit, static_visits, to_blocks
+from mla_jax.layers.flash_blocks import (balanced_block, key_blocks_to_visit, static_visits,
+                                         to_blocks)
 from tests.helpers import flash_operands
 
 
@@ -29,5 +30,30 @@ def test_causal_blocks_past_the_diagonal_are_skipped():
 def test_static_visits_equal_the_traced_counts(t, block_q, block_k):
   q, k, v, _, _ = flash_operands(1, t, t, 2, 2, 8, 8, 0)
   blocks = to_blocks(q, k, v, None, None, None, None, block_q, block_k)
-  assert static_visits(t, min(block_q, t), min(block_k, t), blocks.k.shape[0]) == tuple(
+  bq, bk = balanced_block(t, block_q), balanced_block(t, block_k)
+  assert static_visits(t, bq, bk, blocks.k.shape[0]) == tuple(
       np.asarray(key_blocks_to_visit(blocks)).tolist())
+
+
+@pytest.mark.parametrize("length,block,expected", [
+    (257, 256, 136),  # two blocks of 136 (15 rows of padding), not two of 256 (255)
+    (300, 256, 152), (513, 256, 176),
+    (1024, 256, 256), (4096, 1024, 1024),  # lengths that divide: the block as given
+    (20, 64, 20), (1, 256, 1),  # one block: exactly the length
+    (37, 16, 16), (100, 37, 37)])  # a multiple of 8 only where it stays within the block
+def test_blocks_are_balanced_so_padding_stays_small(length, block, expected):
+  size = balanced_block(length, block)
+  assert size == expected
+  blocks = -(-length // size)
+  assert blocks == -(-length // block)  # as many blocks as the block size asks for
+  assert blocks * size - length < 8 * blocks  # under 8 rows of padding per block
+
+
+def test_a_query_block_past_a_power_of_two_is_cut_evenly():
+  """257 tokens at blocks of 256: 2 query blocks and 2 key blocks of 136, so causal attention
+  visits 3 pairs of 136 x 136 (about the naive path's 257 x 257 scores), not 3 of 256 x 256."""
+  q, k, v, _, _ = flash_operands(1, 257, 257, 2, 2, 8, 8, 0)
+  blocks = to_blocks(q, k, v, None, None, None, None, 256, 256)
+  assert blocks.q.shape[:1] + blocks.q.shape[3:4] == (2, 136)
+  assert blocks.k.shape[:1] + blocks.k.shape[3:4] == (2, 136)
+  np.testing.assert_array_equal(key_blocks_to_visit(blocks), [1, 2])
