@@ -48,14 +48,14 @@ def test_info_shows_the_train_steps_attention_memory_per_path(capsys):
   start = lines.index("train step attention at train.seq_len=8,192, batch 1 on one device: "
                       "flash_attention (train.attn_impl=auto)")
   assert lines[start + 1] == ("  naive keeps each layer's [B,H,T,T] float32 softmax for the "
-                              "backward pass: 4 x 1.00 GiB; 4.00 GiB in all")
+                              "backward pass: 4 x 1.00 GiB; 4.00 GiB kept in all")
   assert lines[start + 2].startswith("  flash_attention keeps each layer's [B,H,T] log-sum-exp "
                                      "for the backward pass: 4 x 128.0 KiB, and computes the "
                                      "scores one [B,H,256,256] block at a time (1.0 MiB)")
   assert main(["info", "train.attn_impl=naive", "train.remat=full"]) == 0
   out = capsys.readouterr().out  # remat keeps one layer's at a time
   assert "batch 16 on one device: naive (train.attn_impl=naive)" in out
-  assert "for the backward pass: 1 x 4.0 MiB; 4.0 MiB in all" in out
+  assert "for the backward pass: 1 x 4.0 MiB; 4.0 MiB kept in all" in out
 
 
 def test_info_counts_the_mtp_module_apart(capsys):

@@ -261,15 +261,17 @@ def test_memory_check_refuses_with_figures_and_knobs():
   assert what.endswith("shared by 8 CPU device(s)") and 0 < limit * 8 <= 2**50
 
 
-@pytest.mark.parametrize("seq_len,head_dim,unrolled", [(128, 64, True), (128, 32, False)])
-def test_memory_description_unrolls_where_the_model_does(monkeypatch, seq_len, head_dim, unrolled):
+@pytest.mark.parametrize("head_dim,unrolled", [(64, True), (32, False)])
+def test_memory_description_unrolls_where_the_model_does(monkeypatch, head_dim, unrolled):
   """The pre-check's attention share names the unrolled block pairs exactly where the traced
-  training step unrolls them (flash_attention.unrolled_visits on the layer's operands): wide
-  heads give operands that outweigh one 128 x 128 block of scores, narrow ones do not."""
+  training step unrolls them (flash_attention.unrolled_visits on the layer's operands): at 256
+  tokens in blocks of 128 (3 pairs), wide heads give operands that outweigh the pairs' scores,
+  narrow ones do not."""
   import mla_jax.layers.flash_attention as flash
   from mla_jax.train.memory import attention_memory
 
-  config = load_config(None, "train.attn_impl=flash_attention", f"train.seq_len={seq_len}",
+  config = load_config(None, "train.attn_impl=flash_attention", "train.seq_len=256",
+                       "model.flash_block_q=128", "model.flash_block_k=128",
                        "train.batch_size=2", f"model.qk_nope_head_dim={head_dim}",
                        f"model.v_head_dim={head_dim}", f"model.qk_rope_head_dim={head_dim // 2}")
   traced = []
@@ -281,8 +283,40 @@ def test_memory_description_unrolls_where_the_model_does(monkeypatch, seq_len, h
   trainer.compile_train_step()  # traces the layers
   assert traced and all((v is not None) == unrolled for v in traced), traced
   description = attention_memory(config)[2]
-  assert ("block pairs side by side, unrolled" in description) == unrolled, description
+  assert ("3 [B,H,128,128] block pairs side by side, unrolled" in description) == unrolled, (
+      description)
   assert ("one [B,H,128,128] block at a time" in description) == (not unrolled), description
+
+
+@pytest.mark.parametrize("seq_len,flash_calls", [(256, 5), (128, 4)])
+def test_memory_description_counts_the_mtp_modules_attention(monkeypatch, seq_len, flash_calls):
+  """An MTP module attends over T - 1 tokens: with flash attention like the 4 layers at 256
+  tokens (5 flash calls), but on the naive path at 128 (127 tokens: below where 'auto'
+  switches). The description counts what the traced step runs."""
+  import mla_jax.layers.flash_attention as flash
+  from mla_jax.train.memory import attention_memory
+
+  config = load_config(None, f"train.seq_len={seq_len}", "train.batch_size=2",
+                       "model.num_mtp_layers=1")
+  traced = []
+  real = flash.blocked_attention
+  monkeypatch.setattr(flash, "blocked_attention",
+                      lambda blocks, ragged, visits: traced.append(visits) or real(
+                          blocks, ragged, visits))
+  def flash_calls_traced(config) -> int:
+    traced.clear()
+    train_module.Trainer.build(config, devices=jax.devices()[:1]).compile_train_step()
+    return len(traced)
+
+  without_mtp = load_config(None, f"train.seq_len={seq_len}", "train.batch_size=2")
+  # Building and compiling may trace the layers more than once: count the MTP module's calls
+  # as those the same model without it does not make.
+  assert flash_calls_traced(config) - flash_calls_traced(without_mtp) == flash_calls - 4
+  path, _, description = attention_memory(config)
+  assert path == "flash_attention"
+  assert f"for the backward pass: {flash_calls} x " in description, description
+  assert f"(4 layers and {flash_calls - 4} MTP module(s)" in description, description
+  assert ("run the other path" in description) == (flash_calls == 4), description
 
 
 # `mla-jax train` on one device whose memory the pre-check is told is 2 GiB: at seq_len 16,384

@@ -325,9 +325,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
 
   Raises ValueError (check_operands) for operands whose shapes do not fit each other, integer
   q/k/v, empty operands, non-integer offsets or lengths, concrete kv_lengths outside [0, S],
-  block sizes that are not positive integers, a scale that is not a real number, or an unknown
-  implementation; negative query_offsets where concrete. First derivatives only: a second
-  derivative through it raises NotImplementedError (the naive path has them). Source:
+  block sizes that are not positive integers, a scale that is not a real number, an unknown
+  implementation or a kernel named that does not take the operands (kernels.supports);
+  negative query_offsets where concrete. First derivatives only: a second derivative through
+  it raises NotImplementedError in reverse mode (grad of grad) and JAX's TypeError in forward
+  mode (jax.hessian, jvp of grad); the naive path has them. Source:
   FlashAttention-2 (Dao 2023), algorithms 1 and 2.
   """
   as_array = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731  lists, scalars
@@ -353,7 +355,15 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
     return run
 
   if implementation != "auto":
-    return kernel(implementation.removeprefix("pallas_"))(q, k, v, q_rope, k_rope)
+    platform = implementation.removeprefix("pallas_")
+    if not kernels.supports(platform, q, k, v, q_rope):
+      widths = (q.shape[-1], v.shape[-1]) + (() if q_rope is None else (q_rope.shape[-1],))
+      raise ValueError(
+          f"implementation={implementation!r} does not take these operands (q {q.dtype}, "
+          f"v {v.dtype}; key, value{', rope' if q_rope is not None else ''} widths {widths}): "
+          f"see kernels.flash_attention_{platform}.supports; implementation='auto' falls back "
+          "to the JAX path where a kernel does not fit, 'xla' always runs it")
+    return kernel(platform)(q, k, v, q_rope, k_rope)
   by_platform = {name: kernel(platform) for name, platform in (("tpu", "tpu"), ("cuda", "gpu"))
                  if kernels.supports(platform, q, k, v, q_rope)}
   if not by_platform:

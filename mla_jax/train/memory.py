@@ -58,15 +58,24 @@ def attention_memory(config: Config, batch_shards: int = 1, head_shards: int = 1
                    all pairs' blocks side by side in each layer.
   """
   m, tc = config.model, config.train
-  path = resolve_attn_impl(tc.attn_impl, tc.seq_len, has_cache=False)
+  t = tc.seq_len
+  path = resolve_attn_impl(tc.attn_impl, t, has_cache=False)
   batch = -(-tc.batch_size // batch_shards)
   heads = -(-m.num_heads // head_shards)
-  layers = m.num_layers if tc.remat == "none" else 1
-  t = tc.seq_len
+  # MTP module k (mla_jax/mtp.py) attends over T - k tokens: the same path unless that falls
+  # below where 'auto' switches.
+  mtp_paths = [resolve_attn_impl(tc.attn_impl, t - k, has_cache=False)
+               for k in range(1, m.num_mtp_layers + 1)]
+  mtp_same = sum(p == path for p in mtp_paths)
+  layers = m.num_layers + mtp_same if tc.remat == "none" else 1
+  whose = "" if not m.num_mtp_layers else (
+      f" ({m.num_layers} layers and {mtp_same} MTP module(s)"
+      + (f"; {len(mtp_paths) - mtp_same} MTP module(s) at T - depth tokens run the other path"
+         if mtp_same < len(mtp_paths) else "") + ")")
   if path == "naive":
     each = batch * heads * t * t * 4
     return path, layers * each, (f"keeps each layer's [B,H,T,T] float32 softmax for the backward "
-                                 f"pass: {layers} x {_gib(each)}")
+                                 f"pass: {layers} x {_gib(each)}{whose}")
   each = batch * heads * t * 4
   bq, bk = balanced_block(t, m.flash_block_q), balanced_block(t, m.flash_block_k)
   block = batch * heads * bq * bk * 4
@@ -74,11 +83,11 @@ def attention_memory(config: Config, batch_shards: int = 1, head_shards: int = 1
   visits = unrolled_visits(*flash_operands(m, tc.batch_size, t), None, None, m.flash_block_q,
                            m.flash_block_k)
   scores = (f"computes the scores one [B,H,{bq},{bk}] block at a time ({_gib(block)})"
-            if visits is None else
+            if visits is None or sum(visits) == 1 else
             f"computes the scores of its {sum(visits)} [B,H,{bq},{bk}] block pairs side by side, "
             f"unrolled ({sum(visits)} x {_gib(block)} per layer)")
   return path, layers * each, (f"keeps each layer's [B,H,T] log-sum-exp for the backward pass: "
-                               f"{layers} x {_gib(each)}, and {scores}")
+                               f"{layers} x {_gib(each)}{whose}, and {scores}")
 
 
 def check_memory(config: Config, compiled: Any, devices: list,
@@ -122,5 +131,5 @@ def attention_memory_lines(config: Config) -> list[str]:
   for impl in ("naive", "flash_attention"):
     forced = dataclasses.replace(config, train=dataclasses.replace(tc, attn_impl=impl))
     _, kept, description = attention_memory(forced)
-    lines.append(f"  {impl} {description}; {_gib(kept)} in all")
+    lines.append(f"  {impl} {description}; {_gib(kept)} kept in all")
   return lines

@@ -84,6 +84,15 @@ def test_which_operands_each_kernel_takes():
   assert not kernels.supports("gpu", jnp.zeros((1, 8, 2, 300)), jnp.zeros((1, 8, 2, 300)), v, None)
   with pytest.raises(ValueError, match="implementation='cudnn' is invalid"):
     flash_attention(q, k, v, scale=1.0, implementation="cudnn")
+  # A kernel named explicitly refuses operands it does not take, instead of failing inside it.
+  for implementation, operands in (("pallas_tpu", (q, k, v)),  # keys of 192
+                                   ("pallas_tpu", (q[..., :0], k[..., :0], v)),  # zero width
+                                   ("pallas_tpu", (q[..., :128].astype(jnp.float16),
+                                                   k[..., :128].astype(jnp.float16),
+                                                   v.astype(jnp.float16)))):
+    with pytest.raises(ValueError, match=rf"implementation='{implementation}' does not take "
+                                         r"these operands .*'auto' falls back"):
+      flash_attention(*operands, scale=1.0, implementation=implementation, interpret=True)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
